@@ -121,6 +121,8 @@ class ElsaOptimizer(torch.optim.Optimizer):
         self.metrics: dict[str, float] = {}
         self.final_removed: float | None = None
         self._pending: dict[torch.nn.Parameter, dict] = {}
+        # {name: (pruned weight, keep mask)} from a one-shot pruner, consumed by initialize()
+        self.warm_start: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         owned = {id(p) for group in base_optimizer.param_groups for p in group["params"]}
         missing = [name for name, p in self.prunable.items() if id(p) not in owned]
         if missing:
@@ -239,13 +241,19 @@ class ElsaOptimizer(torch.optim.Optimizer):
             if STEP in state:
                 continue
             state[STEP] = 0
-            if self.admm_steps == 0:
+            warm = self.warm_start.pop(name, None)
+            if self.admm_steps == 0 and warm is not None:
+                p.detach().copy_(warm[0])
+                state[MASK] = warm[1].to(device=p.device, dtype=torch.bool)
+            elif self.admm_steps == 0:
                 self._fix_mask(name, p, state)
             else:
-                lam = self.lambda_at(0)
-                z = p.detach().clone()
-                z.mul_(self._keep_mask(name, p, z, self.sparsity_at(0)))
-                state.update({Z: z, U: torch.zeros_like(p), LAMBDA: lam})
+                if warm is not None:
+                    z = warm[0].to(device=p.device, dtype=p.dtype).clone()
+                else:
+                    z = p.detach().clone()
+                    z.mul_(self._keep_mask(name, p, z, self.sparsity_at(0)))
+                state.update({Z: z, U: torch.zeros_like(p), LAMBDA: self.lambda_at(0)})
 
     def _fix_mask(self, name: str, p: torch.nn.Parameter, state: dict) -> float:
         """Enter the fixed-mask phase: hard-project W (or read its zeros for keep_mask).
@@ -278,11 +286,10 @@ class ElsaOptimizer(torch.optim.Optimizer):
         if in_admm and s.penalty == "gradient":
             for p in self.prunable.values():
                 st = self._state(p)
-                penalty = (p.detach() - st[Z] + st[U]).mul_(st[LAMBDA])
                 if p.grad is None:
-                    p.grad = penalty.to(p.dtype)
-                else:
-                    p.grad.add_(penalty)
+                    p.grad = torch.zeros_like(p)
+                # grad += lambda (W - z + u), in place
+                p.grad.add_(p, alpha=st[LAMBDA]).sub_(st[Z], alpha=st[LAMBDA]).add_(st[U], alpha=st[LAMBDA])
 
         loss = self.base_optimizer.step(closure)
 
@@ -298,8 +305,9 @@ class ElsaOptimizer(torch.optim.Optimizer):
             if MASK in st:
                 p.mul_(st[MASK])
             elif in_admm and s.penalty == "proximal":
+                # W <- W - eta (W - z + u), as two in-place passes without temporaries
                 eta = st[LAMBDA] / (1.0 + st[LAMBDA])
-                p.add_(p - st[Z] + st[U], alpha=-eta)
+                p.lerp_(st[Z], eta).sub_(st[U], alpha=eta)
 
         if in_admm and t % s.interval == 0:
             self._update_z_u(t + 1)

@@ -10,6 +10,8 @@ from .admm import LAMBDA_SCHEDULES, PENALTIES, SPARSITY_SCHEDULES, AdmmSettings
 from .curvature import IMPORTANCES
 from .projection import parse_sparsity_type
 
+ADMM_INITS = ("magnitude", "wanda", "sparsegpt")
+
 # Values of the recipe-controlled fields left at None. "paper" is the ICLR 2026 recipe verbatim;
 # "elsa" is this library's default, which converges within short step budgets (docs/convergence.md).
 RECIPES: dict[str, dict] = {
@@ -85,6 +87,12 @@ class ElsaConfig(TrainingArguments):
             Hard-project the weights themselves when the ADMM phase ends, so the model is exactly sparse.
         keep_mask (`bool`, defaults to `False`):
             Fine-tune an already sparse model keeping its zeros exactly (no ADMM; `sparsity` is not used).
+        admm_init (`str`, defaults to `"magnitude"`):
+            How the initial z is chosen: `"magnitude"` (paper), `"wanda"` or `"sparsegpt"` (one-shot pruners run
+            on `admm_init_samples` training blocks). With `admm_fraction=0` it chooses the fixed mask (and, for
+            SparseGPT, the updated weights): one-shot pruning followed by masked fine-tuning.
+        admm_init_samples (`int`, defaults to `128`):
+            Number of training blocks used as calibration data by `admm_init`.
     """
 
     sparsity: float = field(default=0.7, metadata={"help": "Fraction of zeros per prunable weight, 0 <= s < 1."})
@@ -138,6 +146,13 @@ class ElsaConfig(TrainingArguments):
         default=False, metadata={"help": "Fine-tune an already sparse model keeping its zeros (no ADMM)."}
     )
 
+    admm_init: str = field(
+        default="magnitude", metadata={"help": f"Initial z (or fixed mask): one of {ADMM_INITS}."}
+    )
+    admm_init_samples: int = field(
+        default=128, metadata={"help": "Training blocks used as calibration data by admm_init."}
+    )
+
     # TrainingArguments defaults that suit pruning runs (paper: Adam betas (0.9, 0.95), lr 1e-4-2e-4).
     learning_rate: float = field(default=1e-4, metadata={"help": "The initial learning rate for AdamW."})
     adam_beta2: float = field(default=0.95, metadata={"help": "Beta2 for AdamW."})
@@ -161,6 +176,7 @@ class ElsaConfig(TrainingArguments):
             ("admm_lambda_schedule", LAMBDA_SCHEDULES),
             ("sparsity_schedule", SPARSITY_SCHEDULES),
             ("importance", IMPORTANCES),
+            ("admm_init", ADMM_INITS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ElsaConfig.{name}={getattr(self, name)!r}: use one of {allowed}.")
@@ -175,6 +191,13 @@ class ElsaConfig(TrainingArguments):
             raise ValueError(f"ElsaConfig.admm_interval={self.admm_interval!r} must be an integer >= 1.")
         if not 0.0 <= self.admm_fraction <= 1.0:
             raise ValueError(f"ElsaConfig.admm_fraction={self.admm_fraction!r} must be in [0, 1].")
+        if self.admm_init != "magnitude" and self.sparsity_schedule == "cubic" and self.admm_fraction > 0:
+            raise ValueError(
+                f"ElsaConfig.admm_init={self.admm_init!r} sets the initial z, but sparsity_schedule='cubic' starts z "
+                "dense; use sparsity_schedule='constant', or admm_fraction=0 for one-shot pruning + masked fine-tuning."
+            )
+        if self.admm_init_samples < 1:
+            raise ValueError(f"ElsaConfig.admm_init_samples={self.admm_init_samples} must be >= 1.")
         if self.importance_alpha < 0:
             raise ValueError(f"ElsaConfig.importance_alpha={self.importance_alpha!r} must be >= 0.")
         for name in ("target_modules", "exclude_modules"):

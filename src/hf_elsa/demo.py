@@ -59,3 +59,66 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(cache)
     return model, tokenizer
+
+
+def run_demo(
+    sparsity: float = 0.5,
+    max_steps: int = 60,
+    output_dir: str = "elsa-smollm2",
+    block_size: int = 256,
+    batch_size: int = 4,
+    eval_windows: int = 32,
+    eval_seqlen: int = 512,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Prune SmolLM2-135M with ELSA on Wikipedia text and compare held-out perplexities.
+
+    Prints dense / one-shot magnitude / ELSA perplexity on held-back articles and saves the pruned
+    model to ``output_dir``. Returns the perplexities.
+    """
+    from .config import ElsaConfig
+    from .data import split_documents, token_blocks, tokenize_documents, wikipedia_sample
+    from .evaluation import perplexity
+    from .projection import project
+    from .targets import find_prunable_modules
+    from .trainer import ElsaTrainer
+
+    torch.manual_seed(seed)
+    print(f"[hf_elsa demo] SmolLM2-135M, {100 * sparsity:.0f}% sparsity, {max_steps} steps of {batch_size}x{block_size}")
+    model, tokenizer = load_smollm2()
+    train_docs, eval_docs = split_documents(wikipedia_sample(), eval_fraction=0.1, seed=seed)
+    eval_ids = tokenize_documents(eval_docs, tokenizer)
+
+    def ppl(m) -> float:
+        return perplexity(m, text=eval_ids, seqlen=eval_seqlen, max_windows=eval_windows, progress=True)
+
+    results = {"dense": ppl(model)}
+    print(f"  dense      ppl {results['dense']:10.2f}")
+
+    magnitude_model, _ = load_smollm2()
+    with torch.no_grad():
+        for module in find_prunable_modules(magnitude_model).values():
+            module.weight.copy_(project(module.weight, sparsity)[0])
+    results["magnitude"] = ppl(magnitude_model)
+    print(f"  magnitude  ppl {results['magnitude']:10.2f}  (one-shot)")
+    del magnitude_model
+
+    args = ElsaConfig(
+        output_dir=output_dir,
+        sparsity=sparsity,
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        bf16=True,
+        use_cpu=not torch.cuda.is_available(),
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+    )
+    train = token_blocks(train_docs, tokenizer, block_size=block_size)
+    trainer = ElsaTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    trainer.train()
+    results["elsa"] = ppl(model)
+    print(f"  ELSA       ppl {results['elsa']:10.2f}  ({max_steps} steps)")
+    trainer.save_model(output_dir)
+    print(f"[hf_elsa demo] pruned model saved to {output_dir}")
+    return results

