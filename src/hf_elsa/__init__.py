@@ -6,6 +6,7 @@ from .admm import AdmmSettings, ElsaOptimizer
 from .config import ElsaConfig
 from .evaluation import perplexity
 from .projection import keep_mask, project
+from .sparse_io import load_sparse_model, sparsity_report
 from .trainer import ElsaTrainer
 
 __all__ = [
@@ -14,7 +15,9 @@ __all__ = [
     "ElsaOptimizer",
     "ElsaTrainer",
     "keep_mask",
+    "load_sparse_model",
     "perplexity",
     "project",
+    "sparsity_report",
     "__version__",
 ]

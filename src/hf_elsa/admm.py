@@ -269,7 +269,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
         removed = 0.0
         if mask is not None:
             removed = p.detach().float().masked_fill(mask, 0).square().sum().item()
-            p.detach().mul_(mask)
+            p.detach().masked_fill_(~mask, 0)
             state[MASK] = mask
         for key in (Z, U, LAMBDA):
             state.pop(key, None)
@@ -303,7 +303,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
             st = self.state[p]
             st[STEP] = t + 1
             if MASK in st:
-                p.mul_(st[MASK])
+                p.masked_fill_(~st[MASK], 0)
             elif in_admm and s.penalty == "proximal":
                 # W <- W - eta (W - z + u), as two in-place passes without temporaries
                 eta = st[LAMBDA] / (1.0 + st[LAMBDA])
@@ -364,7 +364,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
         for p in self.prunable.values():
             mask = self.state.get(p, {}).get(MASK)
             if mask is not None and p.grad is not None:
-                p.grad.mul_(mask)
+                p.grad.masked_fill_(~mask, 0)
 
     # -- inspection -----------------------------------------------------------------------------
     def masks(self) -> dict[str, torch.Tensor]:

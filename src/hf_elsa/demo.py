@@ -61,64 +61,39 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
+
 def run_demo(
     sparsity: float = 0.5,
     max_steps: int = 60,
     output_dir: str = "elsa-smollm2",
-    block_size: int = 256,
     batch_size: int = 4,
+    block_size: int = 256,
     eval_windows: int = 32,
-    eval_seqlen: int = 512,
+    calibration_samples: int = 64,
     seed: int = 0,
-) -> dict[str, float]:
-    """Prune SmolLM2-135M with ELSA on Wikipedia text and compare held-out perplexities.
+) -> list:
+    """Prune SmolLM2-135M on Wikipedia text: dense vs magnitude vs Wanda vs ELSA at one sparsity.
 
-    Prints dense / one-shot magnitude / ELSA perplexity on held-back articles and saves the pruned
-    model to ``output_dir``. Returns the perplexities.
+    Held-out perplexities are printed and written with a plot to ``output_dir/report``; the ELSA
+    model is saved to ``output_dir``. A short version of ``benchmarks/sweep.py``.
     """
-    from .config import ElsaConfig
-    from .data import split_documents, token_blocks, tokenize_documents, wikipedia_sample
-    from .evaluation import perplexity
-    from .projection import project
-    from .targets import find_prunable_modules
-    from .trainer import ElsaTrainer
+    from .benchmark import Budget, run_benchmark
+    from .data import split_documents, wikipedia_sample
 
-    torch.manual_seed(seed)
-    print(f"[hf_elsa demo] SmolLM2-135M, {100 * sparsity:.0f}% sparsity, {max_steps} steps of {batch_size}x{block_size}")
-    model, tokenizer = load_smollm2()
+    print(f"[hf_elsa demo] SmolLM2-135M to {100 * sparsity:.0f}% sparsity on Wikipedia text "
+          f"({max_steps} ELSA steps of {batch_size}x{block_size} tokens)")
+    load_smollm2()  # converts the GGUF file once, before the clock of any method starts
     train_docs, eval_docs = split_documents(wikipedia_sample(), eval_fraction=0.1, seed=seed)
-    eval_ids = tokenize_documents(eval_docs, tokenizer)
+    budget = Budget(max_steps=max_steps, batch_size=batch_size, block_size=block_size, eval_windows=eval_windows,
+                    calibration_samples=calibration_samples, seed=seed)
 
-    def ppl(m) -> float:
-        return perplexity(m, text=eval_ids, seqlen=eval_seqlen, max_windows=eval_windows, progress=True)
+    def save_elsa(result, model):
+        if result.method == "elsa":
+            model.save_pretrained(output_dir)
+            print(f"[hf_elsa demo] ELSA model saved to {output_dir}")
 
-    results = {"dense": ppl(model)}
-    print(f"  dense      ppl {results['dense']:10.2f}")
-
-    magnitude_model, _ = load_smollm2()
-    with torch.no_grad():
-        for module in find_prunable_modules(magnitude_model).values():
-            module.weight.copy_(project(module.weight, sparsity)[0])
-    results["magnitude"] = ppl(magnitude_model)
-    print(f"  magnitude  ppl {results['magnitude']:10.2f}  (one-shot)")
-    del magnitude_model
-
-    args = ElsaConfig(
-        output_dir=output_dir,
-        sparsity=sparsity,
-        max_steps=max_steps,
-        per_device_train_batch_size=batch_size,
-        bf16=True,
-        use_cpu=not torch.cuda.is_available(),
-        save_strategy="no",
-        report_to="none",
-        seed=seed,
-    )
-    train = token_blocks(train_docs, tokenizer, block_size=block_size)
-    trainer = ElsaTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
-    trainer.train()
-    results["elsa"] = ppl(model)
-    print(f"  ELSA       ppl {results['elsa']:10.2f}  ({max_steps} steps)")
-    trainer.save_model(output_dir)
-    print(f"[hf_elsa demo] pruned model saved to {output_dir}")
+    results = run_benchmark(load_smollm2, train_docs, eval_docs, sparsities=(sparsity,),
+                            methods=("dense", "magnitude", "wanda", "elsa"), nm_patterns=(), budget=budget,
+                            output_dir=os.path.join(output_dir, "report"), on_model=save_elsa)
+    print(f"[hf_elsa demo] table and plot: {os.path.join(output_dir, 'report')}/results.md, perplexity.png")
     return results

@@ -21,6 +21,7 @@ from transformers import Trainer
 
 from .admm import ElsaOptimizer
 from .config import ElsaConfig
+from .sparse_io import attach_sparsity, detach_sparsity, get_sparsity, sparsity_metadata, write_model_card
 from .targets import find_prunable_modules, is_transposed
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,14 @@ class ElsaTrainer(Trainer):
             transposed = {name for name, module in self.prunable_modules.items() if is_transposed(module)}
             self.optimizer = ElsaOptimizer(optimizer, prunable, self.args.admm_settings(), transposed=transposed)
         self.elsa_optimizer = self.optimizer
+        attached = get_sparsity(self.model)
+        if self.args.keep_mask and attached is not None:
+            # keep the recorded masks, not the zeros: a kept weight may be exactly 0 after rounding
+            for name, module in self.prunable_modules.items():
+                tensor_name = f"{name}.weight"
+                if tensor_name in attached.masks:
+                    mask = attached.mask(tensor_name, device=module.weight.device)
+                    self.elsa_optimizer.warm_start[name] = (module.weight.detach().masked_fill(~mask, 0), mask)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
@@ -74,10 +83,38 @@ class ElsaTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None, **kwargs):
         # Initialise z0/u0 (or prune, for a run that starts with the mask fixed) before the first
         # forward; a no-op once the state exists, e.g. after a resume.
+        if self.elsa_optimizer.steps_done == 0 and not self.elsa_optimizer.state:
+            self._warm_start()
         self.elsa_optimizer.initialize()
         loss = super().training_step(model, inputs, num_items_in_batch, **kwargs)
         self.elsa_optimizer.mask_gradients()
         return loss
+
+    @torch.no_grad()
+    def _warm_start(self) -> None:
+        """Initial z (or fixed mask) from a one-shot pruner (``ElsaConfig.admm_init``)."""
+        method = self.args.admm_init
+        if method == "magnitude" or self.args.keep_mask or self.elsa_optimizer.warm_start:
+            return
+        from . import oneshot
+
+        if self.train_dataset is None or "input_ids" not in getattr(self.train_dataset, "column_names", []):
+            raise ValueError(f"ElsaConfig.admm_init={method!r} needs a train_dataset with an 'input_ids' column.")
+        count = min(self.args.admm_init_samples, len(self.train_dataset))
+        calibration = torch.as_tensor(self.train_dataset[:count]["input_ids"])
+        original = {name: m.weight.detach().clone() for name, m in self.prunable_modules.items()}
+        prune = getattr(oneshot, method)
+        masks = prune(
+            self.model,
+            calibration,
+            sparsity=self.args.sparsity,
+            sparsity_type=self.args.sparsity_type,
+            target_modules=list(self.prunable_modules),
+            progress=not self.args.disable_tqdm,
+        )
+        for name, module in self.prunable_modules.items():
+            self.elsa_optimizer.warm_start[name] = (module.weight.detach().clone(), masks[name])
+            module.weight.copy_(original[name])
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self.elsa_optimizer is not None and "loss" in logs:
@@ -87,6 +124,9 @@ class ElsaTrainer(Trainer):
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
         self._report_sparsity()
+        # record the masks on the model: save_pretrained / push_to_hub then write sparse checkpoints
+        if self.elsa_optimizer is not None and self.elsa_optimizer.masks():
+            attach_sparsity(self.model, self.elsa_optimizer.masks(), sparsity_metadata(self.args))
         return output
 
     @torch.no_grad()
@@ -110,3 +150,25 @@ class ElsaTrainer(Trainer):
                 "quality. Give it more steps (max_steps), a larger admm_lambda, or recipe='elsa'.",
                 stacklevel=3,
             )
+
+    # -- sparse checkpoints (hf_elsa.sparse_io) --------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict=None, *args, **kwargs):
+        # A save describes the masks the optimizer holds now: once the mask is fixed, checkpoints are sparse
+        # folders; masks attached before the run (a loaded model being re-pruned) are stale while ADMM runs.
+        opt = self.elsa_optimizer
+        if opt is not None and opt.masks() and not opt.in_admm_phase:
+            attach_sparsity(self.model, opt.masks(), sparsity_metadata(self.args))
+        elif opt is not None and get_sparsity(self.model) is not None:
+            detach_sparsity(self.model)
+        return super()._save(output_dir, state_dict, *args, **kwargs)
+
+    def create_model_card(self, *args, **kwargs):
+        """Our card (sparsity table, method, hyper-parameters) when the model carries masks, else the Trainer's."""
+        if get_sparsity(self.model) is None or args:
+            return super().create_model_card(*args, **kwargs)
+        if not self.is_world_process_zero():
+            return None
+        card_kwargs = {k: kwargs.get(k) for k in ("tags", "model_name", "license", "language")}
+        card_kwargs["datasets"] = kwargs.get("dataset") or kwargs.get("dataset_tags")
+        card_kwargs["base_model"] = kwargs.get("finetuned_from")
+        return write_model_card(self.model, self.args.output_dir, **card_kwargs)

@@ -1,0 +1,39 @@
+"""Perplexity vs sparsity on SmolLM2-135M + the gensim Wikipedia sample, every method, one run.
+
+    python benchmarks/sweep.py                                   # default CPU budget (hours on 2 cores)
+    python benchmarks/sweep.py --max_steps 40 --sparsities 0.7 0.9 --methods magnitude masked_ft elsa
+    python benchmarks/sweep.py --output_dir docs/benchmark       # what docs/benchmarks.md shows
+
+Writes results.json, results.md and perplexity.png to --output_dir. Runs on GPU when one is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from hf_elsa.benchmark import METHODS, Budget, run_benchmark
+from hf_elsa.data import split_documents, wikipedia_sample
+from hf_elsa.demo import load_smollm2
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7, 0.8, 0.9])
+    parser.add_argument("--nm", nargs="*", default=["2:4"], help="N:M patterns to add")
+    parser.add_argument("--output_dir", default="elsa_benchmark")
+    for name, value in vars(Budget()).items():
+        if name != "elsa_overrides":
+            parser.add_argument(f"--{name}", type=type(value) if value is not None else int, default=value)
+    args = parser.parse_args()
+    budget = Budget(**{k: getattr(args, k) for k in vars(Budget()) if k != "elsa_overrides"})
+    train_docs, eval_docs = split_documents(wikipedia_sample(), eval_fraction=0.1, seed=budget.seed)
+    run_benchmark(load_smollm2, train_docs, eval_docs, sparsities=args.sparsities, methods=args.methods,
+                  nm_patterns=args.nm, budget=budget, output_dir=args.output_dir)
+
+
+if __name__ == "__main__":
+    main()
