@@ -87,7 +87,7 @@ def main():
         data = token_blocks(torch.randint(0, 4096, (args.steps * args.batch_size * args.block_size + 1,),
                                           generator=torch.Generator().manual_seed(0)), block_size=args.block_size)
         common = dict(output_dir="/tmp/hf_elsa_overhead", max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-                      use_cpu=True, bf16=True, save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=10**6)
+                      use_cpu=True, save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=10**6)
         plain, elsa = [], []
         for _ in range(args.rounds):  # alternate so load changes hit both
             plain += time_steps(False, args.steps, data, common)

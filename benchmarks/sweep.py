@@ -26,7 +26,9 @@ def main():
     parser.add_argument("--nm", nargs="*", default=["2:4"], help="N:M patterns to add")
     parser.add_argument("--output_dir", default="elsa_benchmark")
     for name, value in vars(Budget()).items():
-        if name != "elsa_overrides":
+        if isinstance(value, bool):
+            parser.add_argument(f"--{name}", type=lambda v: v.lower() in ("1", "true", "yes"), default=value)
+        elif name != "elsa_overrides":
             parser.add_argument(f"--{name}", type=type(value) if value is not None else int, default=value)
     args = parser.parse_args()
     budget = Budget(**{k: getattr(args, k) for k in vars(Budget()) if k != "elsa_overrides"})

@@ -328,12 +328,13 @@ class ElsaOptimizer(torch.optim.Optimizer):
         """z <- Proj(W + u); u <- u + W - z; then lambda from its schedule (dual rescaled)."""
         target = self.sparsity_at(step)
         lam_new = self.lambda_at(step)
-        sq = {"w": 0.0, "w_minus_z": 0.0, "dz": 0.0, "flips": 0, "n": 0, "zeros": 0}
+        sq = {"w": 0.0, "w_minus_z": 0.0, "dz": 0.0, "off_support": 0.0, "flips": 0, "n": 0, "zeros": 0}
         for name, p in self.prunable.items():
             st = self.state[p]
             w = p.detach()
             v = w + st[U]
             mask = self._keep_mask(name, p, v, target)
+            sq["off_support"] += w.float().masked_fill(mask, 0).square().sum().item()
             z_new = v.mul_(mask)
             sq["flips"] += int(((st[Z] != 0) != mask).sum())
             sq["dz"] += (z_new - st[Z]).float().square().sum().item()
@@ -354,6 +355,8 @@ class ElsaOptimizer(torch.optim.Optimizer):
             "elsa/primal_residual": math.sqrt(sq["w_minus_z"]) / w_norm,
             "elsa/dual_residual": math.sqrt(sq["dz"]) / w_norm,
             "elsa/mask_change": sq["flips"] / sq["n"],
+            # what projecting W onto z's support would remove now (-> 0 as ADMM converges)
+            "elsa/projection_gap": math.sqrt(sq["off_support"]) / w_norm,
             "elsa/weight_sparsity": sq["zeros"] / sq["n"],
         }
 

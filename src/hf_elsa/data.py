@@ -78,3 +78,34 @@ def token_blocks(
         starts = torch.randint(0, ids.numel() - block_size + 1, (num_blocks,), generator=gen)
         blocks = torch.stack([ids[s : s + block_size] for s in starts.tolist()])
     return Dataset.from_dict({"input_ids": blocks.tolist(), "labels": blocks.tolist()}).with_format("torch")
+
+
+def load_documents(
+    text_files: Sequence[str] | None = None,
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    split: str = "train",
+    text_column: str = "text",
+) -> list[str]:
+    """Documents from plain text files (one document per file) or a ``datasets`` dataset.
+
+    ``dataset`` is a Hub name or a local path/loader name (``"json"``, ``"csv"``, a folder...), read
+    with ``datasets.load_dataset``; local files need no Hub access. Without either argument: the
+    embedded Wikipedia sample (:func:`wikipedia_sample`).
+    """
+    if text_files and dataset:
+        raise ValueError("Pass text files or a dataset, not both.")
+    if text_files:
+        documents = []
+        for path in text_files:
+            with open(path, encoding="utf-8") as f:
+                documents.append(f.read())
+        return documents
+    if dataset:
+        from datasets import load_dataset
+
+        data = load_dataset(dataset, dataset_config, split=split)
+        if text_column not in data.column_names:
+            raise ValueError(f"dataset {dataset!r} has no column {text_column!r}; columns: {data.column_names}.")
+        return [t for t in data[text_column] if t and t.strip()]
+    return wikipedia_sample()

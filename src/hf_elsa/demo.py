@@ -64,12 +64,12 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
 
 def run_demo(
     sparsity: float = 0.5,
-    max_steps: int = 60,
+    max_steps: int = 40,
     output_dir: str = "elsa-smollm2",
     batch_size: int = 4,
-    block_size: int = 256,
-    eval_windows: int = 32,
-    calibration_samples: int = 64,
+    block_size: int = 128,
+    eval_windows: int = 16,
+    calibration_samples: int = 32,
     seed: int = 0,
 ) -> list:
     """Prune SmolLM2-135M on Wikipedia text: dense vs magnitude vs Wanda vs ELSA at one sparsity.
