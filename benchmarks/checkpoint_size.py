@@ -3,8 +3,9 @@
     OMP_NUM_THREADS=1 python benchmarks/checkpoint_size.py [--sparsity 0.9] [--dtype float32|bfloat16] [--out DIR]
 
 Prints one JSON line: bytes of the pruned tensors (compressed vs dense), of the whole folders (hf_elsa
-dense, hf_elsa compressed, and a plain ``save_pretrained`` of the same model), save/load times, and
-whether both formats load back bit-identical (pruned zeros compared as +0.0 for the compressed format).
+dense, hf_elsa compressed, and a plain ``save_pretrained`` of the same model), of the masks (packed bits vs
+as stored, zlib-coded), save/load times, and whether both formats load back bit-identical (pruned zeros
+compared as +0.0 for the compressed format).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from hf_elsa import load_sparse_model, sparsity_report
 from hf_elsa.demo import load_smollm2
 from hf_elsa.projection import project
-from hf_elsa.sparse_io import attach_sparsity, detach_sparsity
+from hf_elsa.sparse_io import MASKS_NAME, attach_sparsity, detach_sparsity, read_masks
 from hf_elsa.targets import find_prunable_modules
 
 
@@ -96,6 +97,9 @@ def main(argv=None) -> dict:
         report = sparsity_report(root / "compressed")
         pruned_stored = sum(t.stored_bytes for t in report.tensors)
         pruned_dense = sum(t.dense_bytes for t in report.tensors)
+        masks = read_masks(root / "compressed" / MASKS_NAME)
+        mask_packed = sum(m.bits.numel() for m in masks.values())
+        mask_stored = sum(m.stored_nbytes for m in masks.values())
         detach_sparsity(model)
         model.save_pretrained(root / "plain")
         result["plain_folder_bytes"] = folder_bytes(root / "plain")
@@ -105,6 +109,9 @@ def main(argv=None) -> dict:
         pruned_tensors_dense_bytes=pruned_dense,
         pruned_tensors_compressed_bytes=pruned_stored,
         pruned_tensors_ratio=round(pruned_stored / pruned_dense, 4),
+        masks_packed_bytes=mask_packed,
+        masks_stored_bytes=mask_stored,
+        masks_ratio_vs_dense=round(mask_stored / pruned_dense, 4),
         folder_ratio_vs_dense=round(result["compressed_folder_bytes"] / result["dense_folder_bytes"], 4),
         folder_ratio_vs_plain=round(result["compressed_folder_bytes"] / result["plain_folder_bytes"], 4),
     )

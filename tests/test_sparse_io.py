@@ -1,6 +1,7 @@
 """Sparse checkpoints (hf_elsa.sparse_io): formats, loading, validation, keep-mask fine-tuning, Hub, CLI.
 
-Tiny fp32 models built from configs (Llama, GPT-2, OPT, Qwen2), seeded, offline.
+Tiny fp32 models built from configs (Llama, GPT-2, OPT, Qwen2), seeded, offline; a "wide" Llama (256-wide
+Linears) where the size of the coded masks matters.
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ import subprocess
 import sys
 import textwrap
 import time
+import zlib
 from pathlib import Path
 
 import huggingface_hub
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import RepoUrl
 from huggingface_hub.errors import OfflineModeIsEnabled
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
 
 import hf_elsa
@@ -77,6 +81,17 @@ CONFIGS = {
     ),
 }
 ARCHS = sorted(CONFIGS)
+# one layer of 256x256 (q, o), 128x256 (k, v) and 512x256 / 256x512 (MLP) weights: masks of 4-16 KB, so the
+# size of their coded stream, not zlib's fixed overhead, decides the ratios
+WIDE = lambda: LlamaConfig(
+    vocab_size=VOCAB,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -84,7 +99,7 @@ ARCHS = sorted(CONFIGS)
 
 def tiny_model(arch: str = "llama", seed: int = 0):
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
+    return AutoModelForCausalLM.from_config({**CONFIGS, "wide": WIDE}[arch]()).eval()
 
 
 @torch.no_grad()
@@ -137,8 +152,29 @@ def rewrite_recorded_hash(folder: Path, name: str) -> None:
 
 
 def read_masks_raw(folder: Path):
+    """The tensors of the masks file as stored (zlib streams or raw packed bits) and its metadata."""
     with safe_open(folder / MASKS_NAME, "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+
+
+def downgrade_to_format_1(folder: Path) -> None:
+    """Rewrite a fresh save exactly as hf_elsa's format 1 wrote it: raw packed masks, no codecs, version 1."""
+    masks = sparse_io.read_masks(folder / MASKS_NAME)
+    _, meta = read_masks_raw(folder)
+    old_meta = {k: meta[k] for k in ("format", "elsa_file", "bitorder", "save_id", "shapes", "kept")}
+    save_file(
+        {k: m.bits for k, m in masks.items()}, folder / MASKS_NAME, metadata={**old_meta, "elsa_format_version": "1"}
+    )
+    rewrite_recorded_hash(folder, MASKS_NAME)
+    if (folder / COMPRESSED_NAME).exists():  # same layout in format 1; only the version differs
+        with safe_open(folder / COMPRESSED_NAME, "pt") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+        save_file(tensors, folder / COMPRESSED_NAME, metadata={**meta, "elsa_format_version": "1"})
+        rewrite_recorded_hash(folder, COMPRESSED_NAME)
+    for name, where in ((ELSA_CONFIG_NAME, None), ("config.json", "elsa_sparsity")):
+        data = json.loads((folder / name).read_text())
+        (data[where] if where else data)["elsa_format_version"] = 1
+        (folder / name).write_text(json.dumps(data))
 
 
 def blocks(n_tokens: int = 4000, seed: int = 0):
@@ -252,23 +288,83 @@ def test_bf16_model_round_trips_and_load_accepts_dtype(tmp_path):
     assert sparsity_report(as_fp32).sparsity == pytest.approx(sparsity_report(model).sparsity)
 
 
-def test_compressed_pruned_tensors_take_at_most_015x_at_90_percent(tmp_path):
-    model = pruned_model(sparsity=0.9)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compressed_pruned_tensors_take_at_most_015x_at_90_percent(dtype, tmp_path):
+    # in bf16 a raw bitmask alone is 1/16 = 0.0625x: only the zlib-coded mask fits 0.1x values into 0.15x
+    model = pruned_model("wide", sparsity=0.9).to(dtype)
     model.save_pretrained(tmp_path / "c", compressed=True)
     masks, _ = read_masks_raw(tmp_path / "c")
     stored = dense = 0
     with safe_open(tmp_path / "c" / COMPRESSED_NAME, "pt") as f:
-        for key, bits in masks.items():
+        for key, mask_stream in masks.items():
             values = f.get_slice(key)
             n_values = values.get_shape()[0]
             numel = model.get_parameter(key).numel()
-            tensor_stored = n_values * 4 + bits.numel()  # fp32 values + packed bits
-            assert tensor_stored <= 0.15 * numel * 4, key
-            stored, dense = stored + tensor_stored, dense + numel * 4
+            tensor_stored = n_values * dtype.itemsize + mask_stream.numel()  # kept values + coded mask
+            assert tensor_stored <= 0.15 * numel * dtype.itemsize, key
+            stored, dense = stored + tensor_stored, dense + numel * dtype.itemsize
     assert stored / dense <= 0.15
     report = sparsity_report(tmp_path / "c")
     assert sum(t.stored_bytes for t in report.tensors) == stored
+    assert sum(t.dense_bytes for t in report.tensors) == dense
     assert report.format == "compressed"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("compressed", [False, True])
+def test_zlib_coded_masks_round_trip(dtype, compressed, tmp_path):
+    model = pruned_model("wide").to(dtype)
+    expected, masks = state(model), masks_of(model)
+    model.save_pretrained(tmp_path / "m", compressed=compressed)
+
+    stored, meta = read_masks_raw(tmp_path / "m")
+    assert meta["elsa_format_version"] == str(sparse_io.FORMAT_VERSION) == "2"
+    assert set(json.loads(meta["codecs"]).values()) == {"zlib"}
+    raw_bytes = sum(m.bits.numel() for m in get_sparsity(model).masks.values())
+    assert sum(t.numel() for t in stored.values()) < 0.5 * raw_bytes  # entropy bound at 90%: 0.469
+    loaded = load_sparse_model(tmp_path / "m")
+    assert loaded.dtype == dtype
+    assert_bit_identical(expected, loaded, canonical_zero=compressed)
+    assert all(torch.equal(masks_of(loaded)[k], masks[k]) for k in masks)
+
+
+def test_incompressible_masks_are_stored_raw(tmp_path):
+    model = pruned_model(sparsity=0.5)  # a 50% magnitude mask is ~random bits: zlib cannot shrink them
+    model.save_pretrained(tmp_path / "m")
+    stored, meta = read_masks_raw(tmp_path / "m")
+    codecs = json.loads(meta["codecs"])
+    assert "none" in codecs.values()
+    for key, data in stored.items():
+        bits = get_sparsity(model).masks[key].bits
+        assert torch.equal(data, bits) if codecs[key] == "none" else data.numel() < bits.numel()
+    assert_bit_identical(state(model), load_sparse_model(tmp_path / "m"))
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_format_1_folder_with_raw_masks_still_loads(compressed, tmp_path):
+    model = pruned_model("wide")
+    expected, masks = state(model), masks_of(model)
+    model.save_pretrained(tmp_path / "old", compressed=compressed)
+    downgrade_to_format_1(tmp_path / "old")
+    stored, meta = read_masks_raw(tmp_path / "old")
+    assert meta["elsa_format_version"] == "1" and "codecs" not in meta
+    assert all(stored[k].numel() == (v.numel() + 7) // 8 for k, v in masks.items())
+
+    loaded = load_sparse_model(tmp_path / "old")
+    assert_bit_identical(expected, loaded, canonical_zero=compressed)
+    assert all(torch.equal(masks_of(loaded)[k], masks[k]) for k in masks)
+    report = sparsity_report(tmp_path / "old")
+    assert report.zeros == sparsity_report(model).zeros
+    if compressed:
+        values = sum(m.sum().item() for m in masks.values()) * 4
+        assert sum(t.stored_bytes for t in report.tensors) == values + sum(t.numel() for t in stored.values())
+
+    loaded.save_pretrained(tmp_path / "new", compressed=compressed)  # re-saved in the current format
+    _, meta = read_masks_raw(tmp_path / "new")
+    assert meta["elsa_format_version"] == "2" and "codecs" in meta
+    assert json.loads((tmp_path / "new" / ELSA_CONFIG_NAME).read_text())["elsa_format_version"] == 2
+    assert (tmp_path / "new" / MASKS_NAME).stat().st_size < (tmp_path / "old" / MASKS_NAME).stat().st_size
+    assert_bit_identical(expected, load_sparse_model(tmp_path / "new"), canonical_zero=compressed)
 
 
 def test_resave_switches_format_in_place_and_keeps_foreign_files(tmp_path):
@@ -318,17 +414,25 @@ def test_metadata_in_config_elsa_config_and_model_card(tmp_path):
     assert "transformer.h.0.attn.c_attn.weight" in card.text and "magnitude" in card.text
 
 
-def test_masks_file_is_bit_packed_with_shapes(tmp_path):
-    model = pruned_model()
+def test_masks_file_is_bit_packed_zlib_coded_with_shapes(tmp_path):
+    """The documented layout, read with zlib and numpy only (no hf_elsa)."""
+    model = pruned_model("wide")
     model.save_pretrained(tmp_path / "m")
     masks, meta = read_masks_raw(tmp_path / "m")
-    shapes = json.loads(meta["shapes"])
-    for key, bits in masks.items():
-        numel = model.get_parameter(key).numel()
-        assert bits.dtype == torch.uint8 and bits.numel() == (numel + 7) // 8
-        assert tuple(shapes[key]) == tuple(model.get_parameter(key).shape)
-        unpacked = PackedMask(bits, tuple(shapes[key]), 0).unpack()
-        assert torch.equal(unpacked, model.get_parameter(key) != 0)
+    assert meta["bitorder"] == "little" and meta["elsa_format_version"] == "2"
+    shapes, codecs = json.loads(meta["shapes"]), json.loads(meta["codecs"])
+    packed_bytes, kept = json.loads(meta["packed_bytes"]), json.loads(meta["kept"])
+    for key, stream in masks.items():
+        weight = model.get_parameter(key)
+        assert stream.dtype == torch.uint8 and stream.ndim == 1 and codecs[key] == "zlib"
+        packed = zlib.decompress(stream.numpy().tobytes())  # a standard zlib stream
+        assert len(packed) == packed_bytes[key] == (weight.numel() + 7) // 8
+        assert tuple(shapes[key]) == tuple(weight.shape)
+        bits = np.unpackbits(np.frombuffer(packed, np.uint8), count=weight.numel(), bitorder="little")
+        assert torch.equal(torch.from_numpy(bits.astype(bool)).reshape(weight.shape), weight != 0)
+        assert kept[key] == int(bits.sum())
+        unpacked = PackedMask(torch.frombuffer(bytearray(packed), dtype=torch.uint8), tuple(shapes[key]), 0).unpack()
+        assert torch.equal(unpacked, weight != 0)
 
 
 def test_unknown_keys_are_tolerated_and_kept(tmp_path, caplog):
@@ -409,6 +513,51 @@ def test_truncated_compressed_file_rejected_without_checksums(tmp_path):
     _truncate(tmp_path / "c" / COMPRESSED_NAME, keep=0.7)
     with pytest.raises(ValueError, match=COMPRESSED_NAME.replace(".", r"\.")):
         load_sparse_model(tmp_path / "c", verify=False)
+
+
+def _flip_middle(stream: bytes, meta: dict, key: str):
+    data = bytearray(stream)
+    data[len(data) // 2] ^= 0xFF
+    return bytes(data), meta
+
+
+def _longer(stream: bytes, meta: dict, key: str):  # a valid stream of too many bytes
+    return zlib.compress(zlib.decompress(stream) + bytes(8)), meta
+
+
+def _unknown_codec(stream: bytes, meta: dict, key: str):
+    codecs = json.loads(meta["codecs"])
+    codecs[key] = "zstd"
+    return stream, {**meta, "codecs": json.dumps(codecs)}
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_flip_middle, "zlib stream"),
+        (lambda s, m, k: (s[: len(s) // 2], m), "ends early"),
+        (lambda s, m, k: (s + b"\x00\x01", m), "stray bytes"),
+        (_longer, "more than"),
+        (lambda s, m, k: (s[:-1] + bytes([s[-1] ^ 1]), m), "zlib stream is corrupted"),  # adler32 check
+        (_unknown_codec, "codec 'zstd'"),
+    ],
+)
+@pytest.mark.parametrize("compressed", [False, True])
+def test_corrupted_mask_stream_is_rejected_naming_file_and_tensor(compressed, damage, message, tmp_path):
+    pruned_model("wide").save_pretrained(tmp_path / "m", compressed=compressed)
+    key = "model.layers.0.mlp.down_proj.weight"
+    masks, meta = read_masks_raw(tmp_path / "m")
+    stream, meta = damage(masks[key].numpy().tobytes(), meta, key)
+    masks[key] = torch.frombuffer(bytearray(stream), dtype=torch.uint8)
+    save_file(masks, tmp_path / "m" / MASKS_NAME, metadata=meta)  # a well-formed file, a bad stream inside
+    with pytest.raises(ValueError, match=rf"{MASKS_NAME}.*(SHA-256 differs|were saved: the file is truncated)"):
+        load_sparse_model(tmp_path / "m")
+    rewrite_recorded_hash(tmp_path / "m", MASKS_NAME)  # past the checksum: the stream itself is checked
+    with pytest.raises(ValueError, match=rf"{MASKS_NAME}: mask '{key}'.*{message}") as err:
+        load_sparse_model(tmp_path / "m")
+    assert "corrupted" in str(err.value) or "newer hf_elsa" in str(err.value)
+    with pytest.raises(ValueError, match=rf"{MASKS_NAME}: mask '{key}'"):
+        sparsity_report(tmp_path / "m")  # hf-elsa inspect reads the masks the same way
 
 
 def test_mask_disagreeing_with_zeros_is_rejected(tmp_path):
@@ -819,7 +968,9 @@ def test_cli_inspect(tmp_path, capsys):
     assert cli_main(["inspect", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
     assert "format compressed" in out and "model.layers.1.mlp.down_proj.weight" in out and "90.0" in out
-    assert "0.131x" in out
+    report = sparsity_report(tmp_path / "c")
+    ratio = sum(t.stored_bytes for t in report.tensors) / sum(t.dense_bytes for t in report.tensors)
+    assert f"({ratio:.3f}x)" in out and ratio < 0.131  # 0.131x with raw masks; zlib pays off even on 2 KB masks
 
     assert cli_main(["inspect", str(tmp_path / "c"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -147,7 +147,8 @@ class ElsaTrainer(Trainer):
             warnings.warn(
                 f"ADMM had not converged when the mask was fixed: the hard projection removed "
                 f"{100 * opt.final_removed:.1f}% of the prunable weights' norm, which usually costs a lot of "
-                "quality. Give it more steps (max_steps), a larger admm_lambda, or recipe='elsa'.",
+                "quality. Give it more steps (max_steps) or a larger admm_lambda"
+                + (", or use recipe='elsa', which converges in short runs." if self.args.recipe == "paper" else "."),
                 stacklevel=3,
             )
 
