@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .curvature import curvature_for
+from .curvature import curvature_for, merge_statistics
 from .projection import importance_score, keep_mask, parse_sparsity_type
 
 LAMBDA_SCHEDULES = ("constant", "linear", "cosine", "exponential")
@@ -209,6 +209,10 @@ class ElsaOptimizer(torch.optim.Optimizer):
             return state[STEP]
         return self._pending.get(p, {}).get(STEP, 0)
 
+    def state_for(self, name: str) -> dict:
+        """ELSA state of the prunable weight ``name`` (usable before the first step)."""
+        return self._state(self.prunable[name])
+
     def _state(self, p: torch.nn.Parameter) -> dict:
         """ELSA state of ``p``: in the base optimizer's state once it has one, pending before."""
         state = self.state.get(p)
@@ -218,8 +222,17 @@ class ElsaOptimizer(torch.optim.Optimizer):
 
     # -- projection -----------------------------------------------------------------------------
     def _score(self, name: str, p: torch.nn.Parameter, values: torch.Tensor) -> torch.Tensor:
-        curvature = curvature_for(self.settings.importance, name, p, self.state.get(p, {}))
+        curvature = curvature_for(self.settings.importance, name, p, self._state(p))
+        if curvature is not None and curvature.dim() == 1:
+            # per-input-feature statistics: broadcast over the output dimension of the weight's layout
+            curvature = curvature[:, None] if name in self.transposed else curvature[None, :]
         return importance_score(values, curvature, self.settings.importance_alpha)
+
+    def _merge_statistics(self) -> None:
+        """Fold the activation statistics gathered since the last projection (all processes) in."""
+        if self.settings.importance == "activation":
+            for p in self.prunable.values():
+                merge_statistics(self._state(p))
 
     def _keep_mask(self, name: str, p: torch.nn.Parameter, values: torch.Tensor, sparsity: float) -> torch.Tensor:
         score = self._score(name, p, values)
@@ -309,6 +322,8 @@ class ElsaOptimizer(torch.optim.Optimizer):
                 eta = st[LAMBDA] / (1.0 + st[LAMBDA])
                 p.lerp_(st[Z], eta).sub_(st[U], alpha=eta)
 
+        if (in_admm and t % s.interval == 0) or t + 1 == self.admm_steps:
+            self._merge_statistics()
         if in_admm and t % s.interval == 0:
             self._update_z_u(t + 1)
         if t + 1 == self.admm_steps:

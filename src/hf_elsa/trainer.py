@@ -21,6 +21,7 @@ from transformers import Trainer
 
 from .admm import ElsaOptimizer
 from .config import ElsaConfig
+from .curvature import ActivationStatistics
 from .sparse_io import attach_sparsity, detach_sparsity, get_sparsity, sparsity_metadata, write_model_card
 from .targets import find_prunable_modules, is_transposed
 
@@ -54,7 +55,11 @@ class ElsaTrainer(Trainer):
             raise ValueError(f"Prunable weights are frozen (requires_grad=False): {frozen[:5]}; use exclude_modules.")
         if args.keep_mask and not any(bool((m.weight == 0).any()) for m in self.prunable_modules.values()):
             raise ValueError("ElsaConfig.keep_mask=True but the model has no zero weights to keep: prune it first.")
+        tokenizer = kwargs.get("processing_class")
+        if getattr(tokenizer, "pad_token", "") is None and getattr(tokenizer, "eos_token", None) is not None:
+            tokenizer.pad_token = tokenizer.eos_token  # as TRL does: the padding collator needs one
         self.elsa_optimizer: ElsaOptimizer | None = None
+        self._activation_hooks: ActivationStatistics | None = None
         super().__init__(model, args, *pargs, **kwargs)
 
     # -- optimizer ------------------------------------------------------------------------------
@@ -65,6 +70,10 @@ class ElsaTrainer(Trainer):
             transposed = {name for name, module in self.prunable_modules.items() if is_transposed(module)}
             self.optimizer = ElsaOptimizer(optimizer, prunable, self.args.admm_settings(), transposed=transposed)
         self.elsa_optimizer = self.optimizer
+        if self.args.importance == "activation" and self._activation_hooks is None:
+            self._activation_hooks = ActivationStatistics(
+                self.prunable_modules, self.elsa_optimizer.state_for, self.elsa_optimizer.transposed
+            )
         attached = get_sparsity(self.model)
         if self.args.keep_mask and attached is not None:
             # keep the recorded masks, not the zeros: a kept weight may be exactly 0 after rounding
@@ -86,6 +95,10 @@ class ElsaTrainer(Trainer):
         if self.elsa_optimizer.steps_done == 0 and not self.elsa_optimizer.state:
             self._warm_start()
         self.elsa_optimizer.initialize()
+        if self._activation_hooks is not None and self.elsa_optimizer.in_admm_phase:
+            self._activation_hooks.attach()  # statistics are only needed while the mask can change
+        elif self._activation_hooks is not None:
+            self._activation_hooks.remove()
         loss = super().training_step(model, inputs, num_items_in_batch, **kwargs)
         self.elsa_optimizer.mask_gradients()
         return loss
@@ -122,7 +135,11 @@ class ElsaTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def train(self, *args, **kwargs):
-        output = super().train(*args, **kwargs)
+        try:
+            output = super().train(*args, **kwargs)
+        finally:
+            if self._activation_hooks is not None:
+                self._activation_hooks.remove()
         self._report_sparsity()
         # record the masks on the model: save_pretrained / push_to_hub then write sparse checkpoints
         if self.elsa_optimizer is not None and self.elsa_optimizer.masks():
