@@ -14,6 +14,7 @@ PAPER = {
     "admm_interval": 32,
     "admm_fraction": 1.0,
     "sparsity_schedule": "constant",
+    "importance": "magnitude",
 }
 
 
@@ -98,7 +99,8 @@ def test_defaults(tmp_path):
     assert config.sparsity == pytest.approx(0.7)
     assert config.sparsity_type == "unstructured"
     assert config.target_modules is None and config.exclude_modules is None
-    assert config.importance == "magnitude"
+    assert config.recipe == "elsa" and config.importance == "activation"
+    assert config.admm_interval == 0  # automatic: an eighth of the ADMM phase
     assert config.final_projection is True and config.keep_mask is False
     # the recipe filled every recipe-controlled field
     for field in PAPER:
@@ -203,7 +205,6 @@ def test_single_string_target_becomes_list(tmp_path):
         ({"sparsity_type": "blocks"}, "sparsity_type"),
         ({"admm_lambda_schedule": "step"}, "admm_lambda_schedule"),
         ({"admm_lambda_schedule": "exponential", "admm_lambda_init": 0.0}, "admm_lambda_init"),
-        ({"admm_interval": 0}, "admm_interval"),
         ({"admm_interval": -3}, "admm_interval"),
         ({"admm_fraction": 1.5}, "admm_fraction"),
         ({"admm_fraction": -0.1}, "admm_fraction"),
@@ -230,7 +231,7 @@ def test_bad_values_raise_from_command_line(tmp_path):
     with pytest.raises(ValueError, match="sparsity"):
         _parse(tmp_path, "--sparsity", "1.0")
     with pytest.raises(ValueError, match="admm_interval"):
-        _parse(tmp_path, "--admm_interval", "0")
+        _parse(tmp_path, "--admm_interval", "-1")
 
 
 def test_help_metadata_for_every_elsa_field():
@@ -256,3 +257,16 @@ def test_help_metadata_for_every_elsa_field():
         "keep_mask",
     ):
         assert fields[name].metadata.get("help"), name
+
+
+@pytest.mark.parametrize("total, expected", [(150, 3), (40, 1), (4096, 32), (1000, 19)])
+def test_automatic_interval(tmp_path, total, expected):
+    """admm_interval=0: ceil(ADMM steps / 8), between 1 and 32 (ADMM steps = round(0.15 * total))."""
+    import torch
+
+    from hf_elsa.admm import ElsaOptimizer
+
+    config = ElsaConfig(output_dir=str(tmp_path))
+    p = torch.nn.Parameter(torch.ones(4, 4))
+    opt = ElsaOptimizer(torch.optim.SGD([p], lr=0.1), {"w": p}, config.admm_settings(), total_steps=total)
+    assert opt.interval == expected

@@ -187,9 +187,16 @@ class ElsaOptimizer(torch.optim.Optimizer):
         return round(self.settings.admm_fraction * self.total_steps)
 
     @property
+    def interval(self) -> int:
+        """Steps between z/u updates; ``settings.interval == 0`` means an eighth of the ADMM phase (1..32)."""
+        if self.settings.interval:
+            return self.settings.interval
+        return max(1, min(32, math.ceil(self.admm_steps / 8)))
+
+    @property
     def ramp_steps(self) -> int:
         """Schedules reach their final value at the last z-update before the mask is fixed."""
-        return max(self.admm_steps - self.settings.interval, 1)
+        return max(self.admm_steps - self.interval, 1)
 
     def lambda_at(self, step: int) -> float:
         s = self.settings
@@ -322,9 +329,9 @@ class ElsaOptimizer(torch.optim.Optimizer):
                 eta = st[LAMBDA] / (1.0 + st[LAMBDA])
                 p.lerp_(st[Z], eta).sub_(st[U], alpha=eta)
 
-        if (in_admm and t % s.interval == 0) or t + 1 == self.admm_steps:
+        if (in_admm and t % self.interval == 0) or t + 1 == self.admm_steps:
             self._merge_statistics()
-        if in_admm and t % s.interval == 0:
+        if in_admm and t % self.interval == 0:
             self._update_z_u(t + 1)
         if t + 1 == self.admm_steps:
             removed = sum(self._fix_mask(n, p, self.state[p]) for n, p in self.prunable.items())
@@ -332,10 +339,11 @@ class ElsaOptimizer(torch.optim.Optimizer):
             total = math.sqrt(removed + norm**2)
             self.final_removed = math.sqrt(removed) / max(total, 1e-30)
             zeros = sum(int((p == 0).sum()) for p in self.prunable.values())
-            self.metrics = {
+            # keep the last ADMM diagnostics: they describe the state the mask was fixed in
+            self.metrics.update({
                 "elsa/final_projection_removed": self.final_removed,
                 "elsa/weight_sparsity": zeros / sum(p.numel() for p in self.prunable.values()),
-            }
+            })
         return loss
 
     @torch.no_grad()

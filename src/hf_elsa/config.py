@@ -23,15 +23,17 @@ RECIPES: dict[str, dict] = {
         "admm_interval": 32,
         "admm_fraction": 1.0,
         "sparsity_schedule": "constant",
+        "importance": "magnitude",
     },
     "elsa": {
         "admm_penalty": "proximal",
         "admm_lambda": 1.0,
-        "admm_lambda_schedule": "exponential",
-        "admm_lambda_init": 1e-3,
-        "admm_interval": 32,
-        "admm_fraction": 0.5,
+        "admm_lambda_schedule": "constant",
+        "admm_lambda_init": 0.0,
+        "admm_interval": 0,
+        "admm_fraction": 0.15,
         "sparsity_schedule": "cubic",
+        "importance": "activation",
     },
 }
 
@@ -55,10 +57,11 @@ class ElsaConfig(TrainingArguments):
         exclude_modules (`list[str]` or `None`, defaults to `None`):
             Modules never pruned, matched like `target_modules`.
         recipe (`str`, defaults to `"elsa"`):
-            Defaults of the `admm_*` fields left unset. `"paper"`: the published recipe (penalty through the
-            gradient, constant lambda 0.01, interval 32, ADMM for the whole run). `"elsa"`: a decoupled proximal
-            penalty rising exponentially, a cubic sparsity ramp for z, and the mask fixed after
-            `admm_fraction` of the steps, then masked fine-tuning; it converges within short budgets.
+            Defaults of the `admm_*` fields and `importance` left unset. `"paper"`: the published recipe
+            (penalty through the gradient, constant lambda 0.01, interval 32, ADMM for the whole run, magnitude
+            projection). `"elsa"`: a decoupled proximal penalty (lambda 1), a cubic sparsity ramp for z, the
+            activation-aware projection (SAFE+), the mask fixed after 15% of the steps, then masked fine-tuning;
+            it converges within short budgets (docs/convergence.md).
         admm_penalty (`str`, *optional*):
             `"gradient"` adds `lambda * (W - z + u)` to the gradient after clipping (so Adam normalises it);
             `"proximal"` pulls the weights after the base step: `W <- W - lambda/(1+lambda) * (W - z + u)`.
@@ -70,7 +73,8 @@ class ElsaConfig(TrainingArguments):
         admm_lambda_init (`float`, *optional*):
             Start value of the lambda schedule (must be > 0 for `"exponential"`).
         admm_interval (`int`, *optional*):
-            Optimizer steps between z/u updates (the first one follows the first step).
+            Optimizer steps between z/u updates (the first one follows the first step). `0`: automatic, an
+            eighth of the ADMM phase, between 1 and 32.
         admm_fraction (`float`, *optional*):
             Fraction of the steps run as ADMM; the weights are then hard-projected once and the rest of the
             run fine-tunes with that mask fixed. `1.0`: ADMM to the end (paper); `0.0`: prune at the start and
@@ -78,9 +82,11 @@ class ElsaConfig(TrainingArguments):
         sparsity_schedule (`str`, *optional*):
             Sparsity target of z: `"constant"` (the final sparsity from the start, paper) or `"cubic"` (ramps from
             0 to `sparsity` over the ADMM phase).
-        importance (`str`, defaults to `"magnitude"`):
-            Score of the projection: `"magnitude"` (`|v|`) or `"adam"` (`exp_avg_sq * v^2`, the paper's
-            objective-aware projection with Adam's second moment as the Hessian diagonal).
+        importance (`str`, *optional*):
+            Score of the projection: `"magnitude"` (`|v|`), `"adam"` (`exp_avg_sq * v^2`, the paper's
+            objective-aware projection with Adam's second moment as the Hessian diagonal) or `"activation"`
+            (`mean(x_j^2) * v^2`, SAFE+'s generalized projection with Wanda's metric, from forward hooks on the
+            training batches). A mask fixed at step 0 (`admm_fraction=0`) is chosen by magnitude or `admm_init`.
         importance_alpha (`float`, defaults to `1.0`):
             Exponent of the curvature in the score `(h + delta)^alpha * v^2` (0 = magnitude, 1 = OBD).
         final_projection (`bool`, defaults to `True`):
@@ -133,8 +139,8 @@ class ElsaConfig(TrainingArguments):
     sparsity_schedule: str | None = field(
         default=None, metadata={"help": f"Sparsity target of z: one of {SPARSITY_SCHEDULES}. Default from recipe."}
     )
-    importance: str = field(
-        default="magnitude", metadata={"help": f"Projection score: one of {IMPORTANCES}."}
+    importance: str | None = field(
+        default=None, metadata={"help": f"Projection score: one of {IMPORTANCES}. Default from recipe."}
     )
     importance_alpha: float = field(
         default=1.0, metadata={"help": "Curvature exponent alpha in (h + delta)^alpha * v^2."}
@@ -187,8 +193,10 @@ class ElsaConfig(TrainingArguments):
                 "ElsaConfig.admm_lambda_schedule='exponential' needs admm_lambda_init > 0 and admm_lambda > 0 "
                 f"(got {self.admm_lambda_init} and {self.admm_lambda}); use 'linear' or 'cosine' to start from 0."
             )
-        if not isinstance(self.admm_interval, int) or self.admm_interval < 1:
-            raise ValueError(f"ElsaConfig.admm_interval={self.admm_interval!r} must be an integer >= 1.")
+        if not isinstance(self.admm_interval, int) or self.admm_interval < 0:
+            raise ValueError(
+                f"ElsaConfig.admm_interval={self.admm_interval!r} must be an integer >= 1, or 0 for automatic."
+            )
         if not 0.0 <= self.admm_fraction <= 1.0:
             raise ValueError(f"ElsaConfig.admm_fraction={self.admm_fraction!r} must be in [0, 1].")
         if self.admm_init != "magnitude" and self.sparsity_schedule == "cubic" and self.admm_fraction > 0:
