@@ -749,10 +749,11 @@ def test_keep_mask_fine_tuning_keeps_the_mask_through_accumulation_checkpoint_an
 def test_re_pruning_a_loaded_sparse_model_checkpoints_without_stale_masks(tmp_path):
     pruned_model(sparsity=0.5).save_pretrained(tmp_path / "half")
     model = load_sparse_model(tmp_path / "half")
-    args = tiny_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=2, admm_interval=1)
+    # ADMM for 5 of 6 steps, so checkpoint-2 is written mid-ADMM: weights move, the 50% masks are stale
+    args = tiny_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=2, admm_interval=1, admm_fraction=0.8)
     trainer = ElsaTrainer(model=model, args=args, train_dataset=blocks())
     with pytest.warns(UserWarning):
-        trainer.train()  # checkpoint-2 is written mid-ADMM: weights move, the 50% masks are stale
+        trainer.train()
     assert not (tmp_path / "run" / "checkpoint-2" / MASKS_NAME).exists()
     assert (tmp_path / "run" / "checkpoint-6" / MASKS_NAME).exists()
     assert sparsity_report(model).sparsity == pytest.approx(0.9, abs=1e-3)
