@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .data import token_blocks
+from .data import token_blocks, tokenize_documents
 from .evaluation import perplexity
 
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "masked_ft", "elsa")
@@ -114,9 +114,8 @@ def run_benchmark(
     calibration = token_blocks(
         train_documents, tokenizer, block_size=budget.block_size, num_blocks=budget.calibration_samples,
         seed=budget.seed,
-    )["input_ids"]
-    eval_ids = torch.cat([torch.as_tensor(tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
-                          for d in eval_documents])
+    )
+    eval_ids = tokenize_documents(eval_documents, tokenizer)
     settings = [("unstructured", s) for s in sparsities] + [(p, None) for p in nm_patterns]
     results: list[Result] = []
     os.makedirs(output_dir, exist_ok=True)
