@@ -16,7 +16,7 @@ demo: install
 	hf-elsa demo
 
 test: install
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q --durations=10 tests
 
 test-fast: install
 	$(PYTHON) -m pytest -q tests -m "not slow"
