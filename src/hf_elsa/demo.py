@@ -82,7 +82,7 @@ def run_demo(
 
     print(f"[hf_elsa demo] SmolLM2-135M to {100 * sparsity:.0f}% sparsity on Wikipedia text "
           f"({max_steps} ELSA steps of {batch_size}x{block_size} tokens)")
-    load_smollm2()  # converts the GGUF file once, before the clock of any method starts
+    _, tokenizer = load_smollm2()  # converts the GGUF file once, before the clock of any method starts
     train_docs, eval_docs = split_documents(wikipedia_sample(), eval_fraction=0.1, seed=seed)
     budget = Budget(max_steps=max_steps, batch_size=batch_size, block_size=block_size, eval_windows=eval_windows,
                     calibration_samples=calibration_samples, seed=seed)
@@ -90,6 +90,7 @@ def run_demo(
     def save_elsa(result, model):
         if result.method == "elsa":
             model.save_pretrained(output_dir)
+            tokenizer.save_pretrained(output_dir)
             print(f"[hf_elsa demo] ELSA model saved to {output_dir}")
 
     results = run_benchmark(load_smollm2, train_docs, eval_docs, sparsities=(sparsity,),
