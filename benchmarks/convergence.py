@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from transformers import HfArgumentParser
 
-from hf_elsa import ElsaConfig, ElsaTrainer, perplexity
+from hf_elsa import ElsaConfig, ElsaTrainer, perplexity, sparsity_report
 from hf_elsa.data import split_documents, token_blocks, tokenize_documents, wikipedia_sample
 from hf_elsa.demo import load_smollm2
 from hf_elsa.projection import project
@@ -60,9 +60,7 @@ def main(argv=None):
         with torch.no_grad():
             for m in find_prunable_modules(model).values():
                 m.weight.copy_(project(m.weight, args.sparsity, args.sparsity_type)[0])
-    modules = find_prunable_modules(model)
-    zeros = sum(int((m.weight == 0).sum()) for m in modules.values())
-    result["achieved_sparsity"] = zeros / sum(m.weight.numel() for m in modules.values())
+    result["achieved_sparsity"] = sparsity_report(model).sparsity
     start = time.time()
     result["ppl"] = perplexity(model, text=eval_ids, seqlen=run.eval_seqlen, max_windows=run.eval_windows)
     result["eval_s"] = time.time() - start

@@ -16,6 +16,7 @@ import torch
 
 from .data import token_blocks, tokenize_documents
 from .evaluation import perplexity
+from .sparse_io import sparsity_report
 
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "masked_ft", "elsa")
 LABELS = {
@@ -53,13 +54,6 @@ class Result:
     perplexity: float
     seconds: float
     achieved_sparsity: float
-
-
-def _achieved(model) -> float:
-    from .targets import find_prunable_modules
-
-    modules = find_prunable_modules(model).values()
-    return sum(int((m.weight == 0).sum()) for m in modules) / sum(m.weight.numel() for m in modules)
 
 
 def _train(model, tokenizer, train, method: str, sparsity: float, sparsity_type: str, budget: Budget, output_dir: str):
@@ -137,7 +131,7 @@ def run_benchmark(
             ppl = perplexity(model, text=eval_ids, seqlen=budget.eval_seqlen, max_windows=budget.eval_windows)
             label = sparsity_type if sparsity is None else f"{100 * level:.0f}%"
             result = Result(method, sparsity_type, 0.0 if method == "dense" else level, ppl, seconds,
-                            _achieved(model))
+                            sparsity_report(model).sparsity)
             results.append(result)
             log(f"{LABELS[method]:32s} {label:>6s}  ppl {ppl:12.2f}  ({seconds:6.0f} s)")
             write_reports(results, budget, output_dir)

@@ -22,7 +22,14 @@ from transformers import Trainer
 from .admm import ElsaOptimizer
 from .config import ElsaConfig
 from .curvature import ActivationStatistics
-from .sparse_io import attach_sparsity, detach_sparsity, get_sparsity, sparsity_metadata, write_model_card
+from .sparse_io import (
+    attach_sparsity,
+    detach_sparsity,
+    get_sparsity,
+    sparsity_metadata,
+    sparsity_report,
+    write_model_card,
+)
 from .targets import find_prunable_modules, is_transposed
 
 logger = logging.getLogger(__name__)
@@ -141,10 +148,10 @@ class ElsaTrainer(Trainer):
         finally:
             if self._activation_hooks is not None:
                 self._activation_hooks.remove()
-        self._report_sparsity()
         # record the masks on the model: save_pretrained / push_to_hub then write sparse checkpoints
         if self.elsa_optimizer is not None and self.elsa_optimizer.masks():
             attach_sparsity(self.model, self.elsa_optimizer.masks(), sparsity_metadata(self.args))
+        self._report_sparsity()
         return output
 
     @torch.no_grad()
@@ -158,9 +165,8 @@ class ElsaTrainer(Trainer):
                 stacklevel=3,
             )
             return
-        zeros = sum(int((m.weight == 0).sum()) for m in self.prunable_modules.values())
-        total = sum(m.weight.numel() for m in self.prunable_modules.values())
-        logger.info("hf_elsa: %d prunable tensors, sparsity %.4f", len(self.prunable_modules), zeros / total)
+        report = sparsity_report(self.model)  # over the masks attached by train()
+        logger.info("hf_elsa: %d pruned tensors, sparsity %.4f", len(report.tensors), report.sparsity)
         if opt.final_removed is not None and opt.final_removed > UNCONVERGED_WARNING:
             warnings.warn(
                 f"ADMM had not converged when the mask was fixed: the hard projection removed "
