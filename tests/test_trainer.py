@@ -404,3 +404,22 @@ def test_elsa_beats_one_shot_magnitude(make_args):
 
     assert dense < magnitude_loss, "the pruning task is trivial: the test cannot tell methods apart"
     assert elsa_loss < magnitude_loss, f"dense {dense:.3f}, magnitude {magnitude_loss:.3f}, ELSA {elsa_loss:.3f}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------------------
+def test_eval_reports_perplexity_equal_to_the_papers_protocol(make_args):
+    """evaluate() adds eval_perplexity = exp(eval_loss); on equal-length blocks that is hf_elsa.perplexity."""
+    from hf_elsa import perplexity
+
+    model = make_model("llama")
+    eval_set = lm_dataset(n_blocks=8, seed=5)
+    trainer = _train(model, make_args(sparsity=0.5, max_steps=4, per_device_eval_batch_size=4), eval_dataset=eval_set)
+    metrics = trainer.evaluate()
+
+    blocks = eval_set[:]["input_ids"]
+    expected = perplexity(model, text=blocks, seqlen=blocks.shape[1])
+    assert metrics["eval_perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert metrics["eval_perplexity"] == pytest.approx(torch.tensor(metrics["eval_loss"]).exp().item(), rel=1e-6)
+    assert metrics["eval_perplexity"] > 1.0

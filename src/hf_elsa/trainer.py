@@ -6,13 +6,14 @@ which wraps whatever optimizer the Trainer builds; this class only
 - picks the prunable weights and validates them before any expensive work (``__init__``),
 - wraps the optimizer (``create_optimizer``) and tells it the run length (``create_scheduler``),
 - zeroes pruned gradients before clipping in the fixed-mask phase (``training_step``),
-- adds the ADMM diagnostics to the logs (``log``),
+- adds the ADMM diagnostics to the logs (``log``) and perplexity to the eval metrics (``evaluation_loop``),
 - checks and reports the result when training ends (``train``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 import torch
@@ -136,6 +137,14 @@ class ElsaTrainer(Trainer):
         for name, module in self.prunable_modules.items():
             self.elsa_optimizer.warm_start[name] = (module.weight.detach().clone(), masks[name])
             module.weight.copy_(original[name])
+
+    def evaluation_loop(self, *args, **kwargs):
+        # eval loss -> perplexity, as run_clm.py reports it; in the metrics themselves so that
+        # callbacks and metric_for_best_model="eval_perplexity" see it
+        output = super().evaluation_loop(*args, **kwargs)
+        for key in [k for k in output.metrics if k.endswith("_loss")]:
+            output.metrics[key.removesuffix("_loss") + "_perplexity"] = math.exp(min(output.metrics[key], 700.0))
+        return output
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self.elsa_optimizer is not None and "loss" in logs:
