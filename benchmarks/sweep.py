@@ -3,6 +3,7 @@
     python benchmarks/sweep.py                                   # default CPU budget (hours on 2 cores)
     python benchmarks/sweep.py --max_steps 40 --sparsities 0.7 0.9 --methods magnitude masked_ft elsa
     python benchmarks/sweep.py --output_dir docs/benchmark       # what docs/benchmarks.md shows
+    python benchmarks/sweep.py --merge part1 part2 --output_dir all   # combine runs made in parallel
 
 Writes results.json, results.md and perplexity.png to --output_dir. Runs on GPU when one is present.
 """
@@ -14,7 +15,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from hf_elsa.benchmark import METHODS, Budget, run_benchmark
+from hf_elsa.benchmark import METHODS, Budget, merge_reports, run_benchmark
 from hf_elsa.data import split_documents, wikipedia_sample
 from hf_elsa.demo import load_smollm2
 
@@ -25,16 +26,28 @@ def main():
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7, 0.8, 0.9])
     parser.add_argument("--nm", nargs="*", default=["2:4"], help="N:M patterns to add")
     parser.add_argument("--output_dir", default="elsa_benchmark")
+    parser.add_argument("--merge", nargs="+", metavar="DIR", help="only combine the results of these runs")
     for name, value in vars(Budget()).items():
         if isinstance(value, bool):
             parser.add_argument(f"--{name}", type=lambda v: v.lower() in ("1", "true", "yes"), default=value)
         elif name != "elsa_overrides":
             parser.add_argument(f"--{name}", type=type(value) if value is not None else int, default=value)
     args = parser.parse_args()
+    if args.merge:
+        merge_reports(args.merge, args.output_dir)
+        return
     budget = Budget(**{k: getattr(args, k) for k in vars(Budget()) if k != "elsa_overrides"})
     train_docs, eval_docs = split_documents(wikipedia_sample(), eval_fraction=0.1, seed=budget.seed)
-    run_benchmark(load_smollm2, train_docs, eval_docs, sparsities=args.sparsities, methods=args.methods,
-                  nm_patterns=args.nm, budget=budget, output_dir=args.output_dir)
+    run_benchmark(
+        load_smollm2,
+        train_docs,
+        eval_docs,
+        sparsities=args.sparsities,
+        methods=args.methods,
+        nm_patterns=args.nm,
+        budget=budget,
+        output_dir=args.output_dir,
+    )
 
 
 if __name__ == "__main__":

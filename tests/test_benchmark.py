@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from conftest import make_char_tokenizer, make_model
 
@@ -16,12 +17,28 @@ def test_run_benchmark_writes_table_plot_and_json(tmp_path):
     def load():
         return make_model("llama", seed=0), tokenizer
 
-    budget = Budget(max_steps=3, batch_size=2, block_size=16, calibration_samples=4, eval_seqlen=16,
-                    eval_windows=4, learning_rate=1e-3, bf16=False)
+    budget = Budget(
+        max_steps=3,
+        batch_size=2,
+        block_size=16,
+        calibration_samples=4,
+        eval_seqlen=16,
+        eval_windows=4,
+        learning_rate=1e-3,
+        bf16=False,
+    )
     saved = []
-    results = run_benchmark(load, DOCS[:10], DOCS[10:], sparsities=(0.5,), nm_patterns=("2:4",), budget=budget,
-                            output_dir=str(tmp_path), log=lambda line: None,
-                            on_model=lambda r, m: saved.append(r.method))
+    results = run_benchmark(
+        load,
+        DOCS[:10],
+        DOCS[10:],
+        sparsities=(0.5,),
+        nm_patterns=("2:4",),
+        budget=budget,
+        output_dir=str(tmp_path),
+        log=lambda line: None,
+        on_model=lambda r, m: saved.append(r.method),
+    )
     methods = {r.method for r in results}
     assert methods == {"dense", "magnitude", "wanda", "sparsegpt", "masked_ft", "elsa"}
     for r in results:
@@ -34,3 +51,33 @@ def test_run_benchmark_writes_table_plot_and_json(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "| ELSA |" in table and "2:4" in table and "50%" in table
     assert (tmp_path / "perplexity.png").stat().st_size > 1000
+
+
+def test_merge_reports_combines_parallel_parts_and_rejects_mixed_budgets(tmp_path):
+    from hf_elsa.benchmark import Result, merge_reports, write_reports
+
+    budget = Budget(max_steps=3, bf16=False)
+    dense = Result("dense", "dense", 0.0, 20.0, 1.0, 0.0)
+    part1 = [
+        dense,
+        Result("elsa", "unstructured", 0.5, 30.0, 5.0, 0.5),
+        Result("magnitude", "unstructured", 0.5, 90.0, 0.1, 0.5),
+    ]
+    part2 = [dense, Result("elsa", "unstructured", 0.9, 300.0, 5.0, 0.9)]
+    for name, part in (("a", part1), ("b", part2)):
+        (tmp_path / name).mkdir()
+        write_reports(part, budget, str(tmp_path / name))
+
+    merged = merge_reports([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "all"))
+
+    assert [(r.method, r.sparsity) for r in merged] == [
+        ("dense", 0.0),
+        ("magnitude", 0.5),
+        ("elsa", 0.5),
+        ("elsa", 0.9),
+    ]
+    table = (tmp_path / "all" / "results.md").read_text()
+    assert "| ELSA | 30.0 | 300.0 | 10 |" in table and "Dense: 20.00" in table
+    write_reports(part2, Budget(max_steps=4, bf16=False), str(tmp_path / "b"))
+    with pytest.raises(ValueError, match="different budget"):
+        merge_reports([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "all"))

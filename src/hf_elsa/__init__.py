@@ -14,10 +14,10 @@ __all__ = [
     "ElsaConfig",
     "ElsaOptimizer",
     "ElsaTrainer",
+    "__version__",
     "keep_mask",
     "load_sparse_model",
     "perplexity",
     "project",
     "sparsity_report",
-    "__version__",
 ]

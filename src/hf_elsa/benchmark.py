@@ -106,7 +106,10 @@ def run_benchmark(
     _, tokenizer = load_model()
     train = token_blocks(train_documents, tokenizer, block_size=budget.block_size)
     calibration = token_blocks(
-        train_documents, tokenizer, block_size=budget.block_size, num_blocks=budget.calibration_samples,
+        train_documents,
+        tokenizer,
+        block_size=budget.block_size,
+        num_blocks=budget.calibration_samples,
         seed=budget.seed,
     )
     eval_ids = tokenize_documents(eval_documents, tokenizer)
@@ -125,18 +128,57 @@ def run_benchmark(
                 kwargs = {} if method == "magnitude" else {"calibration": calibration, "progress": False}
                 prune(model, sparsity=level, sparsity_type=sparsity_type, **kwargs)
             elif method in ("masked_ft", "elsa"):
-                _train(model, tokenizer, train, method, level, sparsity_type, budget,
-                       os.path.join(output_dir, "runs", f"{method}-{sparsity_type.replace(':', '_')}-{level}"))
+                _train(
+                    model,
+                    tokenizer,
+                    train,
+                    method,
+                    level,
+                    sparsity_type,
+                    budget,
+                    os.path.join(output_dir, "runs", f"{method}-{sparsity_type.replace(':', '_')}-{level}"),
+                )
             seconds = time.time() - start
             ppl = perplexity(model, text=eval_ids, seqlen=budget.eval_seqlen, max_windows=budget.eval_windows)
             label = sparsity_type if sparsity is None else f"{100 * level:.0f}%"
-            result = Result(method, sparsity_type, 0.0 if method == "dense" else level, ppl, seconds,
-                            sparsity_report(model).sparsity)
+            result = Result(
+                method,
+                sparsity_type,
+                0.0 if method == "dense" else level,
+                ppl,
+                seconds,
+                sparsity_report(model).sparsity,
+            )
             results.append(result)
             log(f"{LABELS[method]:32s} {label:>6s}  ppl {ppl:12.2f}  ({seconds:6.0f} s)")
             write_reports(results, budget, output_dir)
             if on_model is not None:
                 on_model(result, model)
+    return results
+
+
+def merge_reports(input_dirs: Sequence[str], output_dir: str) -> list[Result]:
+    """Combine the ``results.json`` of runs made in parallel (e.g. one process per sparsity subset).
+
+    The runs must share one budget; results are ordered by method, a method/setting measured twice
+    (dense in every part) is kept once. Writes the combined reports to ``output_dir``.
+    """
+    budget, merged = None, {}
+    for directory in input_dirs:
+        with open(os.path.join(directory, "results.json")) as f:
+            data = json.load(f)
+        if budget is not None and data["budget"] != budget:
+            raise ValueError(
+                f"merge_reports: {directory} was run with a different budget: {data['budget']} vs {budget}"
+            )
+        budget = data["budget"]
+        for r in data["results"]:
+            merged.setdefault((r["method"], r["sparsity_type"], r["sparsity"]), Result(**r))
+    if budget is None:
+        raise ValueError("merge_reports: no input directories given.")
+    results = sorted(merged.values(), key=lambda r: METHODS.index(r.method))
+    os.makedirs(output_dir, exist_ok=True)
+    write_reports(results, Budget(**budget), output_dir)
     return results
 
 
@@ -185,8 +227,16 @@ def plot(results: Sequence[Result], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in dict.fromkeys(r.method for r in results):
-        points = sorted((r.sparsity, r.perplexity) for r in results if r.method == method and r.sparsity_type in ("unstructured", "dense"))
-        nm = [(r.sparsity, r.perplexity, r.sparsity_type) for r in results if r.method == method and ":" in r.sparsity_type]
+        points = sorted(
+            (r.sparsity, r.perplexity)
+            for r in results
+            if r.method == method and r.sparsity_type in ("unstructured", "dense")
+        )
+        nm = [
+            (r.sparsity, r.perplexity, r.sparsity_type)
+            for r in results
+            if r.method == method and ":" in r.sparsity_type
+        ]
         if method == "dense":
             ax.axhline(points[0][1], color="gray", linestyle=":", label="dense")
             continue

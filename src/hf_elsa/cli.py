@@ -97,7 +97,7 @@ def prune_command(args: argparse.Namespace) -> int:
     from transformers import HfArgumentParser
 
     from .config import ElsaConfig
-    from .data import tokenize_documents, token_blocks
+    from .data import token_blocks, tokenize_documents
     from .evaluation import perplexity
     from .trainer import ElsaTrainer
 
