@@ -280,7 +280,9 @@ def test_hutchinson_runs_with_sdpa_attention(make_args, dataset_factory):
     model.set_attn_implementation("sdpa")
     assert model.config._attn_implementation == "sdpa"
     trainer = ElsaTrainer(
-        model=model, args=make_args(importance="hutchinson", max_steps=2, recipe="paper"), train_dataset=dataset_factory()
+        model=model,
+        args=make_args(importance="hutchinson", max_steps=2, recipe="paper"),
+        train_dataset=dataset_factory(),
     )
     trainer.train()
     state = trainer.elsa_optimizer.state_for(next(iter(trainer.prunable_modules)))
@@ -294,3 +296,13 @@ def test_hutchinson_refuses_attention_without_double_backward(make_args, dataset
         ElsaTrainer(model=model, args=make_args(importance="hutchinson"), train_dataset=dataset_factory())
     with pytest.raises(ValueError, match="base_optimizer='sassha'"):
         ElsaTrainer(model=model, args=make_args(base_optimizer="sassha"), train_dataset=dataset_factory())
+
+
+def test_hutchinson_runs_with_non_reentrant_gradient_checkpointing(make_args, dataset_factory):
+    model = make_model("llama")
+    args = make_args(importance="hutchinson", max_steps=2, recipe="paper", activation_checkpointing=True)
+    trainer = ElsaTrainer(model=model, args=args, train_dataset=dataset_factory())
+    trainer.train()
+    assert model.model.gradient_checkpointing
+    state = trainer.elsa_optimizer.state_for(next(iter(trainer.prunable_modules)))
+    assert state[HESSIAN_COUNT] == 1 and state[HESSIAN].sum() > 0

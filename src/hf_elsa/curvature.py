@@ -143,7 +143,7 @@ def update_running_mean(state: dict, key: str, count_key: str, value: torch.Tens
     """
     count = state.get(count_key, 0) + 1
     weight = (1.0 - beta) / (1.0 - beta**count) if beta < 1.0 else 1.0 / count
-    value = value.detach().to(torch.float32)
+    value = value.detach().to(_accumulation_dtype(value))
     if key in state and count > 1:
         state[key].lerp_(value, weight)
     else:
@@ -153,7 +153,12 @@ def update_running_mean(state: dict, key: str, count_key: str, value: torch.Tens
 
 def update_fisher(state: dict, grad: torch.Tensor, beta: float) -> None:
     """Empirical Fisher diagonal: bias-corrected EMA of ``grad ** 2`` (the task gradient, before the penalty)."""
-    update_running_mean(state, FISHER, FISHER_COUNT, grad.detach().float().square(), beta)
+    update_running_mean(state, FISHER, FISHER_COUNT, grad.detach().to(_accumulation_dtype(grad)).square(), beta)
+
+
+def _accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """Statistics in at least fp32 (a bf16 square underflows), fp64 kept."""
+    return torch.promote_types(tensor.dtype, torch.float32)
 
 
 # -- Hutchinson -----------------------------------------------------------------------------------
@@ -188,7 +193,7 @@ def hutchinson_diagonal(
     grads, params = list(grads), list(params)
     # a parameter without gradient, or whose gradient does not depend on the parameters, has H z = 0 there
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-    total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    total = [torch.zeros_like(p, dtype=_accumulation_dtype(p)) for p in params]
     for probe in range(n_probes):
         probes = rademacher_like(params, generator)  # drawn for every parameter: the stream does not depend on `live`
         if not live:
@@ -202,7 +207,7 @@ def hutchinson_diagonal(
         )
         for acc, z, hz in zip(total, probes, hvps):
             if hz is not None:
-                acc.add_((z * hz).float())
+                acc.add_((z * hz).to(acc.dtype))
     return [acc.div_(n_probes).abs_() for acc in total]
 
 

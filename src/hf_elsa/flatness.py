@@ -27,9 +27,11 @@ def sam_perturbation(grads: Sequence[torch.Tensor], rho: float, eps: float = 1e-
     grads = list(grads)
     if not grads:
         return []
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    dtype = torch.promote_types(grads[0].dtype, torch.float32)  # a bf16 sum of squares loses too much
+    norms = [torch.linalg.vector_norm(g, dtype=dtype) for g in grads]
+    norm = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
     scale = rho / (norm + eps)
-    return [(g.float() * scale.to(g.device)).to(g.dtype) for g in grads]
+    return [(g.to(dtype) * scale.to(g.device)).to(g.dtype) for g in grads]
 
 
 @contextlib.contextmanager
