@@ -274,6 +274,7 @@ class ElsaTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def train(self, *args, **kwargs):
+        self._sam_window = []  # nothing left over from an interrupted run
         try:
             output = super().train(*args, **kwargs)
         finally:
