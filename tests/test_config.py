@@ -270,3 +270,62 @@ def test_automatic_interval(tmp_path, total, expected):
     p = torch.nn.Parameter(torch.ones(4, 4))
     opt = ElsaOptimizer(torch.optim.SGD([p], lr=0.1), {"w": p}, config.admm_settings(), total_steps=total)
     assert opt.interval == expected
+
+
+# ---------------------------------------------------------------------------------------------------
+# curvature and flatness fields (docs/curvature.md)
+# ---------------------------------------------------------------------------------------------------
+def test_curvature_fields_parse_and_reach_the_settings(tmp_path):
+    config = _parse(
+        tmp_path,
+        *("--importance", "hutchinson", "--importance_delta", "0.001", "--importance_beta", "0.9"),
+        *("--hessian_interval", "5", "--sam_rho", "0.0002", "--base_optimizer", "sassha"),
+    )
+    assert (config.importance, config.hessian_interval, config.base_optimizer) == ("hutchinson", 5, "sassha")
+    assert config.sam_rho == pytest.approx(2e-4)
+    s = config.admm_settings()
+    assert (s.importance_delta, s.importance_beta) == (pytest.approx(1e-3), pytest.approx(0.9))
+    defaults = ElsaConfig(output_dir=str(tmp_path))
+    assert (defaults.sam_rho, defaults.hessian_interval, defaults.base_optimizer) == (0.0, 10, "trainer")
+    for name in ("importance_delta", "importance_beta", "hessian_interval", "sam_rho", "base_optimizer"):
+        assert ElsaConfig.__dataclass_fields__[name].metadata.get("help"), name
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"sam_rho": -0.1}, "sam_rho"),
+        ({"hessian_interval": 0}, "hessian_interval"),
+        ({"hessian_interval": 2.5}, "hessian_interval"),
+        ({"importance_delta": -1e-3}, "importance_delta"),
+        ({"importance_beta": 1.0}, "importance_beta"),
+        ({"base_optimizer": "lion"}, "base_optimizer"),
+        ({"base_optimizer": "sassha", "importance": "adam"}, "importance='adam'"),
+        ({"importance": "hutchinson", "torch_compile": True}, "torch_compile"),
+        ({"base_optimizer": "sassha", "torch_compile": True}, "torch_compile"),
+        (
+            {
+                "importance": "hutchinson",
+                "activation_checkpointing": True,
+                "activation_checkpointing_kwargs": {"use_reentrant": True},
+            },
+            "reentrant",
+        ),
+        (
+            {
+                "base_optimizer": "sassha",
+                "gradient_checkpointing": True,
+                "gradient_checkpointing_kwargs": {"use_reentrant": True},
+            },
+            "reentrant",
+        ),
+    ],
+)
+def test_bad_curvature_settings_raise_naming_the_field(tmp_path, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        ElsaConfig(output_dir=str(tmp_path), **kwargs)
+
+
+def test_non_reentrant_checkpointing_is_fine_for_hutchinson(tmp_path):
+    config = ElsaConfig(output_dir=str(tmp_path), importance="hutchinson", activation_checkpointing=True)
+    assert config.activation_checkpointing

@@ -11,9 +11,18 @@ from hf_elsa.curvature import (
     ACT_NEW_TOKENS,
     ACT_SUM,
     ACT_TOKENS,
+    FISHER,
+    FISHER_COUNT,
+    HESSIAN,
+    HESSIAN_COUNT,
+    SASSHA_HESSIAN,
     ActivationStatistics,
     curvature_for,
+    hutchinson_diagonal,
     merge_statistics,
+    probe_generator,
+    rademacher_like,
+    update_running_mean,
 )
 from hf_elsa.targets import find_prunable_modules
 
@@ -112,3 +121,188 @@ def test_trainer_with_activation_importance(make_args, dataset_factory):
         assert state[ACT_TOKENS] > 0 and state[ACT_SUM].shape == (weight.shape[1],)
     # hooks are gone once training ends
     assert all(not m._forward_pre_hooks for m in trainer.prunable_modules.values())
+
+
+# ---------------------------------------------------------------------------------------------------
+# running estimates, Fisher, Hutchinson (ALGORITHMS.md §4)
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9])
+def test_running_mean_is_the_bias_corrected_ema(beta):
+    gen = torch.Generator().manual_seed(0)
+    values = [torch.rand(5, generator=gen) for _ in range(6)]
+    state = {}
+    ema = torch.zeros(5, dtype=torch.float64)
+    for t, v in enumerate(values, start=1):
+        update_running_mean(state, "est", "n", v, beta)
+        ema = beta * ema + (1 - beta) * v.double()  # Adam's EMA ...
+        torch.testing.assert_close(state["est"].double(), ema / (1 - beta**t), rtol=1e-6, atol=1e-7)  # ... corrected
+        assert state["n"] == t
+
+
+def test_fisher_is_the_ema_of_squared_task_gradients_without_the_penalty():
+    """ElsaOptimizer.step folds grad**2 in *before* adding lambda (W - z + u) to the gradient."""
+    beta = 0.8
+    w = torch.nn.Parameter(torch.randn(4, 6, generator=torch.Generator().manual_seed(1)))
+    opt = ElsaOptimizer(
+        torch.optim.SGD([w], lr=0.05),
+        {"w": w},
+        AdmmSettings(sparsity=0.5, importance="fisher", importance_beta=beta, penalty="gradient", lambda_final=0.5),
+        total_steps=10,
+    )
+    gen = torch.Generator().manual_seed(2)
+    grads = [torch.randn(4, 6, generator=gen) for _ in range(3)]
+    ema = torch.zeros(4, 6, dtype=torch.float64)
+    for t, g in enumerate(grads, start=1):
+        w.grad = g.clone()
+        opt.step()
+        assert not torch.equal(w.grad, g)  # the penalty did join the gradient afterwards
+        ema = beta * ema + (1 - beta) * g.double().square()
+        state = opt.state_for("w")
+        torch.testing.assert_close(state[FISHER].double(), ema / (1 - beta**t), rtol=1e-6, atol=1e-8)
+        assert state[FISHER_COUNT] == t
+    h = curvature_for("fisher", "w", w, opt.state_for("w"))
+    expected = ref_keep_mask((h + 1e-12) * w.detach().square(), 0.5, "unstructured")
+    assert torch.equal(opt._keep_mask("w", w, w.detach(), 0.5), expected)
+
+
+def test_importance_delta_reaches_the_score():
+    w = torch.nn.Parameter(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    opt = ElsaOptimizer(
+        torch.optim.SGD([w], lr=0.1),
+        {"w": w},
+        AdmmSettings(importance="fisher", importance_alpha=0.5, importance_delta=0.25),
+        total_steps=4,
+    )
+    opt.state_for("w")[FISHER] = torch.tensor([[0.0, 0.75, 2.0, 0.0]])
+    expected = torch.tensor([[0.25, 1.0, 2.25, 0.25]]).sqrt() * w.detach().square()
+    torch.testing.assert_close(opt._score("w", w, w.detach()), expected)
+
+
+def test_curvature_for_hutchinson_prefers_the_elsa_estimate_then_sasshas():
+    own, sassha = torch.ones(2), torch.full((2,), 3.0)
+    assert curvature_for("hutchinson", "w", None, {HESSIAN: own, SASSHA_HESSIAN: sassha}) is own
+    assert curvature_for("hutchinson", "w", None, {SASSHA_HESSIAN: sassha}) is sassha
+    assert curvature_for("hutchinson", "w", None, {}) is None
+    assert curvature_for("fisher", "w", None, {}) is None
+
+
+def test_rademacher_probes_are_signs_and_reproducible():
+    shapes = [torch.empty(3, 4), torch.empty(7)]
+    a = rademacher_like(shapes, probe_generator(5, 2))
+    b = rademacher_like(shapes, probe_generator(5, 2))
+    c = rademacher_like(shapes, probe_generator(5, 3))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    assert all(set(x.unique().tolist()) <= {-1.0, 1.0} for x in a)
+
+
+def test_hutchinson_is_exact_for_a_diagonal_hessian():
+    """With H diagonal, z * Hz = z^2 diag(H) = diag(H) for any signs z: one probe is exact."""
+    a = torch.tensor([3.0, -0.5, 2.0, 0.0])
+    x = torch.nn.Parameter(torch.randn(4, generator=torch.Generator().manual_seed(0)))
+    loss = 0.5 * (a * x**2).sum() + x.sum()  # the linear term has no curvature
+    (grad,) = torch.autograd.grad(loss, [x], create_graph=True)
+    (d,) = hutchinson_diagonal([grad], [x], probe_generator(0, 0))
+    torch.testing.assert_close(d, a.abs())
+
+
+def _tiny_mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+
+
+def test_hutchinson_converges_to_the_exact_hessian_diagonal():
+    """Against torch.autograd.functional.hessian on a 26-parameter MLP.
+
+    mean_k z_k * H z_k over N probes has per-entry variance sum_{j != i} H_ij^2 / N; the tolerance is 5 of
+    those standard errors (plus 1e-9), computed from the exact Hessian.
+    """
+    model = _tiny_mlp()
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.randn(8, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    params = list(model.parameters())
+    shapes, sizes = [p.shape for p in params], [p.numel() for p in params]
+
+    def loss_of(flat):
+        chunks = [c.reshape(s) for c, s in zip(flat.split(sizes), shapes)]
+        out = torch.func.functional_call(model, dict(zip([n for n, _ in model.named_parameters()], chunks)), (x,))
+        return ((out - y) ** 2).mean()
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    hessian = torch.autograd.functional.hessian(loss_of, flat)
+    exact = hessian.diagonal()
+    assert exact.abs().max() > 1e-3 and (hessian - torch.diag(exact)).abs().max() > 1e-3  # not diagonal
+
+    n_probes = 2000
+    loss = ((model(x) - y) ** 2).mean()
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    estimate = torch.cat([d.reshape(-1) for d in hutchinson_diagonal(grads, params, probe_generator(0, 0), n_probes)])
+    off_diagonal_sq = (hessian**2).sum(1) - exact**2
+    tolerance = 5 * (off_diagonal_sq / n_probes).sqrt() + 1e-9
+    assert ((estimate.double() - exact.abs()).abs() <= tolerance).all()
+    # and one probe is far from it on this non-diagonal Hessian (the test could fail)
+    grads = torch.autograd.grad(((model(x) - y) ** 2).mean(), params, create_graph=True)
+    single = torch.cat([d.reshape(-1) for d in hutchinson_diagonal(grads, params, probe_generator(0, 0), 1)])
+    assert not ((single.double() - exact.abs()).abs() <= tolerance).all()
+
+
+def test_trainer_hessian_diagonal_matches_a_hand_computation(make_args, dataset_factory):
+    """The trainer's estimate on a micro-batch is hutchinson_diagonal of that micro-batch's mean loss."""
+    model = make_model("llama")
+    trainer = ElsaTrainer(model=model, args=make_args(importance="hutchinson"), train_dataset=dataset_factory())
+    batch = dataset_factory(4)[:4]
+    params = [m.weight for m in trainer.prunable_modules.values()]
+    got = trainer._hessian_diagonal(model, batch, params, probe_generator(3, 1))
+    loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    expected = hutchinson_diagonal(grads, params, probe_generator(3, 1))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-9)
+    assert all(p.grad is None for p in model.parameters())  # the estimate leaves .grad alone
+
+
+def test_trainer_refreshes_hutchinson_every_interval_and_projects_with_it(make_args, dataset_factory):
+    model = make_model("llama")
+    args = make_args(importance="hutchinson", hessian_interval=3, max_steps=8, recipe="paper", admm_lambda=0.1)
+    trainer = ElsaTrainer(model=model, args=args, train_dataset=dataset_factory())
+    trainer.train()
+    for name, weight in prunable_weights(model).items():
+        state = trainer.elsa_optimizer.state_for(name)
+        assert state[HESSIAN_COUNT] == 3  # steps 0, 3, 6 of 8
+        assert state[HESSIAN].shape == trainer.prunable_modules[name].weight.shape
+        assert (state[HESSIAN] >= 0).all() and state[HESSIAN].sum() > 0
+        assert int((weight == 0).sum()) == round(weight.numel() * 0.7), name
+
+
+def test_hutchinson_runs_with_sdpa_attention(make_args, dataset_factory):
+    """SDPA's CPU flash kernel has no double backward; the estimate forces the math kernel."""
+    model = make_model("llama")
+    model.set_attn_implementation("sdpa")
+    assert model.config._attn_implementation == "sdpa"
+    trainer = ElsaTrainer(
+        model=model,
+        args=make_args(importance="hutchinson", max_steps=2, recipe="paper"),
+        train_dataset=dataset_factory(),
+    )
+    trainer.train()
+    state = trainer.elsa_optimizer.state_for(next(iter(trainer.prunable_modules)))
+    assert state[HESSIAN_COUNT] == 1
+
+
+def test_hutchinson_refuses_attention_without_double_backward(make_args, dataset_factory):
+    model = make_model("llama")
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation='flash_attention_2'"):
+        ElsaTrainer(model=model, args=make_args(importance="hutchinson"), train_dataset=dataset_factory())
+    with pytest.raises(ValueError, match="base_optimizer='sassha'"):
+        ElsaTrainer(model=model, args=make_args(base_optimizer="sassha"), train_dataset=dataset_factory())
+
+
+def test_hutchinson_runs_with_non_reentrant_gradient_checkpointing(make_args, dataset_factory):
+    model = make_model("llama")
+    args = make_args(importance="hutchinson", max_steps=2, recipe="paper", activation_checkpointing=True)
+    trainer = ElsaTrainer(model=model, args=args, train_dataset=dataset_factory())
+    trainer.train()
+    assert model.model.gradient_checkpointing
+    state = trainer.elsa_optimizer.state_for(next(iter(trainer.prunable_modules)))
+    assert state[HESSIAN_COUNT] == 1 and state[HESSIAN].sum() > 0

@@ -316,8 +316,32 @@ class _StopAt(TrainerCallback):
         ("paper", {"admm_lambda": 0.5}),
         # Adam-curvature projection and gradient accumulation across the checkpoint
         ("elsa", {"importance": "adam", "gradient_accumulation_steps": 2, "per_device_train_batch_size": 2}),
+        # estimator state (Fisher EMA; Hutchinson EMA and refresh count, which seeds the next probes)
+        ("elsa", {"admm_fraction": 0.75, "importance": "fisher"}),
+        ("elsa", {"admm_fraction": 0.75, "importance": "hutchinson", "hessian_interval": 4}),
+        # Sassha's moments and Hessian estimate, with SAM replaying accumulated micro-batches
+        (
+            "elsa",
+            {
+                "admm_fraction": 0.75,
+                "base_optimizer": "sassha",
+                "importance": "hutchinson",
+                "sam_rho": 0.01,
+                "hessian_interval": 4,
+                "gradient_accumulation_steps": 2,
+                "per_device_train_batch_size": 2,
+            },
+        ),
     ],
-    ids=["elsa-admm-phase", "elsa-mask-phase", "paper", "adam-importance-accumulation"],
+    ids=[
+        "elsa-admm-phase",
+        "elsa-mask-phase",
+        "paper",
+        "adam-importance-accumulation",
+        "fisher",
+        "hutchinson",
+        "sassha-sam-accumulation",
+    ],
 )
 def test_resume_continues_exactly(recipe, extra, tmp_path):
     from conftest import elsa_args

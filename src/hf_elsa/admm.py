@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .curvature import curvature_for, merge_statistics
+from .curvature import curvature_for, merge_statistics, update_fisher
 from .projection import importance_score, keep_mask, parse_sparsity_type
 
 LAMBDA_SCHEDULES = ("constant", "linear", "cosine", "exponential")
@@ -75,6 +75,8 @@ class AdmmSettings:
     admm_fraction: float = 1.0
     importance: str = "magnitude"
     importance_alpha: float = 1.0
+    importance_delta: float = 1e-12
+    importance_beta: float = 0.99
     final_projection: bool = True
     keep_mask: bool = False
 
@@ -233,7 +235,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
         if curvature is not None and curvature.dim() == 1:
             # per-input-feature statistics: broadcast over the output dimension of the weight's layout
             curvature = curvature[:, None] if name in self.transposed else curvature[None, :]
-        return importance_score(values, curvature, self.settings.importance_alpha)
+        return importance_score(values, curvature, self.settings.importance_alpha, self.settings.importance_delta)
 
     def _merge_statistics(self) -> None:
         """Fold the activation statistics gathered since the last projection (all processes) in."""
@@ -302,6 +304,12 @@ class ElsaOptimizer(torch.optim.Optimizer):
         t = self.steps_done
         in_admm = t < self.admm_steps
         s = self.settings
+
+        if in_admm and s.importance == "fisher":
+            # the task gradient alone (clipped, before the penalty joins it)
+            for p in self.prunable.values():
+                if p.grad is not None:
+                    update_fisher(self._state(p), p.grad, s.importance_beta)
 
         if in_admm and s.penalty == "gradient":
             for p in self.prunable.values():

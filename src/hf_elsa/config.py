@@ -11,6 +11,7 @@ from .curvature import IMPORTANCES
 from .projection import parse_sparsity_type
 
 ADMM_INITS = ("magnitude", "wanda", "sparsegpt")
+BASE_OPTIMIZERS = ("trainer", "sassha")
 
 # Values of the recipe-controlled fields left at None. "paper" is the ICLR 2026 recipe verbatim;
 # "elsa" is this library's default, which converges within short step budgets (docs/convergence.md).
@@ -83,12 +84,31 @@ class ElsaConfig(TrainingArguments):
             Sparsity target of z: `"constant"` (the final sparsity from the start, paper) or `"cubic"` (ramps from
             0 to `sparsity` over the ADMM phase).
         importance (`str`, *optional*):
-            Score of the projection: `"magnitude"` (`|v|`), `"adam"` (`exp_avg_sq * v^2`, the paper's
-            objective-aware projection with Adam's second moment as the Hessian diagonal) or `"activation"`
-            (`mean(x_j^2) * v^2`, SAFE+'s generalized projection with Wanda's metric, from forward hooks on the
-            training batches). A mask fixed at step 0 (`admm_fraction=0`) is chosen by magnitude or `admm_init`.
+            Score of the projection: `"magnitude"` (`|v|`), or `(h + delta)^alpha * v^2` with a Hessian-diagonal
+            estimate `h`: `"adam"` (Adam's `exp_avg_sq`, the paper's objective-aware projection; it also absorbs the
+            penalty), `"fisher"` (EMA of the squared task gradient before the penalty is added), `"hutchinson"`
+            (EMA of `|z * Hz|` by double backward every `hessian_interval` steps; with `base_optimizer="sassha"`
+            Sassha's own estimate) or `"activation"` (`mean(x_j^2)`, SAFE+'s generalized projection with Wanda's
+            metric, from forward hooks on the training batches). A mask fixed at step 0 (`admm_fraction=0`) is
+            chosen by magnitude or `admm_init`. Costs and limits: docs/curvature.md.
         importance_alpha (`float`, defaults to `1.0`):
             Exponent of the curvature in the score `(h + delta)^alpha * v^2` (0 = magnitude, 1 = OBD).
+        importance_delta (`float`, defaults to `1e-12`):
+            Floor `delta` added to the curvature in the score, so entries with zero curvature still rank by `|v|`.
+        importance_beta (`float`, defaults to `0.99`):
+            EMA decay of the `"fisher"` (updated every step) and `"hutchinson"` (every refresh) estimates; both are
+            bias-corrected by their number of updates.
+        hessian_interval (`int`, defaults to `10`):
+            Optimizer steps between Hutchinson refreshes (`importance="hutchinson"`, and Sassha's Hessian); the
+            first step refreshes.
+        sam_rho (`float`, defaults to `0.0`):
+            SAFE: radius of the SAM perturbation. `> 0` takes the x-step gradient at `x + rho * g / ||g||` (a second
+            forward/backward of the same micro-batches; the ADMM penalty is added after). With
+            `base_optimizer="sassha"` it is Sassha's `rho`. `0`: plain gradient.
+        base_optimizer (`str`, defaults to `"trainer"`):
+            Optimizer of the x-step: `"trainer"` (whatever `optim` builds, AdamW by default) or `"sassha"`
+            ([`hf_elsa.Sassha`] with `learning_rate`, `(adam_beta1, adam_beta2)`, `adam_epsilon`, `weight_decay`,
+            `sam_rho` and `hessian_interval`; the paper uses `adam_beta2=0.999`, `adam_epsilon=1e-4`).
         final_projection (`bool`, defaults to `True`):
             Hard-project the weights themselves when the ADMM phase ends, so the model is exactly sparse.
         keep_mask (`bool`, defaults to `False`):
@@ -145,6 +165,22 @@ class ElsaConfig(TrainingArguments):
     importance_alpha: float = field(
         default=1.0, metadata={"help": "Curvature exponent alpha in (h + delta)^alpha * v^2."}
     )
+    importance_delta: float = field(
+        default=1e-12, metadata={"help": "Curvature floor delta in (h + delta)^alpha * v^2, >= 0."}
+    )
+    importance_beta: float = field(
+        default=0.99, metadata={"help": "EMA decay of the fisher and hutchinson estimates, in [0, 1)."}
+    )
+    hessian_interval: int = field(
+        default=10, metadata={"help": "Optimizer steps between Hutchinson refreshes (hutchinson, sassha), >= 1."}
+    )
+    sam_rho: float = field(
+        default=0.0, metadata={"help": "SAFE: SAM radius of the x-step gradient (0 = off); Sassha's rho."}
+    )
+    base_optimizer: str = field(
+        default="trainer",
+        metadata={"help": f"Optimizer of the x-step: one of {BASE_OPTIMIZERS} ('trainer' = what optim builds)."},
+    )
     final_projection: bool = field(
         default=True, metadata={"help": "Hard-project the weights when ADMM ends so the model is exactly sparse."}
     )
@@ -167,6 +203,58 @@ class ElsaConfig(TrainingArguments):
     def __post_init__(self):
         self._validate_elsa_fields()
         super().__post_init__()
+        self._validate_double_backward()
+
+    def _validate_curvature_fields(self) -> None:
+        if self.base_optimizer not in BASE_OPTIMIZERS:
+            raise ValueError(f"ElsaConfig.base_optimizer={self.base_optimizer!r}: use one of {BASE_OPTIMIZERS}.")
+        if not isinstance(self.importance_delta, (int, float)) or self.importance_delta < 0:
+            raise ValueError(f"ElsaConfig.importance_delta={self.importance_delta!r} must be >= 0 (e.g. 1e-12).")
+        if not 0.0 <= self.importance_beta < 1.0:
+            raise ValueError(f"ElsaConfig.importance_beta={self.importance_beta!r} must be in [0, 1) (e.g. 0.99).")
+        if (
+            isinstance(self.hessian_interval, bool)
+            or not isinstance(self.hessian_interval, int)
+            or self.hessian_interval < 1
+        ):
+            raise ValueError(f"ElsaConfig.hessian_interval={self.hessian_interval!r} must be an integer >= 1.")
+        if not isinstance(self.sam_rho, (int, float)) or self.sam_rho < 0:
+            raise ValueError(f"ElsaConfig.sam_rho={self.sam_rho!r} must be >= 0 (0 = no SAM; SAFE uses 2e-4).")
+        if self.base_optimizer == "sassha" and self.importance == "adam":
+            raise ValueError(
+                "ElsaConfig.importance='adam' reads Adam's exp_avg_sq, which base_optimizer='sassha' does not keep: "
+                "use importance='hutchinson' (Sassha's own Hessian estimate) or another importance."
+            )
+
+    def _validate_double_backward(self) -> None:
+        """Hutchinson (importance or Sassha) needs a double backward: refuse setups that cannot do one.
+
+        Runs after ``TrainingArguments.__post_init__``, which resolves the checkpointing aliases."""
+        users = []
+        if self.importance == "hutchinson":
+            users.append("importance='hutchinson'")
+        if self.base_optimizer == "sassha":
+            users.append("base_optimizer='sassha'")
+        if not users:
+            return
+        what = " and ".join(users)
+        if self.torch_compile:
+            raise ValueError(
+                f"ElsaConfig.{what} needs a double backward (Hessian-vector products), which torch.compile does not "
+                "support: set torch_compile=False, or use importance='fisher' with the Trainer's optimizer."
+            )
+        if self.fsdp:
+            raise ValueError(
+                f"ElsaConfig.{what} needs a double backward, which FSDP does not run with its default resharding: "
+                "hf_elsa supports it on one process or under DDP. Use importance='fisher' or 'activation' with FSDP."
+            )
+        checkpointing = getattr(self, "activation_checkpointing", None) or self.gradient_checkpointing
+        kwargs = getattr(self, "activation_checkpointing_kwargs", None) or self.gradient_checkpointing_kwargs or {}
+        if checkpointing and isinstance(kwargs, dict) and kwargs.get("use_reentrant", False):
+            raise ValueError(
+                f"ElsaConfig.{what} needs a double backward, which reentrant gradient checkpointing does not "
+                "support: drop use_reentrant=True from activation_checkpointing_kwargs (non-reentrant is the default)."
+            )
 
     def _validate_elsa_fields(self) -> None:
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
@@ -208,6 +296,7 @@ class ElsaConfig(TrainingArguments):
             raise ValueError(f"ElsaConfig.admm_init_samples={self.admm_init_samples} must be >= 1.")
         if self.importance_alpha < 0:
             raise ValueError(f"ElsaConfig.importance_alpha={self.importance_alpha!r} must be >= 0.")
+        self._validate_curvature_fields()
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -227,6 +316,8 @@ class ElsaConfig(TrainingArguments):
             admm_fraction=self.admm_fraction,
             importance=self.importance,
             importance_alpha=self.importance_alpha,
+            importance_delta=self.importance_delta,
+            importance_beta=self.importance_beta,
             final_projection=self.final_projection,
             keep_mask=self.keep_mask,
         )

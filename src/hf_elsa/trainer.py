@@ -6,12 +6,15 @@ which wraps whatever optimizer the Trainer builds; this class only
 - picks the prunable weights and validates them before any expensive work (``__init__``),
 - wraps the optimizer (``create_optimizer``) and tells it the run length (``create_scheduler``),
 - zeroes pruned gradients before clipping in the fixed-mask phase (``training_step``),
+- at the last micro-batch of each accumulation window: refreshes the Hutchinson curvature, and for SAM
+  (``sam_rho``) or Sassha replays the window at the perturbed point (``_after_accumulation``),
 - adds the ADMM diagnostics to the logs (``log``) and perplexity to the eval metrics (``evaluation_loop``),
 - checks and reports the result when training ends (``train``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -22,7 +25,18 @@ from transformers import Trainer
 
 from .admm import ElsaOptimizer
 from .config import ElsaConfig
-from .curvature import ActivationStatistics
+from .curvature import (
+    HESSIAN,
+    HESSIAN_COUNT,
+    ActivationStatistics,
+    all_reduce_mean,
+    check_double_backward,
+    double_backward_attention,
+    hutchinson_diagonal,
+    probe_generator,
+    update_running_mean,
+)
+from .flatness import Sassha, perturbed, sam_perturbation
 from .sparse_io import (
     attach_sparsity,
     detach_sparsity,
@@ -64,15 +78,29 @@ class ElsaTrainer(Trainer):
             raise ValueError(f"Prunable weights are frozen (requires_grad=False): {frozen[:5]}; use exclude_modules.")
         if args.keep_mask and not any(bool((m.weight == 0).any()) for m in self.prunable_modules.values()):
             raise ValueError("ElsaConfig.keep_mask=True but the model has no zero weights to keep: prune it first.")
+        if args.importance == "hutchinson":
+            check_double_backward(model, "ElsaConfig.importance='hutchinson'")
+        if args.base_optimizer == "sassha":
+            check_double_backward(model, "ElsaConfig.base_optimizer='sassha'")
+            optimizers = kwargs.get("optimizers") or (None, None)
+            if optimizers[0] is not None or kwargs.get("optimizer_cls_and_kwargs") is not None:
+                raise ValueError(
+                    "ElsaConfig.base_optimizer='sassha' builds the optimizer itself: do not pass optimizers= or "
+                    "optimizer_cls_and_kwargs= to ElsaTrainer (or keep base_optimizer='trainer' to use yours)."
+                )
         tokenizer = kwargs.get("processing_class")
         if getattr(tokenizer, "pad_token", "") is None and getattr(tokenizer, "eos_token", None) is not None:
             tokenizer.pad_token = tokenizer.eos_token  # as TRL does: the padding collator needs one
         self.elsa_optimizer: ElsaOptimizer | None = None
         self._activation_hooks: ActivationStatistics | None = None
+        self._sam_window: list[tuple[dict, object]] = []  # micro-batches of the current window, for the replay
         super().__init__(model, args, *pargs, **kwargs)
 
     # -- optimizer ------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
+        if self.optimizer is None and self.args.base_optimizer == "sassha":
+            # the Trainer's own parameter groups (weight decay off for biases and norms), Sassha as the class
+            self.optimizer_cls_and_kwargs = (Sassha, self._sassha_kwargs())
         optimizer = super().create_optimizer(model)
         if not isinstance(optimizer, ElsaOptimizer):
             prunable = {name: module.weight for name, module in self.prunable_modules.items()}
@@ -93,6 +121,24 @@ class ElsaTrainer(Trainer):
                     self.elsa_optimizer.warm_start[name] = (module.weight.detach().masked_fill(~mask, 0), mask)
         return self.optimizer
 
+    def _sassha_kwargs(self) -> dict:
+        a = self.args
+        return {
+            "lr": a.learning_rate,
+            "betas": (a.adam_beta1, a.adam_beta2),
+            "eps": a.adam_epsilon,
+            "weight_decay": a.weight_decay,
+            "rho": a.sam_rho,
+            "hessian_interval": a.hessian_interval,
+            "seed": a.seed,
+        }
+
+    @property
+    def sassha_optimizer(self) -> Sassha | None:
+        """The Sassha base optimizer under the ADMM wrapper, if that is the x-step optimizer."""
+        base = getattr(self.elsa_optimizer, "base_optimizer", None)
+        return base if isinstance(base, Sassha) else None
+
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         self.elsa_optimizer.total_steps = num_training_steps
         return super().create_scheduler(num_training_steps, optimizer)
@@ -110,7 +156,92 @@ class ElsaTrainer(Trainer):
             self._activation_hooks.remove()
         loss = super().training_step(model, inputs, num_items_in_batch, **kwargs)
         self.elsa_optimizer.mask_gradients()
+        if self.args.sam_rho > 0:
+            self._sam_window.append((inputs, num_items_in_batch))
+        # The Trainer sets sync_gradients for the last micro-batch of each accumulation window (the one after
+        # which it clips and steps); a direct call outside the loop counts as a window of one.
+        if self.accelerator.sync_gradients:
+            window, self._sam_window = self._sam_window, []
+            self._after_accumulation(model, inputs, window)
         return loss
+
+    # -- curvature and flatness, once the window's gradient is complete ---------------------------
+    def _after_accumulation(self, model, inputs, window) -> None:
+        """Hutchinson refresh at x; SAM replay of ``window`` at x + e (Sassha's refresh there); x restored."""
+        opt, sassha, args = self.elsa_optimizer, self.sassha_optimizer, self.args
+        if (
+            args.importance == "hutchinson"
+            and sassha is None
+            and opt.in_admm_phase
+            and opt.steps_done % args.hessian_interval == 0
+        ):
+            self._refresh_hutchinson(model, inputs)
+        sassha_due = sassha is not None and sassha.hessian_refresh_due()
+        if args.sam_rho <= 0:
+            if sassha_due:
+                self._refresh_sassha(model, inputs, sassha)
+            return
+        params = [p for p in model.parameters() if p.grad is not None]
+        perturbation = sam_perturbation([p.grad for p in params], args.sam_rho)
+        with perturbed(params, perturbation), self._activation_statistics_paused():
+            model.zero_grad(set_to_none=True)
+            self._replay(model, window)
+            if sassha_due:
+                self._refresh_sassha(model, inputs, sassha)  # Sassha: the Hessian at the perturbed point
+        opt.mask_gradients()
+
+    def _replay(self, model, window) -> None:
+        """Forward/backward of the stored micro-batches again, with the scaling and gradient sync of the first pass.
+
+        ``num_items_in_batch`` and ``current_gradient_accumulation_steps`` are those of the same window, so the
+        Trainer normalises the loss exactly as it did; DDP syncs only at the last micro-batch, as in the loop.
+        """
+        for i, (micro_batch, num_items_in_batch) in enumerate(window):
+            last = i == len(window) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                super().training_step(model, micro_batch, num_items_in_batch)
+
+    @contextlib.contextmanager
+    def _activation_statistics_paused(self):
+        """Extra passes (replays, Hessian estimates) must not count towards the activation statistics."""
+        hooks = self._activation_hooks
+        attached = hooks is not None and hooks.attached
+        if attached:
+            hooks.remove()
+        try:
+            yield
+        finally:
+            if attached:
+                hooks.attach()
+
+    def _hessian_diagonal(self, model, inputs, params, generator) -> list[torch.Tensor]:
+        """``|z * Hz|`` for one probe on this micro-batch's mean loss, averaged over processes.
+
+        Computed on the unwrapped model (DDP does not synchronise a double backward), with SDPA forced
+        to its math kernel (the fused kernels have no double backward).
+        """
+        unwrapped = self.accelerator.unwrap_model(model)
+        with self._activation_statistics_paused(), double_backward_attention(), self.compute_loss_context_manager():
+            loss = self.compute_loss(unwrapped, self._prepare_inputs(inputs))
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            diagonal = hutchinson_diagonal(grads, params, generator)
+        del loss, grads
+        all_reduce_mean(diagonal)
+        return diagonal
+
+    def _refresh_hutchinson(self, model, inputs) -> None:
+        opt = self.elsa_optimizer
+        names = list(opt.prunable)
+        params = [opt.prunable[n] for n in names]
+        refresh = opt.state_for(names[0]).get(HESSIAN_COUNT, 0)
+        generator = probe_generator(self.args.seed, refresh, params[0].device)
+        for name, diagonal in zip(names, self._hessian_diagonal(model, inputs, params, generator)):
+            update_running_mean(opt.state_for(name), HESSIAN, HESSIAN_COUNT, diagonal, self.args.importance_beta)
+
+    def _refresh_sassha(self, model, inputs, sassha: Sassha) -> None:
+        params = [p for group in sassha.param_groups for p in group["params"] if p.requires_grad]
+        diagonal = self._hessian_diagonal(model, inputs, params, sassha.probe_generator(params[0].device))
+        sassha.update_hessian(dict(zip(params, diagonal)))
 
     @torch.no_grad()
     def _warm_start(self) -> None:
@@ -152,6 +283,7 @@ class ElsaTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def train(self, *args, **kwargs):
+        self._sam_window = []  # nothing left over from an interrupted run
         try:
             output = super().train(*args, **kwargs)
         finally:

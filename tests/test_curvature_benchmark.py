@@ -1,0 +1,72 @@
+"""benchmarks/curvature.py on a tiny model: every cell of the grid runs and lands in the JSON and the table."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+from conftest import make_char_tokenizer, make_model
+
+from hf_elsa.benchmark import Budget
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "curvature.py"
+DOCS = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * 20 for i in range(8)]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("curvature_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grid_writes_json_and_table(tmp_path):
+    script = _script()
+    tokenizer = make_char_tokenizer()
+    budget = Budget(
+        max_steps=2, batch_size=2, block_size=16, eval_seqlen=16, eval_windows=2, learning_rate=1e-3, bf16=False
+    )
+    results = script.run_grid(
+        lambda: (make_model("llama"), tokenizer),
+        DOCS[:6],
+        DOCS[6:],
+        sparsities=(0.5,),
+        importances=("fisher", "hutchinson"),
+        sam_rhos=(0.0, 0.01),
+        budget=budget,
+        output_dir=str(tmp_path),
+        overrides={"recipe": "paper", "admm_interval": 1},
+        log=lambda line: None,
+    )
+    assert [(r["importance"], r["sam_rho"]) for r in results] == [
+        ("fisher", 0.0),
+        ("fisher", 0.01),
+        ("hutchinson", 0.0),
+        ("hutchinson", 0.01),
+    ]
+    for r in results:
+        assert r["perplexity"] > 1 and r["seconds_per_step"] > 0 and r["steps"] == 2
+        assert abs(r["achieved_sparsity"] - 0.5) < 0.01
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["results"] == results and data["overrides"]["recipe"] == "paper"
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert "| importance | SAM rho | 50% ppl | 50% s/step |" in table
+    rows = [line for line in table if line.startswith("| hutchinson | 0.01 |")]
+    assert len(rows) == 1 and f"{results[3]['perplexity']:.1f}" in rows[0]
+
+
+def test_grid_rejects_bad_combinations_before_any_run(tmp_path):
+    script = _script()
+    loads = []
+    with pytest.raises(ValueError, match="importance='adam'"):
+        script.run_grid(
+            lambda: loads.append(1),
+            DOCS,
+            DOCS,
+            importances=("adam",),
+            output_dir=str(tmp_path),
+            overrides={"base_optimizer": "sassha"},
+        )
+    with pytest.raises(ValueError, match="importances"):
+        script.run_grid(lambda: loads.append(1), DOCS, DOCS, importances=("oracle",), output_dir=str(tmp_path))
+    assert not loads
