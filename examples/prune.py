@@ -25,7 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainerCallback
 
 from hf_elsa import ElsaConfig, ElsaTrainer
-from hf_elsa.admm import LAMBDA, MASK, STEP, U, Z
+from hf_elsa.admm import LAMBDA, STEP, U, Z
 from hf_elsa.data import load_documents, token_blocks
 
 

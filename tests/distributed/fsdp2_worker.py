@@ -18,7 +18,7 @@ import sys
 import torch
 import transformers
 
-from hf_elsa.admm import MASK, U, Z, AdmmSettings, ElsaOptimizer
+from hf_elsa.admm import MASK, AdmmSettings, ElsaOptimizer, U, Z
 from hf_elsa.curvature import ActivationStatistics
 
 STEPS = 8
@@ -31,24 +31,41 @@ RESUME_AT = (3, 6)
 CONFIGS = {
     # the default recipe's ingredients: proximal pull, cubic ramp, activation-aware score (statistics all-reduced)
     "unstructured-activation-proximal": AdmmSettings(
-        sparsity=0.7, interval=1, penalty="proximal", lambda_final=1.0, admm_fraction=0.5,
-        importance="activation", sparsity_schedule="cubic",
+        sparsity=0.7,
+        interval=1,
+        penalty="proximal",
+        lambda_final=1.0,
+        admm_fraction=0.5,
+        importance="activation",
+        sparsity_schedule="cubic",
     ),
     # N:M groups lie in one output row: projected locally on each shard
     "2:4-adam-gradient": AdmmSettings(
         sparsity_type="2:4", interval=2, penalty="gradient", lambda_final=0.05, admm_fraction=0.5, importance="adam"
     ),
     "row-magnitude-gradient": AdmmSettings(
-        sparsity=0.5, sparsity_type="row", interval=1, penalty="gradient", lambda_schedule="linear",
-        lambda_init=0.01, lambda_final=0.1, admm_fraction=0.5,
+        sparsity=0.5,
+        sparsity_type="row",
+        interval=1,
+        penalty="gradient",
+        lambda_schedule="linear",
+        lambda_init=0.01,
+        lambda_final=0.1,
+        admm_fraction=0.5,
     ),
 }
 
 
 def build_model(seed: int = 0) -> transformers.PreTrainedModel:
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
@@ -132,8 +149,11 @@ def main(out_dir: str) -> None:
         record["param_is_dtensor"] = isinstance(p, DTensor)
         record["local_rows"] = p.to_local().shape[0] if isinstance(p, DTensor) else None
         record["mask_layout"] = [
-            (isinstance(opt.state[p][MASK], DTensor), opt.state[p][MASK].dtype == torch.bool,
-             getattr(opt.state[p][MASK], "placements", None) == getattr(p, "placements", 0))
+            (
+                isinstance(opt.state[p][MASK], DTensor),
+                opt.state[p][MASK].dtype == torch.bool,
+                getattr(opt.state[p][MASK], "placements", None) == getattr(p, "placements", 0),
+            )
             for p in opt.prunable.values()
         ]
 
