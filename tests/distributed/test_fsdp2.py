@@ -11,6 +11,7 @@ equal the uninterrupted one bit for bit.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -43,6 +44,7 @@ def sharded_results(tmp_path_factory):
     }
 
 
+@functools.cache
 def _reference(name):
     model = worker.build_model()
     opt, hooks = worker.make_optimizer(model, worker.CONFIGS[name])
