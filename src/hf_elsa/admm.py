@@ -25,8 +25,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .curvature import curvature_for, merge_statistics, update_fisher
+from .curvature import ACT_SUM, ACT_TOKENS, curvature_for, merge_statistics, update_fisher
 from .projection import importance_score, keep_mask, parse_sparsity_type
+
+try:  # DTensor: parameters sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``)
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+except ImportError:  # pragma: no cover - torch built without distributed support
+    DTensor = None
 
 LAMBDA_SCHEDULES = ("constant", "linear", "cosine", "exponential")
 SPARSITY_SCHEDULES = ("constant", "cubic")
@@ -58,6 +63,61 @@ def sparsity_at(schedule: str, step: int, ramp_steps: int, final: float) -> floa
     if schedule == "cubic":
         return final * (1.0 - (1.0 - step / max(ramp_steps, 1)) ** 3)
     raise ValueError(f"sparsity_schedule={schedule!r}: use one of {SPARSITY_SCHEDULES}.")
+
+
+def _is_sharded(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _local(t):
+    """This process's shard of ``t`` (a view: in-place updates reach the DTensor), or ``t`` itself."""
+    return t.to_local() if _is_sharded(t) else t
+
+
+def _like(local: torch.Tensor, ref):
+    """Wrap a local shard computed for ``ref`` as a DTensor sharded like ``ref`` (``local`` for plain ``ref``)."""
+    if not _is_sharded(ref):
+        return local
+    return DTensor.from_local(local, ref.device_mesh, ref.placements, shape=ref.shape, stride=ref.stride())
+
+
+def _vector_shard(vector: torch.Tensor, ref, dim: int) -> torch.Tensor:
+    """The entries of a full 1-D ``vector`` indexed by dimension ``dim`` of ``ref`` that this process holds."""
+    if not _is_sharded(ref):
+        return vector
+    placements = [Shard(0) if isinstance(p, Shard) and p.dim == dim else Replicate() for p in ref.placements]
+    full = DTensor.from_local(vector, ref.device_mesh, [Replicate()] * ref.device_mesh.ndim)
+    return full.redistribute(ref.device_mesh, placements).to_local()
+
+
+class _ShardSums:
+    """Per-tensor sums (residual norms, counts) over whole tensors when the tensors are DTensor shards.
+
+    Local partial sums are accumulated per sharding layout and all-reduced once per layout in ``total()``,
+    so every process logs the same values; plain (unsharded or DDP-replicated) tensors need no reduction.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.partial: dict = {}
+
+    def add(self, ref, values: list) -> None:
+        key = None
+        if _is_sharded(ref) and any(isinstance(p, Shard) for p in ref.placements):
+            key = (ref.device_mesh, tuple(isinstance(p, Shard) for p in ref.placements))
+        row = torch.stack([torch.as_tensor(v, dtype=torch.float64, device="cpu") for v in values])
+        self.partial[key] = self.partial[key] + row if key in self.partial else row
+
+    def total(self) -> list[float]:
+        out = torch.zeros(self.size, dtype=torch.float64)
+        for key, row in self.partial.items():
+            if key is not None:
+                mesh, sharded = key
+                placements = [Partial() if s else Replicate() for s in sharded]
+                row = row.to(mesh.device_type)
+                row = DTensor.from_local(row, mesh, placements).full_tensor().cpu()
+            out += row
+        return out.tolist()
 
 
 @dataclass
@@ -125,6 +185,8 @@ class ElsaOptimizer(torch.optim.Optimizer):
         self._pending: dict[torch.nn.Parameter, dict] = {}
         # {name: (pruned weight, keep mask)} from a one-shot pruner, consumed by initialize()
         self.warm_start: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # steps taken by the checkpoint about to be loaded into this fresh optimizer (see init_state)
+        self.resume_step: int | None = None
         owned = {id(p) for group in base_optimizer.param_groups for p in group["params"]}
         missing = [name for name, p in self.prunable.items() if id(p) not in owned]
         if missing:
@@ -172,8 +234,8 @@ class ElsaOptimizer(torch.optim.Optimizer):
         # for the mask, which is boolean.
         for p in self.prunable.values():
             state = self.state.get(p, {})
-            if MASK in state:
-                state[MASK] = state[MASK].to(torch.bool)
+            if MASK in state and state[MASK].dtype != torch.bool:
+                state[MASK] = _like(_local(state[MASK]).to(torch.bool), state[MASK])
 
     def __repr__(self) -> str:
         return f"ElsaOptimizer({self.base_optimizer.__class__.__name__}, {len(self.prunable)} prunable tensors)"
@@ -234,7 +296,12 @@ class ElsaOptimizer(torch.optim.Optimizer):
         curvature = curvature_for(self.settings.importance, name, p, self._state(p))
         if curvature is not None and curvature.dim() == 1:
             # per-input-feature statistics: broadcast over the output dimension of the weight's layout
-            curvature = curvature[:, None] if name in self.transposed else curvature[None, :]
+            # (under FSDP2 only the input features of this process's shard)
+            transposed = name in self.transposed
+            curvature = _vector_shard(curvature, p, 0 if transposed else 1)
+            curvature = curvature[:, None] if transposed else curvature[None, :]
+        elif curvature is not None:
+            curvature = _local(curvature)
         return importance_score(values, curvature, self.settings.importance_alpha, self.settings.importance_delta)
 
     def _merge_statistics(self) -> None:
@@ -244,10 +311,90 @@ class ElsaOptimizer(torch.optim.Optimizer):
                 merge_statistics(self._state(p))
 
     def _keep_mask(self, name: str, p: torch.nn.Parameter, values: torch.Tensor, sparsity: float) -> torch.Tensor:
+        """Keep mask of ``values`` (this process's shard of ``p`` when ``p`` is a DTensor; the mask likewise)."""
         score = self._score(name, p, values)
+        if _is_sharded(p):
+            return self._sharded_keep_mask(name, p, score, sparsity)
         if name in self.transposed:
             return keep_mask(score.t(), sparsity, self.settings.sparsity_type).t()
         return keep_mask(score, sparsity, self.settings.sparsity_type)
+
+    def _sharded_keep_mask(self, name: str, p, score: torch.Tensor, sparsity: float) -> torch.Tensor:
+        """Keep mask of a DTensor's local ``score`` shard, identical to the unsharded projection of the whole tensor.
+
+        Row and N:M groups lie inside one output row; when no process splits output rows (FSDP2 shards
+        dim 0 of a Linear weight, whole rows), each shard is projected on its own. Otherwise (per-tensor
+        selection, or a transposed Conv1D weight) the score is gathered, one tensor at a time, the mask of
+        the whole tensor is computed on every process exactly as on one process (same ties), and each
+        keeps its shard: a transient full fp32 score and bool mask of the largest prunable tensor.
+        """
+        transposed = name in self.transposed
+        row_dim = 1 if transposed else 0
+        kind = parse_sparsity_type(self.settings.sparsity_type)[0]
+        rows_whole = all(not isinstance(pl, Shard) or pl.dim == row_dim for pl in p.placements)
+        if kind != "unstructured" and rows_whole:
+            if transposed:
+                return keep_mask(score.t(), sparsity, self.settings.sparsity_type).t()
+            return keep_mask(score, sparsity, self.settings.sparsity_type)
+        full = _like(score, p).full_tensor()
+        if transposed:
+            mask = keep_mask(full.t(), sparsity, self.settings.sparsity_type).t().contiguous()
+        else:
+            mask = keep_mask(full, sparsity, self.settings.sparsity_type)
+        del full
+        replicated = DTensor.from_local(mask, p.device_mesh, [Replicate()] * p.device_mesh.ndim)
+        return replicated.redistribute(p.device_mesh, p.placements).to_local()
+
+    @torch.no_grad()
+    def init_state(self, steps_done: int | None = None) -> None:
+        """Create the optimizer state's keys (the base optimizer's and ELSA's) without changing any weight.
+
+        ``torch.distributed.checkpoint`` loads into a state-dict template in place (``get_optimizer_state_dict``
+        of a fresh optimizer, then ``dcp.load``, then ``set_optimizer_state_dict``), so the template must hold
+        the keys the checkpoint holds, which depend on the phase the checkpoint was taken in: ``elsa_z``,
+        ``elsa_u``, ``elsa_lambda`` during ADMM, ``elsa_mask`` after it, the merged activation statistics
+        with ``importance="activation"``. ``steps_done``: optimizer steps taken when the checkpoint was written
+        (default ``resume_step``, else 0). Values are placeholders that the load overwrites. The base
+        optimizer's state comes from one base step with zero gradients and learning rate 0.
+        """
+        if self.state:
+            return
+        params = [p for group in self.param_groups for p in group["params"]]
+        grads = [p.grad for p in params]
+        lrs = [group.get("lr") for group in self.param_groups]
+        for p in params:
+            p.grad = torch.zeros_like(p) if p.requires_grad else None
+        for group in self.param_groups:
+            if "lr" in group:
+                group["lr"] = torch.tensor(0.0) if isinstance(group["lr"], torch.Tensor) else 0.0
+        self.base_optimizer.step()
+        for group, lr in zip(self.param_groups, lrs):
+            if lr is not None:
+                group["lr"] = lr
+        for p, grad in zip(params, grads):
+            p.grad = grad
+        self._pending.clear()
+        t = steps_done if steps_done is not None else (self.resume_step or 0)
+        for name, p in self.prunable.items():
+            state = self.state[p]
+            state[STEP] = t
+            if t < self.admm_steps:
+                state.update({Z: torch.zeros_like(p), U: torch.zeros_like(p), LAMBDA: self.lambda_at(t)})
+            elif self.settings.keep_mask or self.settings.final_projection:
+                state[MASK] = torch.ones_like(p, dtype=torch.bool)
+            if self.settings.importance == "activation" and t > 0 and self.admm_steps > 0:
+                features = p.shape[0] if name in self.transposed else p.shape[1]
+                state[ACT_SUM] = torch.zeros(features, device=_local(p).device)
+                state[ACT_TOKENS] = 0
+
+    def _is_state_init_call(self) -> bool:
+        """``torch.distributed.checkpoint.state_dict`` creates a fresh optimizer's state by calling ``step()``
+        with all-zero gradients and learning rate 0 (``_init_optim_state``); an ADMM step there would move the
+        weights (proximal pull, final projection) after the model was loaded."""
+        if self.state or any(group.get("lr", 1.0) != 0 for group in self.param_groups):
+            return False
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return all(not bool(_local(g).any()) for g in grads)
 
     @torch.no_grad()
     def initialize(self) -> None:
@@ -264,6 +411,11 @@ class ElsaOptimizer(torch.optim.Optimizer):
                 continue
             state[STEP] = 0
             warm = self.warm_start.pop(name, None)
+            if warm is not None and _is_sharded(p):
+                raise NotImplementedError(
+                    f"{name}: one-shot initial masks (ElsaConfig.admm_init, keep_mask with recorded masks) are not "
+                    "supported with sharded (FSDP2) parameters; use admm_init='magnitude' or DDP."
+                )
             if self.admm_steps == 0 and warm is not None:
                 p.detach().copy_(warm[0])
                 state[MASK] = warm[1].to(device=p.device, dtype=torch.bool)
@@ -274,25 +426,26 @@ class ElsaOptimizer(torch.optim.Optimizer):
                     z = warm[0].to(device=p.device, dtype=p.dtype).clone()
                 else:
                     z = p.detach().clone()
-                    z.mul_(self._keep_mask(name, p, z, self.sparsity_at(0)))
+                    _local(z).mul_(self._keep_mask(name, p, _local(z), self.sparsity_at(0)))
                 state.update({Z: z, U: torch.zeros_like(p), LAMBDA: self.lambda_at(0)})
 
     def _fix_mask(self, name: str, p: torch.nn.Parameter, state: dict) -> float:
         """Enter the fixed-mask phase: hard-project W (or read its zeros for keep_mask).
 
-        Returns the squared norm the projection removed from W.
+        Returns the squared norm the projection removed from this process's shard of W.
         """
+        w = _local(p.detach())
         if self.settings.keep_mask:
-            mask = p.detach() != 0
+            mask = w != 0
         elif self.settings.final_projection:
-            mask = self._keep_mask(name, p, p.detach(), self.settings.sparsity)
+            mask = self._keep_mask(name, p, w, self.settings.sparsity)
         else:
             mask = None
         removed = 0.0
         if mask is not None:
-            removed = p.detach().float().masked_fill(mask, 0).square().sum().item()
-            p.detach().masked_fill_(~mask, 0)
-            state[MASK] = mask
+            removed = w.float().masked_fill(mask, 0).square().sum()
+            w.masked_fill_(~mask, 0)
+            state[MASK] = _like(mask, p)
         for key in (Z, U, LAMBDA):
             state.pop(key, None)
         return removed
@@ -300,6 +453,9 @@ class ElsaOptimizer(torch.optim.Optimizer):
     # -- the step -------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
+        if self._is_state_init_call():
+            self.init_state()  # torch.distributed.checkpoint building a template: not a training step
+            return None
         self.initialize()
         t = self.steps_done
         in_admm = t < self.admm_steps
@@ -316,8 +472,9 @@ class ElsaOptimizer(torch.optim.Optimizer):
                 st = self._state(p)
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                # grad += lambda (W - z + u), in place
-                p.grad.add_(p, alpha=st[LAMBDA]).sub_(st[Z], alpha=st[LAMBDA]).add_(st[U], alpha=st[LAMBDA])
+                # grad += lambda (W - z + u), in place (on this process's shards under FSDP2)
+                grad, w, z, u = _local(p.grad), _local(p), _local(st[Z]), _local(st[U])
+                grad.add_(w, alpha=st[LAMBDA]).sub_(z, alpha=st[LAMBDA]).add_(u, alpha=st[LAMBDA])
 
         loss = self.base_optimizer.step(closure)
 
@@ -331,22 +488,27 @@ class ElsaOptimizer(torch.optim.Optimizer):
             st = self.state[p]
             st[STEP] = t + 1
             if MASK in st:
-                p.masked_fill_(~st[MASK], 0)
+                _local(p).masked_fill_(~_local(st[MASK]), 0)
             elif in_admm and s.penalty == "proximal":
                 # W <- W - eta (W - z + u), as two in-place passes without temporaries
                 eta = st[LAMBDA] / (1.0 + st[LAMBDA])
-                p.lerp_(st[Z], eta).sub_(st[U], alpha=eta)
+                _local(p).lerp_(_local(st[Z]), eta).sub_(_local(st[U]), alpha=eta)
 
-        if (in_admm and t % self.interval == 0) or t + 1 == self.admm_steps:
+        if in_admm:
+            # every step, not only before projections: a checkpoint (saved by one process under DDP,
+            # deduplicated across processes by torch.distributed.checkpoint) then never holds per-process sums
             self._merge_statistics()
         if in_admm and t % self.interval == 0:
             self._update_z_u(t + 1)
         if t + 1 == self.admm_steps:
-            removed = sum(self._fix_mask(n, p, self.state[p]) for n, p in self.prunable.items())
-            norm = math.sqrt(sum(p.detach().float().square().sum().item() for p in self.prunable.values()))
-            total = math.sqrt(removed + norm**2)
+            sums = _ShardSums(3)  # removed, norm^2 and zeros, over whole tensors
+            for n, p in self.prunable.items():
+                removed = self._fix_mask(n, p, self.state[p])
+                w = _local(p.detach())
+                sums.add(p, [removed, w.float().square().sum(), (w == 0).sum()])
+            removed, norm_sq, zeros = sums.total()
+            total = math.sqrt(removed + norm_sq)
             self.final_removed = math.sqrt(removed) / max(total, 1e-30)
-            zeros = sum(int((p == 0).sum()) for p in self.prunable.values())
             # keep the last ADMM diagnostics: they describe the state the mask was fixed in
             self.metrics.update({
                 "elsa/final_projection_removed": self.final_removed,
@@ -359,26 +521,29 @@ class ElsaOptimizer(torch.optim.Optimizer):
         """z <- Proj(W + u); u <- u + W - z; then lambda from its schedule (dual rescaled)."""
         target = self.sparsity_at(step)
         lam_new = self.lambda_at(step)
-        sq = {"w": 0.0, "w_minus_z": 0.0, "dz": 0.0, "off_support": 0.0, "flips": 0, "n": 0, "zeros": 0}
+        keys = ("w", "w_minus_z", "dz", "off_support", "flips", "zeros")
+        sums = _ShardSums(len(keys))  # over whole tensors: all-reduced when they are FSDP2 shards
+        n = 0
         for name, p in self.prunable.items():
             st = self.state[p]
-            w = p.detach()
-            v = w + st[U]
+            w, z_old, u = _local(p.detach()), _local(st[Z]), _local(st[U])
+            v = w + u
             mask = self._keep_mask(name, p, v, target)
-            sq["off_support"] += w.float().masked_fill(mask, 0).square().sum().item()
+            off_support = w.float().masked_fill(mask, 0).square().sum()
             z_new = v.mul_(mask)
-            sq["flips"] += int(((st[Z] != 0) != mask).sum())
-            sq["dz"] += (z_new - st[Z]).float().square().sum().item()
-            st[U].add_(w - z_new)
-            sq["w_minus_z"] += (w - z_new).float().square().sum().item()
-            sq["w"] += w.float().square().sum().item()
-            sq["n"] += w.numel()
-            sq["zeros"] += int((w == 0).sum())
-            st[Z] = z_new
+            flips = ((z_old != 0) != mask).sum()
+            dz = (z_new - z_old).float().square().sum()
+            u.add_(w - z_new)
+            w_minus_z = (w - z_new).float().square().sum()
+            sums.add(p, [w.float().square().sum(), w_minus_z, dz, off_support, flips, (w == 0).sum()])
+            n += p.numel()
+            st[Z] = _like(z_new, p)
             lam_old = st[LAMBDA]
             if lam_new != lam_old and lam_old > 0 and lam_new > 0:
-                st[U].mul_(lam_old / lam_new)
+                u.mul_(lam_old / lam_new)
             st[LAMBDA] = lam_new
+        sq = dict(zip(keys, sums.total()))
+        sq["n"] = n
         w_norm = max(math.sqrt(sq["w"]), 1e-30)
         self.metrics = {
             "elsa/lambda": lam_new,
@@ -398,7 +563,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
         for p in self.prunable.values():
             mask = self.state.get(p, {}).get(MASK)
             if mask is not None and p.grad is not None:
-                p.grad.masked_fill_(~mask, 0)
+                _local(p.grad).masked_fill_(~_local(mask), 0)
 
     # -- inspection -----------------------------------------------------------------------------
     def masks(self) -> dict[str, torch.Tensor]:

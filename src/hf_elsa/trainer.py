@@ -15,13 +15,16 @@ which wraps whatever optimizer the Trainer builds; this class only
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import os
 import warnings
 
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
 
 from .admm import ElsaOptimizer
 from .config import ElsaConfig
@@ -107,6 +110,7 @@ class ElsaTrainer(Trainer):
             transposed = {name for name, module in self.prunable_modules.items() if is_transposed(module)}
             self.optimizer = ElsaOptimizer(optimizer, prunable, self.args.admm_settings(), transposed=transposed)
         self.elsa_optimizer = self.optimizer
+        self.elsa_optimizer.resume_step = getattr(self, "_elsa_resume_step", None)
         if self.args.importance == "activation" and self._activation_hooks is None:
             self._activation_hooks = ActivationStatistics(
                 self.prunable_modules, self.elsa_optimizer.state_for, self.elsa_optimizer.transposed
@@ -282,18 +286,32 @@ class ElsaTrainer(Trainer):
             logs.update(self.elsa_optimizer.metrics)
         super().log(logs, *args, **kwargs)
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        # Sharded (FSDP2) optimizer checkpoints load into a template of the state's keys, which depend on the
+        # phase the checkpoint was written in (ElsaOptimizer.init_state): remember its step.
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        self._elsa_resume_step = None
+        if isinstance(checkpoint, str) and os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
+            with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+                self._elsa_resume_step = json.load(f).get("global_step")
         self._sam_window = []  # nothing left over from an interrupted run
         try:
-            output = super().train(*args, **kwargs)
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             if self._activation_hooks is not None:
                 self._activation_hooks.remove()
         # record the masks on the model: save_pretrained / push_to_hub then write sparse checkpoints
         if self.elsa_optimizer is not None and self.elsa_optimizer.masks():
-            attach_sparsity(self.model, self.elsa_optimizer.masks(), sparsity_metadata(self.args))
+            attach_sparsity(self.model, self._full_masks(), sparsity_metadata(self.args))
         self._report_sparsity()
         return output
+
+    def _full_masks(self) -> dict[str, torch.Tensor]:
+        """The optimizer's masks, each FSDP2-sharded one gathered whole (one at a time, kept on the CPU)."""
+        masks = self.elsa_optimizer.masks()
+        return {n: m.full_tensor().cpu() if hasattr(m, "full_tensor") else m for n, m in masks.items()}
 
     @torch.no_grad()
     def _report_sparsity(self) -> None:
@@ -318,12 +336,23 @@ class ElsaTrainer(Trainer):
             )
 
     # -- sparse checkpoints (hf_elsa.sparse_io) --------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        # Every process calls save_model, only one calls _save: gather FSDP2-sharded masks here.
+        opt = self.elsa_optimizer
+        fixed = opt is not None and opt.masks() and not opt.in_admm_phase
+        self._masks_to_save = self._full_masks() if fixed else None
+        try:
+            return super().save_model(output_dir, _internal_call)
+        finally:
+            self._masks_to_save = None
+
     def _save(self, output_dir: str | None = None, state_dict=None, *args, **kwargs):
         # A save describes the masks the optimizer holds now: once the mask is fixed, checkpoints are sparse
         # folders; masks attached before the run (a loaded model being re-pruned) are stale while ADMM runs.
         opt = self.elsa_optimizer
         if opt is not None and opt.masks() and not opt.in_admm_phase:
-            attach_sparsity(self.model, opt.masks(), sparsity_metadata(self.args))
+            masks = getattr(self, "_masks_to_save", None) or opt.masks()
+            attach_sparsity(self.model, masks, sparsity_metadata(self.args))
         elif opt is not None and get_sparsity(self.model) is not None:
             detach_sparsity(self.model)
         return super()._save(output_dir, state_dict, *args, **kwargs)
