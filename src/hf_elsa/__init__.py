@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .admm import AdmmSettings, ElsaOptimizer
 from .config import ElsaConfig
 from .evaluation import perplexity
+from .memory import MemoryEstimate, estimate_memory
 from .projection import keep_mask, project
 from .sparse_io import load_sparse_model, sparsity_report
 from .trainer import ElsaTrainer
@@ -14,6 +15,8 @@ __all__ = [
     "ElsaConfig",
     "ElsaOptimizer",
     "ElsaTrainer",
+    "MemoryEstimate",
+    "estimate_memory",
     "keep_mask",
     "load_sparse_model",
     "perplexity",

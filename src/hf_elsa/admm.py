@@ -27,12 +27,15 @@ import torch
 
 from .curvature import curvature_for, merge_statistics
 from .projection import importance_score, keep_mask, parse_sparsity_type
+from .states import is_scaled, pack, storage_dtype, unpack
 
 LAMBDA_SCHEDULES = ("constant", "linear", "cosine", "exponential")
 SPARSITY_SCHEDULES = ("constant", "cubic")
 PENALTIES = ("gradient", "proximal")
 
 Z, U, MASK, STEP, LAMBDA = "elsa_z", "elsa_u", "elsa_mask", "elsa_step", "elsa_lambda"
+# per-tensor FP8 scales of z and u (Python floats, like lambda: load_state_dict's dtype cast leaves them alone)
+SCALE_KEYS = {Z: "elsa_z_scale", U: "elsa_u_scale"}
 
 
 def lambda_at(schedule: str, step: int, total: int, start: float, end: float) -> float:
@@ -77,9 +80,13 @@ class AdmmSettings:
     importance_alpha: float = 1.0
     final_projection: bool = True
     keep_mask: bool = False
+    z_dtype: str = "float32"
+    u_dtype: str = "float32"
 
     def __post_init__(self):
         parse_sparsity_type(self.sparsity_type)
+        storage_dtype(self.z_dtype)
+        storage_dtype(self.u_dtype)
         for name, value, allowed in (
             ("penalty", self.penalty, PENALTIES),
             ("lambda_schedule", self.lambda_schedule, LAMBDA_SCHEDULES),
@@ -167,11 +174,14 @@ class ElsaOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict) -> None:
         self.base_optimizer.load_state_dict(state_dict)
         # torch casts every floating-point state tensor to the parameter's dtype on load: undo it
-        # for the mask, which is boolean.
+        # for the mask, which is boolean, and for z and u, which keep their storage dtype.
         for p in self.prunable.values():
             state = self.state.get(p, {})
             if MASK in state:
                 state[MASK] = state[MASK].to(torch.bool)
+            for key in (Z, U):
+                if key in state:
+                    self._restore(state, key)
 
     def __repr__(self) -> str:
         return f"ElsaOptimizer({self.base_optimizer.__class__.__name__}, {len(self.prunable)} prunable tensors)"
@@ -227,6 +237,33 @@ class ElsaOptimizer(torch.optim.Optimizer):
             return state
         return self._pending.setdefault(p, {})
 
+    # -- z and u storage (hf_elsa.states) -------------------------------------------------------
+    def _storage_dtype(self, key: str) -> torch.dtype:
+        return storage_dtype(self.settings.z_dtype if key == Z else self.settings.u_dtype)
+
+    def _read(self, state: dict, key: str, p: torch.Tensor) -> torch.Tensor:
+        """z or u in ``p``'s dtype (the stored tensor itself when it is stored in that dtype)."""
+        return unpack(state[key], state.get(SCALE_KEYS[key]), p.dtype)
+
+    def _write(self, state: dict, key: str, value: torch.Tensor) -> None:
+        """Store z or u in its storage dtype (``value`` itself when no conversion is needed)."""
+        stored, scale = pack(value, self._storage_dtype(key))
+        state[key] = stored
+        if scale is None:
+            state.pop(SCALE_KEYS[key], None)
+        else:
+            state[SCALE_KEYS[key]] = scale
+
+    def _restore(self, state: dict, key: str) -> None:
+        """Bring a loaded z or u back to its storage dtype after ``load_state_dict``'s cast."""
+        dtype = self._storage_dtype(key)
+        has_scale = SCALE_KEYS[key] in state
+        if has_scale and is_scaled(dtype):
+            state[key] = state[key].to(dtype)  # FP8 codes, exact after the cast to the parameter's dtype
+        elif state[key].dtype != dtype or has_scale:
+            # stored in another format than this run's (e.g. resuming an fp32 run as ELSA-L)
+            self._write(state, key, unpack(state[key], state.get(SCALE_KEYS[key]), torch.float32))
+
     # -- projection -----------------------------------------------------------------------------
     def _score(self, name: str, p: torch.nn.Parameter, values: torch.Tensor) -> torch.Tensor:
         curvature = curvature_for(self.settings.importance, name, p, self._state(p))
@@ -273,7 +310,9 @@ class ElsaOptimizer(torch.optim.Optimizer):
                 else:
                     z = p.detach().clone()
                     z.mul_(self._keep_mask(name, p, z, self.sparsity_at(0)))
-                state.update({Z: z, U: torch.zeros_like(p), LAMBDA: self.lambda_at(0)})
+                self._write(state, Z, z)
+                self._write(state, U, torch.zeros_like(p))
+                state[LAMBDA] = self.lambda_at(0)
 
     def _fix_mask(self, name: str, p: torch.nn.Parameter, state: dict) -> float:
         """Enter the fixed-mask phase: hard-project W (or read its zeros for keep_mask).
@@ -291,7 +330,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
             removed = p.detach().float().masked_fill(mask, 0).square().sum().item()
             p.detach().masked_fill_(~mask, 0)
             state[MASK] = mask
-        for key in (Z, U, LAMBDA):
+        for key in (Z, U, LAMBDA, *SCALE_KEYS.values()):
             state.pop(key, None)
         return removed
 
@@ -309,7 +348,8 @@ class ElsaOptimizer(torch.optim.Optimizer):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 # grad += lambda (W - z + u), in place
-                p.grad.add_(p, alpha=st[LAMBDA]).sub_(st[Z], alpha=st[LAMBDA]).add_(st[U], alpha=st[LAMBDA])
+                z, u = self._read(st, Z, p), self._read(st, U, p)
+                p.grad.add_(p, alpha=st[LAMBDA]).sub_(z, alpha=st[LAMBDA]).add_(u, alpha=st[LAMBDA])
 
         loss = self.base_optimizer.step(closure)
 
@@ -327,7 +367,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
             elif in_admm and s.penalty == "proximal":
                 # W <- W - eta (W - z + u), as two in-place passes without temporaries
                 eta = st[LAMBDA] / (1.0 + st[LAMBDA])
-                p.lerp_(st[Z], eta).sub_(st[U], alpha=eta)
+                p.lerp_(self._read(st, Z, p), eta).sub_(self._read(st, U, p), alpha=eta)
 
         if (in_admm and t % self.interval == 0) or t + 1 == self.admm_steps:
             self._merge_statistics()
@@ -355,21 +395,24 @@ class ElsaOptimizer(torch.optim.Optimizer):
         for name, p in self.prunable.items():
             st = self.state[p]
             w = p.detach()
-            v = w + st[U]
+            z_old, u = self._read(st, Z, p), self._read(st, U, p)
+            v = w + u
             mask = self._keep_mask(name, p, v, target)
             sq["off_support"] += w.float().masked_fill(mask, 0).square().sum().item()
-            z_new = v.mul_(mask)
-            sq["flips"] += int(((st[Z] != 0) != mask).sum())
-            sq["dz"] += (z_new - st[Z]).float().square().sum().item()
-            st[U].add_(w - z_new)
+            # u is updated with z as stored, so the penalty and the dual see the same z
+            self._write(st, Z, v.mul_(mask))
+            z_new = self._read(st, Z, p)
+            sq["flips"] += int(((z_old != 0) != mask).sum())
+            sq["dz"] += (z_new - z_old).float().square().sum().item()
+            u.add_(w - z_new)
             sq["w_minus_z"] += (w - z_new).float().square().sum().item()
             sq["w"] += w.float().square().sum().item()
             sq["n"] += w.numel()
             sq["zeros"] += int((w == 0).sum())
-            st[Z] = z_new
             lam_old = st[LAMBDA]
             if lam_new != lam_old and lam_old > 0 and lam_new > 0:
-                st[U].mul_(lam_old / lam_new)
+                u.mul_(lam_old / lam_new)
+            self._write(st, U, u)
             st[LAMBDA] = lam_new
         w_norm = max(math.sqrt(sq["w"]), 1e-30)
         self.metrics = {
