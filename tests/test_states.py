@@ -216,3 +216,131 @@ def test_fp8_scale_is_max_reduced_across_ranks(tmp_path):
         got = torch.load(tmp_path / f"{rank}.pt")
         assert got["scale"] == pytest.approx(expected, rel=1e-6)  # rank 0 alone would use 1 / 448 * 1.05
         torch.testing.assert_close(got["value"], torch.full((4,), float(rank + 1)), rtol=2**-4, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ElsaConfig: storage dtypes and the ELSA-L preset
+# ---------------------------------------------------------------------------------------------------
+def _config(**kwargs):
+    from hf_elsa import ElsaConfig
+
+    return ElsaConfig(output_dir="unused", use_cpu=True, report_to="none", **kwargs)
+
+
+def test_config_defaults_and_preset():
+    plain = _config()
+    assert (plain.admm_z_dtype, plain.admm_u_dtype, str(plain.optim.value)) == (
+        "float32",
+        "float32",
+        "adamw_torch_fused",
+    )
+    lean = _config(elsa_l=True)
+    assert (lean.admm_z_dtype, lean.admm_u_dtype, str(lean.optim.value)) == (
+        "float8_e4m3fn",
+        "bfloat16",
+        "adamw_bnb_8bit",
+    )
+    settings = lean.admm_settings()
+    assert (settings.z_dtype, settings.u_dtype) == ("float8_e4m3fn", "bfloat16")
+    # explicit choices win over the preset
+    custom = _config(elsa_l=True, admm_z_dtype="float8_e5m2", optim="paged_adamw_8bit")
+    assert (custom.admm_z_dtype, custom.admm_u_dtype, str(custom.optim.value)) == (
+        "float8_e5m2",
+        "bfloat16",
+        "paged_adamw_8bit",
+    )
+    assert _config(admm_u_dtype="bfloat16").admm_z_dtype == "float32"
+
+
+def test_config_command_line():
+    from transformers import HfArgumentParser
+
+    from hf_elsa import ElsaConfig
+
+    (config,) = HfArgumentParser(ElsaConfig).parse_args_into_dataclasses(
+        ["--output_dir", "unused", "--elsa_l", "true", "--admm_u_dtype", "float8_e5m2"]
+    )
+    assert (config.admm_z_dtype, config.admm_u_dtype, str(config.optim.value)) == (
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "adamw_bnb_8bit",
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"admm_z_dtype": "fp8"}, r"admm_z_dtype='fp8': use one of \('float32', 'bfloat16'"),
+        ({"admm_u_dtype": "float16"}, "admm_u_dtype='float16'"),
+        ({"elsa_l": True, "admm_z_dtype": "float32"}, "elsa_l=True stores z and u in low precision"),
+        ({"elsa_l": True, "optim": "adamw_torch"}, "optim='adamw_torch' is not one"),
+        ({"elsa_l": True, "importance": "adam"}, "importance='adam' reads Adam's exp_avg_sq"),
+    ],
+)
+def test_config_rejects(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _config(**kwargs)
+
+
+def test_preset_names_the_install_command_when_bitsandbytes_is_missing(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ValueError, match=r"needs bitsandbytes: pip install \"hf_elsa\[elsa_l\]\""):
+        _config(elsa_l=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ELSA-L end to end: resume from a checkpoint with FP8 state continues exactly
+# ---------------------------------------------------------------------------------------------------
+def test_elsa_l_resume_continues_exactly(tmp_path):
+    import warnings
+
+    from conftest import elsa_args, lm_dataset, make_model
+    from transformers import TrainerCallback
+
+    from hf_elsa import ElsaTrainer
+
+    n = 8
+    dataset = lm_dataset(32)
+    # u in e5m2 too, so both scales go through the checkpoint; hidden 64 puts some weights in 8-bit Adam state
+    common = dict(max_steps=n, admm_fraction=0.75, admm_interval=2, learning_rate=3e-3, elsa_l=True,
+                  admm_u_dtype="float8_e5m2")
+    tiny = {"hidden": 64, "intermediate": 128}
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step >= n // 2
+
+    class RecordState(TrainerCallback):
+        seen = {}
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not self.seen:
+                st = trainer.optimizer.state[next(iter(trainer.elsa_optimizer.prunable.values()))]
+                self.seen.update({k: (st[k].dtype, st[SCALE_KEYS[k]]) for k in (Z, U)})
+
+    def train(model, args, resume=None, callbacks=()):
+        nonlocal trainer
+        trainer = ElsaTrainer(model=model, args=args, train_dataset=dataset, callbacks=list(callbacks))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    trainer = None
+    straight = make_model("llama", seed=0, **tiny)
+    train(straight, elsa_args(tmp_path / "a", **common))
+    interrupted = make_model("llama", seed=0, **tiny)
+    train(interrupted, elsa_args(tmp_path / "b", save_strategy="steps", save_steps=n // 2, **common), callbacks=[StopAt()])
+    resumed = make_model("llama", seed=1, **tiny)
+    record = RecordState()
+    train(resumed, elsa_args(tmp_path / "c", **common), str(tmp_path / "b" / "out" / f"checkpoint-{n // 2}"), [record])
+    assert trainer.state.global_step == n
+    # load_state_dict's cast to the parameter dtype was undone, and the scales came back
+    assert record.seen[Z][0] == torch.float8_e4m3fn and record.seen[U][0] == torch.float8_e5m2
+    assert all(isinstance(scale, float) and scale >= 1e-8 for _, scale in record.seen.values())
+    a, b = straight.state_dict(), resumed.state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)

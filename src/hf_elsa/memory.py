@@ -84,8 +84,10 @@ class MemoryEstimate:
         ]
         width = max(len(r[0]) for r in rows)
         lines = [
-            f"{self.parameters:,} parameters ({self.trainable_parameters:,} trained, {self.prunable_parameters:,} "
-            f"prunable); z {self.z_dtype}, u {self.u_dtype}"
+            (
+                f"{self.parameters:,} parameters ({self.trainable_parameters:,} trained, "
+                f"{self.prunable_parameters:,} prunable); z {self.z_dtype}, u {self.u_dtype}"
+            )
         ]
         lines += [f"  {name:<{width}}  {_mb(size):>12}  {note}".rstrip() for name, size, note in rows]
         lines.append(
