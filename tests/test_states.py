@@ -189,7 +189,15 @@ rank, port, out = int(sys.argv[2]), sys.argv[3], sys.argv[4]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 local = torch.full((4,), float(rank + 1))  # rank r holds amax r + 1
 stored, scale = states.pack(local, "float8_e4m3fn")
-torch.save({"scale": scale, "value": states.unpack(stored, scale)}, f"{out}/{rank}.pt")
+result = {"scale": scale, "value": states.unpack(stored, scale)}
+# a DTensor sharded over the two ranks (FSDP2's layout): one scale, the same values as packing the whole tensor
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+full = torch.tensor([[1e-12, 3.0], [0.0, -0.5], [2.0, 1e-3], [100.0, 0.0]])
+sharded, sharded_scale = states.pack(distribute_tensor(full, init_device_mesh("cpu", (2,)), [Shard(0)]), "float8_e4m3fn")
+result.update({"sharded_scale": sharded_scale, "sharded_dtype": sharded.dtype,
+               "sharded_value": states.unpack(sharded, sharded_scale).full_tensor()})
+torch.save(result, f"{out}/{rank}.pt")
 dist.destroy_process_group()
 """
 
@@ -212,10 +220,15 @@ def test_fp8_scale_is_max_reduced_across_ranks(tmp_path):
     ]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     expected = 2.0 / 448.0 * 1.05
+    full = torch.tensor([[1e-12, 3.0], [0.0, -0.5], [2.0, 1e-3], [100.0, 0.0]])
+    whole, whole_scale = pack(full, "float8_e4m3fn")
     for rank in range(2):
         got = torch.load(tmp_path / f"{rank}.pt")
         assert got["scale"] == pytest.approx(expected, rel=1e-6)  # rank 0 alone would use 1 / 448 * 1.05
         torch.testing.assert_close(got["value"], torch.full((4,), float(rank + 1)), rtol=2**-4, atol=0)
+        assert got["sharded_scale"] == whole_scale and got["sharded_dtype"] == torch.float8_e4m3fn
+        assert torch.equal(got["sharded_value"], unpack(whole, whole_scale))
+        assert torch.equal(got["sharded_value"] != 0, full != 0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -286,8 +299,10 @@ def test_preset_names_the_install_command_when_bitsandbytes_is_missing(monkeypat
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
-    with pytest.raises(ValueError, match=r"needs bitsandbytes: pip install \"hf_elsa\[elsa_l\]\""):
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
+    with pytest.raises(ValueError, match=r"needs bitsandbytes: pip install \"hf_elsa\[elsa-l\]\""):
         _config(elsa_l=True)
 
 
@@ -305,8 +320,8 @@ def test_elsa_l_resume_continues_exactly(tmp_path):
     n = 8
     dataset = lm_dataset(32)
     # u in e5m2 too, so both scales go through the checkpoint; hidden 64 puts some weights in 8-bit Adam state
-    common = dict(max_steps=n, admm_fraction=0.75, admm_interval=2, learning_rate=3e-3, elsa_l=True,
-                  admm_u_dtype="float8_e5m2")
+    common = {"max_steps": n, "admm_fraction": 0.75, "admm_interval": 2, "learning_rate": 3e-3, "elsa_l": True}
+    common["admm_u_dtype"] = "float8_e5m2"
     tiny = {"hidden": 64, "intermediate": 128}
 
     class StopAt(TrainerCallback):
@@ -314,7 +329,8 @@ def test_elsa_l_resume_continues_exactly(tmp_path):
             control.should_training_stop = state.global_step >= n // 2
 
     class RecordState(TrainerCallback):
-        seen = {}
+        def __init__(self):
+            self.seen = {}
 
         def on_step_begin(self, args, state, control, **kwargs):
             if not self.seen:
@@ -333,7 +349,9 @@ def test_elsa_l_resume_continues_exactly(tmp_path):
     straight = make_model("llama", seed=0, **tiny)
     train(straight, elsa_args(tmp_path / "a", **common))
     interrupted = make_model("llama", seed=0, **tiny)
-    train(interrupted, elsa_args(tmp_path / "b", save_strategy="steps", save_steps=n // 2, **common), callbacks=[StopAt()])
+    train(
+        interrupted, elsa_args(tmp_path / "b", save_strategy="steps", save_steps=n // 2, **common), callbacks=[StopAt()]
+    )
     resumed = make_model("llama", seed=1, **tiny)
     record = RecordState()
     train(resumed, elsa_args(tmp_path / "c", **common), str(tmp_path / "b" / "out" / f"checkpoint-{n // 2}"), [record])

@@ -17,7 +17,7 @@ ADMM_INITS = ("magnitude", "wanda", "sparsegpt")
 # ELSA-L (ALGORITHMS.md §5): z in FP8, u in bf16, an 8-bit Adam. bitsandbytes' 8-bit AdamW is the one
 # that also runs on CPU (torchao's AdamW8bit needs torch.compile per tensor shape; docs/memory.md).
 ELSA_L = {"admm_z_dtype": "float8_e4m3fn", "admm_u_dtype": "bfloat16", "optim": "adamw_bnb_8bit"}
-ELSA_L_INSTALL = 'pip install "hf_elsa[elsa_l]"  (or: pip install bitsandbytes)'
+ELSA_L_INSTALL = 'pip install "hf_elsa[elsa-l]"  (or: pip install bitsandbytes)'
 
 # Values of the recipe-controlled fields left at None. "paper" is the ICLR 2026 recipe verbatim;
 # "elsa" is this library's default, which converges within short step budgets (docs/convergence.md).
@@ -119,7 +119,7 @@ class ElsaConfig(TrainingArguments):
             Storage dtype of the scaled dual u, same choices as `admm_z_dtype` (default `"float32"`).
         elsa_l (`bool`, defaults to `False`):
             ELSA-L, the paper's memory-lean variant: z in `float8_e4m3fn`, u in `bfloat16` and bitsandbytes' 8-bit
-            AdamW (`optim="adamw_bnb_8bit"`, needs `pip install "hf_elsa[elsa_l]"`). Fields set explicitly win; a
+            AdamW (`optim="adamw_bnb_8bit"`, needs `pip install "hf_elsa[elsa-l]"`). Fields set explicitly win; a
             `float32` z or u, or a base optimizer that is not 8-bit, contradicts it and raises. About 3 bytes of ADMM
             state per prunable weight instead of 8 (see `hf_elsa.estimate_memory`).
     """
