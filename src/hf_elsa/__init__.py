@@ -6,6 +6,7 @@ from .admm import AdmmSettings, ElsaOptimizer
 from .config import ElsaConfig
 from .evaluation import perplexity
 from .flatness import Sassha
+from .memory import MemoryEstimate, estimate_memory
 from .projection import keep_mask, project
 from .sparse_io import load_sparse_model, sparsity_report
 from .trainer import ElsaTrainer
@@ -15,8 +16,10 @@ __all__ = [
     "ElsaConfig",
     "ElsaOptimizer",
     "ElsaTrainer",
+    "MemoryEstimate",
     "Sassha",
     "__version__",
+    "estimate_memory",
     "keep_mask",
     "load_sparse_model",
     "perplexity",

@@ -27,6 +27,7 @@ import torch
 
 from .curvature import ACT_SUM, ACT_TOKENS, curvature_for, merge_statistics, update_fisher
 from .projection import importance_score, keep_mask, parse_sparsity_type
+from .states import is_scaled, pack, storage_dtype, unpack
 
 try:  # DTensor: parameters sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``)
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
@@ -38,6 +39,8 @@ SPARSITY_SCHEDULES = ("constant", "cubic")
 PENALTIES = ("gradient", "proximal")
 
 Z, U, MASK, STEP, LAMBDA = "elsa_z", "elsa_u", "elsa_mask", "elsa_step", "elsa_lambda"
+# per-tensor FP8 scales of z and u (Python floats, like lambda: load_state_dict's dtype cast leaves them alone)
+SCALE_KEYS = {Z: "elsa_z_scale", U: "elsa_u_scale"}
 
 
 def lambda_at(schedule: str, step: int, total: int, start: float, end: float) -> float:
@@ -139,9 +142,13 @@ class AdmmSettings:
     importance_beta: float = 0.99
     final_projection: bool = True
     keep_mask: bool = False
+    z_dtype: str = "float32"
+    u_dtype: str = "float32"
 
     def __post_init__(self):
         parse_sparsity_type(self.sparsity_type)
+        storage_dtype(self.z_dtype)
+        storage_dtype(self.u_dtype)
         for name, value, allowed in (
             ("penalty", self.penalty, PENALTIES),
             ("lambda_schedule", self.lambda_schedule, LAMBDA_SCHEDULES),
@@ -231,11 +238,14 @@ class ElsaOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict) -> None:
         self.base_optimizer.load_state_dict(state_dict)
         # torch casts every floating-point state tensor to the parameter's dtype on load: undo it
-        # for the mask, which is boolean.
+        # for the mask, which is boolean, and for z and u, which keep their storage dtype.
         for p in self.prunable.values():
             state = self.state.get(p, {})
             if MASK in state and state[MASK].dtype != torch.bool:
                 state[MASK] = _like(_local(state[MASK]).to(torch.bool), state[MASK])
+            for key in (Z, U):
+                if key in state:
+                    self._restore(state, key)
 
     def __repr__(self) -> str:
         return f"ElsaOptimizer({self.base_optimizer.__class__.__name__}, {len(self.prunable)} prunable tensors)"
@@ -290,6 +300,33 @@ class ElsaOptimizer(torch.optim.Optimizer):
         if state is not None and STEP in state:
             return state
         return self._pending.setdefault(p, {})
+
+    # -- z and u storage (hf_elsa.states) -------------------------------------------------------
+    def _storage_dtype(self, key: str) -> torch.dtype:
+        return storage_dtype(self.settings.z_dtype if key == Z else self.settings.u_dtype)
+
+    def _read(self, state: dict, key: str, p: torch.Tensor) -> torch.Tensor:
+        """z or u in ``p``'s dtype (the stored tensor itself when it is stored in that dtype)."""
+        return unpack(state[key], state.get(SCALE_KEYS[key]), p.dtype)
+
+    def _write(self, state: dict, key: str, value: torch.Tensor) -> None:
+        """Store z or u in its storage dtype (``value`` itself when no conversion is needed)."""
+        stored, scale = pack(value, self._storage_dtype(key))
+        state[key] = stored
+        if scale is None:
+            state.pop(SCALE_KEYS[key], None)
+        else:
+            state[SCALE_KEYS[key]] = scale
+
+    def _restore(self, state: dict, key: str) -> None:
+        """Bring a loaded z or u back to its storage dtype after ``load_state_dict``'s cast."""
+        dtype = self._storage_dtype(key)
+        has_scale = SCALE_KEYS[key] in state
+        if has_scale and is_scaled(dtype):
+            state[key] = state[key].to(dtype)  # FP8 codes, exact after the cast to the parameter's dtype
+        elif state[key].dtype != dtype or has_scale:
+            # stored in another format than this run's (e.g. resuming an fp32 run as ELSA-L)
+            self._write(state, key, unpack(state[key], state.get(SCALE_KEYS[key]), torch.float32))
 
     # -- projection -----------------------------------------------------------------------------
     def _score(self, name: str, p: torch.nn.Parameter, values: torch.Tensor) -> torch.Tensor:
@@ -379,7 +416,10 @@ class ElsaOptimizer(torch.optim.Optimizer):
             state = self.state[p]
             state[STEP] = t
             if t < self.admm_steps:
-                state.update({Z: torch.zeros_like(p), U: torch.zeros_like(p), LAMBDA: self.lambda_at(t)})
+                # in the storage format (dtype, FP8 scale key) the checkpoint was written in
+                self._write(state, Z, torch.zeros_like(p))
+                self._write(state, U, torch.zeros_like(p))
+                state[LAMBDA] = self.lambda_at(t)
             elif self.settings.keep_mask or self.settings.final_projection:
                 state[MASK] = torch.ones_like(p, dtype=torch.bool)
             if self.settings.importance == "activation" and t > 0 and self.admm_steps > 0:
@@ -427,7 +467,9 @@ class ElsaOptimizer(torch.optim.Optimizer):
                 else:
                     z = p.detach().clone()
                     _local(z).mul_(self._keep_mask(name, p, _local(z), self.sparsity_at(0)))
-                state.update({Z: z, U: torch.zeros_like(p), LAMBDA: self.lambda_at(0)})
+                self._write(state, Z, z)
+                self._write(state, U, torch.zeros_like(p))
+                state[LAMBDA] = self.lambda_at(0)
 
     def _fix_mask(self, name: str, p: torch.nn.Parameter, state: dict) -> float:
         """Enter the fixed-mask phase: hard-project W (or read its zeros for keep_mask).
@@ -446,7 +488,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
             removed = w.float().masked_fill(mask, 0).square().sum()
             w.masked_fill_(~mask, 0)
             state[MASK] = _like(mask, p)
-        for key in (Z, U, LAMBDA):
+        for key in (Z, U, LAMBDA, *SCALE_KEYS.values()):
             state.pop(key, None)
         return removed
 
@@ -473,7 +515,8 @@ class ElsaOptimizer(torch.optim.Optimizer):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 # grad += lambda (W - z + u), in place (on this process's shards under FSDP2)
-                grad, w, z, u = _local(p.grad), _local(p), _local(st[Z]), _local(st[U])
+                z, u = _local(self._read(st, Z, p)), _local(self._read(st, U, p))
+                grad, w = _local(p.grad), _local(p)
                 grad.add_(w, alpha=st[LAMBDA]).sub_(z, alpha=st[LAMBDA]).add_(u, alpha=st[LAMBDA])
 
         loss = self.base_optimizer.step(closure)
@@ -492,7 +535,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
             elif in_admm and s.penalty == "proximal":
                 # W <- W - eta (W - z + u), as two in-place passes without temporaries
                 eta = st[LAMBDA] / (1.0 + st[LAMBDA])
-                _local(p).lerp_(_local(st[Z]), eta).sub_(_local(st[U]), alpha=eta)
+                _local(p).lerp_(_local(self._read(st, Z, p)), eta).sub_(_local(self._read(st, U, p)), alpha=eta)
 
         if in_admm:
             # every step, not only before projections: a checkpoint (saved by one process under DDP,
@@ -526,21 +569,24 @@ class ElsaOptimizer(torch.optim.Optimizer):
         n = 0
         for name, p in self.prunable.items():
             st = self.state[p]
-            w, z_old, u = _local(p.detach()), _local(st[Z]), _local(st[U])
+            w = _local(p.detach())
+            z_old, u = _local(self._read(st, Z, p)), _local(self._read(st, U, p))
             v = w + u
             mask = self._keep_mask(name, p, v, target)
             off_support = w.float().masked_fill(mask, 0).square().sum()
-            z_new = v.mul_(mask)
+            # u is updated with z as stored, so the penalty and the dual see the same z
+            self._write(st, Z, _like(v.mul_(mask), p))
+            z_new = _local(self._read(st, Z, p))
             flips = ((z_old != 0) != mask).sum()
             dz = (z_new - z_old).float().square().sum()
             u.add_(w - z_new)
             w_minus_z = (w - z_new).float().square().sum()
             sums.add(p, [w.float().square().sum(), w_minus_z, dz, off_support, flips, (w == 0).sum()])
             n += p.numel()
-            st[Z] = _like(z_new, p)
             lam_old = st[LAMBDA]
             if lam_new != lam_old and lam_old > 0 and lam_new > 0:
                 u.mul_(lam_old / lam_new)
+            self._write(st, U, _like(u, p))
             st[LAMBDA] = lam_new
         sq = dict(zip(keys, sums.total()))
         sq["n"] = n

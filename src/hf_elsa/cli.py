@@ -4,6 +4,7 @@
     hf-elsa eval --model OUT [--text FILE ...]
     hf-elsa inspect DIR [--json] [--summary]
     hf-elsa demo [--sparsity 0.5] [--max_steps 60]
+    hf-elsa memory [--model DIR] [--json] [ElsaConfig fields, e.g. --elsa_l true]
 
 Each subcommand is an entry of ``COMMANDS``: ``name -> (add_arguments, run, help)``. ``add_arguments``
 fills the subcommand's ``argparse`` parser; ``run(args)`` does the work and returns the exit status.
@@ -146,6 +147,40 @@ def demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass
+class MemoryArguments:
+    """The model of ``hf-elsa memory``: built from its config on the meta device, no weights loaded."""
+
+    model: str | None = field(default=None, metadata={"help": "Model folder or Hub id (default: SmolLM2-135M)."})
+    json: bool = field(default=False, metadata={"help": "Print the estimate as JSON."})
+
+
+def memory_command(args: argparse.Namespace) -> int:
+    """Predict the memory of an ELSA run: weights, gradients, optimizer and ADMM state (ElsaConfig fields as --options)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser
+
+    from .config import ElsaConfig
+    from .memory import estimate_memory
+
+    parser = HfArgumentParser((MemoryArguments, ElsaConfig), prog="hf-elsa memory")
+    what, config = parser.parse_args_into_dataclasses(args.options)
+    if what.model is None:
+        from .demo import load_smollm2
+
+        model = load_smollm2()[0]
+    else:
+        model_config = AutoConfig.from_pretrained(what.model)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    estimate = estimate_memory(model, config)
+    if what.json:
+        print(json.dumps({"model": what.model or "SmolLM2-135M", **estimate.to_dict()}, indent=2))
+    else:
+        print(f"{what.model or 'SmolLM2-135M'}: {estimate.summary()}")
+    return 0
+
+
 # -- the command table ------------------------------------------------------------------------------
 
 Command = tuple[Callable[[argparse.ArgumentParser], None] | None, Callable[[argparse.Namespace], int], str]
@@ -155,6 +190,7 @@ COMMANDS: dict[str, Command] = {
     "eval": (None, eval_command, "perplexity of a model on held-out text"),
     "inspect": (_inspect_arguments, inspect_command, "print the sparsity report of a saved folder"),
     "demo": (_demo_arguments, demo_command, "prune SmolLM2 on Wikipedia text and compare with baselines"),
+    "memory": (None, memory_command, "predict the memory of an ELSA run (weights, grads, optimizer, ADMM state)"),
 }
 
 

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import importlib.util
+from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
 from .admm import LAMBDA_SCHEDULES, PENALTIES, SPARSITY_SCHEDULES, AdmmSettings
 from .curvature import IMPORTANCES
 from .projection import parse_sparsity_type
+from .states import STORAGE_DTYPES
 
 ADMM_INITS = ("magnitude", "wanda", "sparsegpt")
 BASE_OPTIMIZERS = ("trainer", "sassha")
+
+# ELSA-L (ALGORITHMS.md §5): z in FP8, u in bf16, an 8-bit Adam. bitsandbytes' 8-bit AdamW is the one
+# that also runs on CPU (torchao's AdamW8bit needs torch.compile per tensor shape; docs/memory.md).
+ELSA_L = {"admm_z_dtype": "float8_e4m3fn", "admm_u_dtype": "bfloat16", "optim": "adamw_bnb_8bit"}
+ELSA_L_INSTALL = 'pip install "hf_elsa[elsa-l]"  (or: pip install bitsandbytes)'
 
 # Values of the recipe-controlled fields left at None. "paper" is the ICLR 2026 recipe verbatim;
 # "elsa" is this library's default, which converges within short step budgets (docs/convergence.md).
@@ -37,6 +44,11 @@ RECIPES: dict[str, dict] = {
         "importance": "activation",
     },
 }
+
+
+_DEFAULT_OPTIM = next(f.default for f in fields(TrainingArguments) if f.name == "optim")
+# the package each 8-bit optimizer of TrainingArguments.optim needs (bitsandbytes for the others)
+_OPTIM_PACKAGES = {"adamw_torch_8bit": "torchao", "galore_": "galore_torch", "apollo_": "apollo_torch"}
 
 
 @dataclass
@@ -119,6 +131,17 @@ class ElsaConfig(TrainingArguments):
             SparseGPT, the updated weights): one-shot pruning followed by masked fine-tuning.
         admm_init_samples (`int`, defaults to `128`):
             Number of training blocks used as calibration data by `admm_init`.
+        admm_z_dtype (`str`, *optional*):
+            Storage dtype of z: `"float32"` (default), `"bfloat16"`, `"float8_e4m3fn"` or `"float8_e5m2"`. FP8 keeps one
+            fp32 scale per tensor (`max|z| / fp8_max * 1.05`); z is dequantized on every read and requantized on
+            every write, and its support (`z != 0`) is kept exactly (docs/memory.md).
+        admm_u_dtype (`str`, *optional*):
+            Storage dtype of the scaled dual u, same choices as `admm_z_dtype` (default `"float32"`).
+        elsa_l (`bool`, defaults to `False`):
+            ELSA-L, the paper's memory-lean variant: z in `float8_e4m3fn`, u in `bfloat16` and bitsandbytes' 8-bit
+            AdamW (`optim="adamw_bnb_8bit"`, needs `pip install "hf_elsa[elsa-l]"`). Fields set explicitly win; a
+            `float32` z or u, or a base optimizer that is not 8-bit, contradicts it and raises. About 3 bytes of ADMM
+            state per prunable weight instead of 8 (see `hf_elsa.estimate_memory`).
     """
 
     sparsity: float = field(default=0.7, metadata={"help": "Fraction of zeros per prunable weight, 0 <= s < 1."})
@@ -193,6 +216,18 @@ class ElsaConfig(TrainingArguments):
     )
     admm_init_samples: int = field(
         default=128, metadata={"help": "Training blocks used as calibration data by admm_init."}
+    )
+    admm_z_dtype: str | None = field(
+        default=None,
+        metadata={"help": f"Storage dtype of z: one of {tuple(STORAGE_DTYPES)}. Default float32 (ELSA-L: FP8)."},
+    )
+    admm_u_dtype: str | None = field(
+        default=None,
+        metadata={"help": f"Storage dtype of u: one of {tuple(STORAGE_DTYPES)}. Default float32 (ELSA-L: bf16)."},
+    )
+    elsa_l: bool = field(
+        default=False,
+        metadata={"help": "ELSA-L preset: z float8_e4m3fn, u bfloat16, optim adamw_bnb_8bit (needs bitsandbytes)."},
     )
 
     # TrainingArguments defaults that suit pruning runs (paper: Adam betas (0.9, 0.95), lr 1e-4-2e-4).
@@ -301,6 +336,41 @@ class ElsaConfig(TrainingArguments):
             value = getattr(self, name)
             if isinstance(value, str):
                 setattr(self, name, [value])
+        self._validate_storage()
+
+    def _validate_storage(self) -> None:
+        """Storage dtypes of z and u, and the ELSA-L preset (which also picks the 8-bit base optimizer)."""
+        for name in ("admm_z_dtype", "admm_u_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in STORAGE_DTYPES:
+                raise ValueError(f"ElsaConfig.{name}={value!r}: use one of {tuple(STORAGE_DTYPES)}.")
+            if self.elsa_l and value == "float32":
+                raise ValueError(
+                    f"ElsaConfig.elsa_l=True stores z and u in low precision, but {name}='float32' was set: drop "
+                    f"{name} (ELSA-L uses {ELSA_L[name]!r}), pick another of {tuple(STORAGE_DTYPES)[1:]}, "
+                    "or set elsa_l=False."
+                )
+            if value is None:
+                setattr(self, name, ELSA_L[name] if self.elsa_l else "float32")
+        if not self.elsa_l:
+            return
+        optim = str(getattr(self.optim, "value", self.optim))
+        if optim == _DEFAULT_OPTIM:
+            self.optim = optim = ELSA_L["optim"]
+        elif "8bit" not in optim:
+            raise ValueError(
+                f"ElsaConfig.elsa_l=True uses an 8-bit base optimizer, but optim={optim!r} is not one: leave optim "
+                f"unset ({ELSA_L['optim']!r}), use another 8-bit one (e.g. 'adamw_torch_8bit'), or set elsa_l=False."
+            )
+        package = next((pkg for prefix, pkg in _OPTIM_PACKAGES.items() if optim.startswith(prefix)), "bitsandbytes")
+        if importlib.util.find_spec(package) is None:
+            install = ELSA_L_INSTALL if package == "bitsandbytes" else f"pip install {package}"
+            raise ValueError(f"ElsaConfig.elsa_l=True uses optim={optim!r}, which needs {package}: {install}.")
+        if package == "bitsandbytes" and self.importance == "adam":
+            raise ValueError(
+                f"ElsaConfig.importance='adam' reads Adam's exp_avg_sq, which optim={optim!r} keeps quantized under "
+                "another name: use importance='activation' or 'magnitude' with elsa_l=True."
+            )
 
     def admm_settings(self) -> AdmmSettings:
         """The optimizer wrapper's view of this config."""
@@ -320,4 +390,6 @@ class ElsaConfig(TrainingArguments):
             importance_beta=self.importance_beta,
             final_projection=self.final_projection,
             keep_mask=self.keep_mask,
+            z_dtype=self.admm_z_dtype,
+            u_dtype=self.admm_u_dtype,
         )

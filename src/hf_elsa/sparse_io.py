@@ -245,6 +245,9 @@ def sparsity_metadata(args) -> dict[str, Any]:
             "importance_alpha",
             "final_projection",
             "admm_init",
+            "elsa_l",
+            "admm_z_dtype",
+            "admm_u_dtype",
         )
     }
     return {
