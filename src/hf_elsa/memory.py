@@ -7,7 +7,7 @@ and temporaries (e.g. the dequantized copy of one z while it is read) are not in
 
 Bytes per prunable weight of the ADMM state (docs/memory.md): z + u, ``4 + 4 = 8`` in float32 and
 ``1 + 2 = 3`` with ELSA-L (z FP8, u bf16; their per-tensor scales are Python floats, no tensor memory).
-The activation-aware projection adds two fp32 vectors per layer (``in_features`` each); after the ADMM
+The activation-aware projection adds one fp32 vector per layer (``in_features``); after the ADMM
 phase z and u are replaced by a boolean keep mask (1 byte per weight).
 """
 
@@ -153,9 +153,10 @@ def estimate_memory(model: nn.Module, config) -> MemoryEstimate:
             "u": prunable * bytes_per_element(config.admm_u_dtype),
         }
         if config.importance == "activation":
-            # the merged sum of squared inputs and the not yet merged one, fp32, one per input feature
+            # the merged sum of squared inputs, fp32, one per input feature (each step's new sum is
+            # merged into it within the step)
             inputs = sum(m.weight.shape[0 if is_transposed(m) else 1] for m in modules.values())
-            detail["activation_statistics"] = 2 * 4 * inputs
+            detail["activation_statistics"] = 4 * inputs
     return MemoryEstimate(
         optim=str(getattr(config.optim, "value", config.optim)),
         z_dtype=config.admm_z_dtype,
