@@ -164,13 +164,9 @@ def main(argv=None):
     parser.add_argument("--hessian_interval", type=int, default=10)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="more ElsaConfig fields")
     parser.add_argument("--output_dir", default="elsa_curvature")
-    for name, value in vars(Budget()).items():
-        if isinstance(value, bool):
-            parser.add_argument(f"--{name}", type=lambda v: v.lower() in ("1", "true", "yes"), default=value)
-        elif name != "elsa_overrides":
-            parser.add_argument(f"--{name}", type=type(value) if value is not None else int, default=value)
+    Budget.add_arguments(parser)
     args = parser.parse_args(argv)
-    budget = Budget(**{k: getattr(args, k) for k in vars(Budget()) if k != "elsa_overrides"})
+    budget = Budget.from_args(args)
     overrides = {
         "recipe": args.recipe,
         "base_optimizer": args.base_optimizer,

@@ -27,16 +27,12 @@ def main():
     parser.add_argument("--nm", nargs="*", default=["2:4"], help="N:M patterns to add")
     parser.add_argument("--output_dir", default="elsa_benchmark")
     parser.add_argument("--merge", nargs="+", metavar="DIR", help="only combine the results of these runs")
-    for name, value in vars(Budget()).items():
-        if isinstance(value, bool):
-            parser.add_argument(f"--{name}", type=lambda v: v.lower() in ("1", "true", "yes"), default=value)
-        elif name != "elsa_overrides":
-            parser.add_argument(f"--{name}", type=type(value) if value is not None else int, default=value)
+    Budget.add_arguments(parser)
     args = parser.parse_args()
     if args.merge:
         merge_reports(args.merge, args.output_dir)
         return
-    budget = Budget(**{k: getattr(args, k) for k in vars(Budget()) if k != "elsa_overrides"})
+    budget = Budget.from_args(args)
     train_docs, eval_docs = split_documents(wikipedia_sample(), eval_fraction=0.1, seed=budget.seed)
     run_benchmark(
         load_smollm2,

@@ -45,6 +45,20 @@ class Budget:
     bf16: bool = field(default_factory=torch.cuda.is_available)
     elsa_overrides: dict = field(default_factory=dict)
 
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        """One ``--field`` option per budget field (all but ``elsa_overrides``) on an argparse parser."""
+        for name, value in vars(cls()).items():
+            if isinstance(value, bool):
+                parser.add_argument(f"--{name}", type=lambda v: v.lower() in ("1", "true", "yes"), default=value)
+            elif name != "elsa_overrides":
+                parser.add_argument(f"--{name}", type=type(value) if value is not None else int, default=value)
+
+    @classmethod
+    def from_args(cls, args) -> Budget:
+        """The budget parsed by the options of :meth:`add_arguments`."""
+        return cls(**{k: getattr(args, k) for k in vars(cls()) if k != "elsa_overrides"})
+
 
 @dataclass
 class Result:
