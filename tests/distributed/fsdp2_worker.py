@@ -21,10 +21,12 @@ import transformers
 from hf_elsa.admm import MASK, AdmmSettings, ElsaOptimizer, U, Z
 from hf_elsa.curvature import ActivationStatistics
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, run by torchrun
+from conftest import VOCAB, make_model  # noqa: E402
+
 STEPS = 8
 GLOBAL_BATCH = 4
 SEQ = 16
-VOCAB = 128
 # A checkpoint inside the ADMM phase (z, u, lambda in the state) and one after the mask was fixed.
 RESUME_AT = (3, 6)
 
@@ -57,20 +59,7 @@ CONFIGS = {
 
 
 def build_model(seed: int = 0) -> transformers.PreTrainedModel:
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
-    model.train()
-    return model
+    return make_model("llama", seed=seed).train()
 
 
 def global_batch(step: int) -> torch.Tensor:
