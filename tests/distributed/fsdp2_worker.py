@@ -22,7 +22,7 @@ from hf_elsa.admm import MASK, AdmmSettings, ElsaOptimizer, U, Z
 from hf_elsa.curvature import ActivationStatistics
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, run by torchrun
-from conftest import VOCAB, make_model  # noqa: E402
+from conftest import VOCAB, make_model
 
 STEPS = 8
 GLOBAL_BATCH = 4
