@@ -3,6 +3,7 @@
     python benchmarks/curvature.py --sparsities 0.7 0.9 --max_steps 150 --output_dir docs/curvature
     python benchmarks/curvature.py --importances magnitude hutchinson --sam_rhos 0 2e-4 --base_optimizer sassha
     python benchmarks/curvature.py --sparsities 0.7 --max_steps 2 --eval_windows 2 --importances fisher  # smoke
+    python benchmarks/curvature.py --merge part70 part90 --output_dir all   # combine runs made in parallel
 
 For every sparsity x importance x sam_rho: ElsaTrainer (the default recipe unless --recipe; the same training
 blocks, steps, batch and learning rate for every run), then held-out perplexity. Reports the perplexity and the
@@ -118,6 +119,27 @@ def write_reports(results: Sequence[dict], budget: Budget, overrides: dict, outp
         f.write(markdown_table(results, budget, overrides))
 
 
+def merge_reports(input_dirs: Sequence[str], output_dir: str) -> list[dict]:
+    """Combine the ``results.json`` of grids run in parallel (e.g. one process per sparsity); they must share
+    one budget and one set of overrides."""
+    if not input_dirs:
+        raise ValueError("merge_reports: no input directories given.")
+    runs = []
+    for directory in input_dirs:
+        with open(os.path.join(directory, "results.json")) as f:
+            runs.append(json.load(f))
+    for directory, run in zip(input_dirs, runs):
+        if (run["budget"], run["overrides"]) != (runs[0]["budget"], runs[0]["overrides"]):
+            raise ValueError(
+                f"merge_reports: {directory} was run with another budget or other overrides than "
+                f"{input_dirs[0]}; only runs of one setting can be merged."
+            )
+    results = [r for run in runs for r in run["results"]]
+    os.makedirs(output_dir, exist_ok=True)
+    write_reports(results, Budget(**runs[0]["budget"]), runs[0]["overrides"], output_dir)
+    return results
+
+
 def markdown_table(results: Sequence[dict], budget: Budget, overrides: dict | None = None) -> str:
     """Rows: importance x SAM; per sparsity a perplexity column and a seconds-per-step column."""
     sparsities = list(dict.fromkeys(r["sparsity"] for r in results))
@@ -164,8 +186,12 @@ def main(argv=None):
     parser.add_argument("--hessian_interval", type=int, default=10)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="more ElsaConfig fields")
     parser.add_argument("--output_dir", default="elsa_curvature")
+    parser.add_argument("--merge", nargs="+", metavar="DIR", help="only combine the results of these runs")
     Budget.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.merge:
+        merge_reports(args.merge, args.output_dir)
+        return
     budget = Budget.from_args(args)
     overrides = {
         "recipe": args.recipe,

@@ -95,9 +95,11 @@ class DumpAdmmState(TrainerCallback):
         opt = self.trainer.elsa_optimizer
         if opt is None or not opt.in_admm_phase:
             return
-        self.admm_state = {
-            name: {key: _plain(opt.state_for(name)[key]) for key in (Z, U, LAMBDA, STEP)} for name in opt.prunable
-        }
+        self.admm_state = {}
+        for name in opt.prunable:
+            state = opt.state_for(name)
+            z, u = opt.z_and_u(name)
+            self.admm_state[name] = {Z: _plain(z), U: _plain(u), LAMBDA: state[LAMBDA], STEP: state[STEP]}
 
 
 def _plain(value):

@@ -70,3 +70,24 @@ def test_grid_rejects_bad_combinations_before_any_run(tmp_path):
     with pytest.raises(ValueError, match="importances"):
         script.run_grid(lambda: loads.append(1), DOCS, DOCS, importances=("oracle",), output_dir=str(tmp_path))
     assert not loads
+
+
+def test_merge_combines_parallel_parts_and_refuses_mixed_budgets(tmp_path):
+    script = _script()
+    for part in "abc":
+        (tmp_path / part).mkdir()
+    budget = Budget(max_steps=3, bf16=False)
+    row = {"importance": "fisher", "sam_rho": 0.0, "perplexity": 12.5, "seconds_per_step": 1.5}
+    script.write_reports([{**row, "sparsity": 0.7}], budget, {"recipe": "elsa"}, str(tmp_path / "a"))
+    script.write_reports(
+        [{**row, "sparsity": 0.9, "perplexity": 99.0}], budget, {"recipe": "elsa"}, str(tmp_path / "b")
+    )
+    merged = script.merge_reports([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "all"))
+    assert [r["sparsity"] for r in merged] == [0.7, 0.9]
+    table = (tmp_path / "all" / "results.md").read_text()
+    assert "| fisher | 0 | 12.5 | 1.50 | 99.0 | 1.50 |" in table
+    script.write_reports(
+        [row | {"sparsity": 0.9}], Budget(max_steps=4, bf16=False), {"recipe": "elsa"}, str(tmp_path / "c")
+    )
+    with pytest.raises(ValueError, match="another budget"):
+        script.merge_reports([str(tmp_path / "a"), str(tmp_path / "c")], str(tmp_path / "bad"))

@@ -176,6 +176,70 @@ def test_low_precision_run_tracks_full_precision(penalty):
     assert 0 < rel < 0.05
 
 
+@pytest.mark.parametrize("z_dtype", ["bfloat16", *FP8])
+@pytest.mark.parametrize("u_dtype", ["float32", "bfloat16"])
+def test_narrow_z_reads_back_with_its_residual(z_dtype, u_dtype):
+    """u is zero on z's support, so its slots there hold z's rounding residual: z reads back to within u's
+    rounding of that residual (exactly with an fp32 u), u reads back zero on the support."""
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
+    layer, opt = _optimizer(w, z_dtype, u_dtype)
+    opt.initialize()
+    exact = w * ref_keep_mask(w.abs(), 0.5, "unstructured")
+    z, u = opt.z_and_u("layer")
+    coarse = unpack(opt.state_for("layer")[Z], opt.state_for("layer").get(SCALE_KEYS[Z]))
+    z_eps, u_eps = (torch.finfo(STORAGE_DTYPES[d]).eps for d in (z_dtype, u_dtype))
+    # the stored codes alone are off by up to half of z's epsilon; with the residual, by its square
+    assert float(((coarse - exact).abs() / exact.abs().clamp_min(1e-30)).max()) > z_eps / 4
+    if u_dtype == "float32":
+        assert torch.equal(z, exact)
+    else:
+        assert bool(((z - exact).abs() <= exact.abs() * (z_eps / 2) * (u_eps / 2) * 1.01).all())
+    assert torch.equal(u, torch.zeros_like(u))
+    for t in range(4):
+        _step(layer, opt, t)
+        z, u = opt.z_and_u("layer")
+        assert torch.equal(u[z != 0], torch.zeros_like(u[z != 0])) and float(u.abs().max()) > 0
+
+
+def test_fp8_z_with_fp32_u_follows_the_fp32_trajectory():
+    """With the residual in an fp32 u, an FP8 z is as good as an fp32 one: the runs agree to rounding."""
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for z_dtype in ("float32", "float8_e4m3fn"):
+        layer, opt = _optimizer(w, z_dtype, "float32", penalty="proximal")
+        for t in range(10):
+            _step(layer, opt, t)
+        runs[z_dtype] = layer.weight.detach().clone()
+    torch.testing.assert_close(runs["float8_e4m3fn"], runs["float32"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("saved", "loaded"), [("float32", "float8_e4m3fn"), ("float8_e4m3fn", "float32")])
+def test_state_converts_between_storage_formats_on_load(saved, loaded):
+    """Resuming an fp32 run as ELSA-L (or back): z and u keep their values, in the new run's format."""
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
+    layer, opt = _optimizer(w, saved, "bfloat16" if saved != "float32" else "float32")
+    for t in range(3):
+        _step(layer, opt, t)
+    z_saved, u_saved = opt.z_and_u("layer")
+    layer2, opt2 = _optimizer(w, loaded, "bfloat16" if loaded != "float32" else "float32")
+    with torch.no_grad():
+        layer2.weight.copy_(layer.weight)
+    opt2.load_state_dict(opt.state_dict())
+    st = opt2.state_for("layer")
+    assert st[Z].dtype == STORAGE_DTYPES[loaded] and (SCALE_KEYS[Z] in st) == (loaded != "float32")
+    z, u = opt2.z_and_u("layer")
+    if loaded == "float32":  # fp32 holds the decoded values exactly
+        assert torch.equal(z, z_saved) and torch.equal(u, u_saved)
+    else:  # z to bf16-of-its-residual precision, u to bf16's
+        torch.testing.assert_close(z, z_saved, rtol=2**-12, atol=0)  # e4m3 eps/2 * bf16 eps/2
+        # the fp32 run's u carries rounding noise on the support (u + W - (W + u)); the new format drops it
+        off = z_saved == 0
+        torch.testing.assert_close(u[off], u_saved[off], rtol=2**-8, atol=0)
+        assert torch.equal(u[~off], torch.zeros_like(u[~off]))
+    assert torch.equal(z != 0, z_saved != 0)
+    _step(layer2, opt2, 3)  # and the run goes on from there
+
+
 # ---------------------------------------------------------------------------------------------------
 # several processes: one scale per tensor (max over ranks)
 # ---------------------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ PENALTIES = ("gradient", "proximal")
 Z, U, MASK, STEP, LAMBDA = "elsa_z", "elsa_u", "elsa_mask", "elsa_step", "elsa_lambda"
 # per-tensor FP8 scales of z and u (Python floats, like lambda: load_state_dict's dtype cast leaves them alone)
 SCALE_KEYS = {Z: "elsa_z_scale", U: "elsa_u_scale"}
+# True when u's slots on z's support hold z's rounding residual (z stored in a narrow dtype)
+RESIDUAL = "elsa_u_holds_z_residual"
 
 
 def lambda_at(schedule: str, step: int, total: int, start: float, end: float) -> float:
@@ -243,9 +245,8 @@ class ElsaOptimizer(torch.optim.Optimizer):
             state = self.state.get(p, {})
             if MASK in state and state[MASK].dtype != torch.bool:
                 state[MASK] = _like(_local(state[MASK]).to(torch.bool), state[MASK])
-            for key in (Z, U):
-                if key in state:
-                    self._restore(state, key)
+            if Z in state:
+                self._restore(state, p)
 
     def __repr__(self) -> str:
         return f"ElsaOptimizer({self.base_optimizer.__class__.__name__}, {len(self.prunable)} prunable tensors)"
@@ -294,6 +295,11 @@ class ElsaOptimizer(torch.optim.Optimizer):
         """ELSA state of the prunable weight ``name`` (usable before the first step)."""
         return self._state(self.prunable[name])
 
+    def z_and_u(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-precision z and u of the prunable weight ``name`` (during the ADMM phase), whatever their storage."""
+        p = self.prunable[name]
+        return self._read_z_u(self._state(p), p)
+
     def _state(self, p: torch.nn.Parameter) -> dict:
         """ELSA state of ``p``: in the base optimizer's state once it has one, pending before."""
         state = self.state.get(p)
@@ -302,12 +308,25 @@ class ElsaOptimizer(torch.optim.Optimizer):
         return self._pending.setdefault(p, {})
 
     # -- z and u storage (hf_elsa.states) -------------------------------------------------------
+    # u is exactly zero on z's support (a z-update sets z = W + u there, so u + W - z = 0) and z is zero
+    # off it: when z is stored in a narrow dtype, u's slots on the support hold z's rounding residual
+    # instead. z then reads back at u's precision on top of z's (fp8 + bf16 residual ~ 13 mantissa bits)
+    # at no extra memory; the proximal pull would otherwise snap the kept weights onto z's coarse grid.
     def _storage_dtype(self, key: str) -> torch.dtype:
         return storage_dtype(self.settings.z_dtype if key == Z else self.settings.u_dtype)
 
     def _read(self, state: dict, key: str, p: torch.Tensor) -> torch.Tensor:
-        """z or u in ``p``'s dtype (the stored tensor itself when it is stored in that dtype)."""
+        """The stored z or u codes in ``p``'s dtype (the stored tensor itself when no conversion is needed)."""
         return unpack(state[key], state.get(SCALE_KEYS[key]), p.dtype)
+
+    def _read_z_u(self, state: dict, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z and u in ``p``'s dtype, z's residual (stored in u's slots on its support) added back."""
+        z, u = self._read(state, Z, p), self._read(state, U, p)
+        if not state.get(RESIDUAL):
+            return z, u
+        zl, ul = _local(z), _local(u)
+        support = zl != 0
+        return _like(zl + ul.masked_fill(~support, 0), p), _like(ul.masked_fill(support, 0), p)
 
     def _write(self, state: dict, key: str, value: torch.Tensor) -> None:
         """Store z or u in its storage dtype (``value`` itself when no conversion is needed)."""
@@ -318,15 +337,24 @@ class ElsaOptimizer(torch.optim.Optimizer):
         else:
             state[SCALE_KEYS[key]] = scale
 
-    def _restore(self, state: dict, key: str) -> None:
-        """Bring a loaded z or u back to its storage dtype after ``load_state_dict``'s cast."""
-        dtype = self._storage_dtype(key)
-        has_scale = SCALE_KEYS[key] in state
-        if has_scale and is_scaled(dtype):
-            state[key] = state[key].to(dtype)  # FP8 codes, exact after the cast to the parameter's dtype
-        elif state[key].dtype != dtype or has_scale:
-            # stored in another format than this run's (e.g. resuming an fp32 run as ELSA-L)
-            self._write(state, key, unpack(state[key], state.get(SCALE_KEYS[key]), torch.float32))
+    def _write_z_u(self, state: dict, z: torch.Tensor, u: torch.Tensor) -> None:
+        """Store z and u (full precision, u zero on z's support) in their storage dtypes."""
+        self._write(state, Z, z)
+        state[RESIDUAL] = self._storage_dtype(Z) != torch.float32
+        if state[RESIDUAL]:
+            zq = _local(self._read(state, Z, z))
+            u = _like(torch.where(zq != 0, _local(z) - zq, _local(u)), u)
+        self._write(state, U, u)
+
+    def _restore(self, state: dict, p: torch.Tensor) -> None:
+        """Bring a loaded z and u back to their storage formats after ``load_state_dict`` cast them to ``p``'s dtype."""
+        scales_match = all((SCALE_KEYS[key] in state) == is_scaled(self._storage_dtype(key)) for key in (Z, U))
+        same_format = scales_match and bool(state.get(RESIDUAL)) == (self._storage_dtype(Z) != torch.float32)
+        if same_format:
+            for key in (Z, U):  # exact: the cast to p's dtype widened the stored codes
+                state[key] = _like(_local(state[key]).to(self._storage_dtype(key)), state[key])
+        else:  # written in another format than this run's (e.g. resuming an fp32 run as ELSA-L)
+            self._write_z_u(state, *self._read_z_u(state, p))
 
     # -- projection -----------------------------------------------------------------------------
     def _score(self, name: str, p: torch.nn.Parameter, values: torch.Tensor) -> torch.Tensor:
@@ -417,8 +445,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
             state[STEP] = t
             if t < self.admm_steps:
                 # in the storage format (dtype, FP8 scale key) the checkpoint was written in
-                self._write(state, Z, torch.zeros_like(p))
-                self._write(state, U, torch.zeros_like(p))
+                self._write_z_u(state, torch.zeros_like(p), torch.zeros_like(p))
                 state[LAMBDA] = self.lambda_at(t)
             elif self.settings.keep_mask or self.settings.final_projection:
                 state[MASK] = torch.ones_like(p, dtype=torch.bool)
@@ -467,8 +494,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
                 else:
                     z = p.detach().clone()
                     _local(z).mul_(self._keep_mask(name, p, _local(z), self.sparsity_at(0)))
-                self._write(state, Z, z)
-                self._write(state, U, torch.zeros_like(p))
+                self._write_z_u(state, z, torch.zeros_like(p))
                 state[LAMBDA] = self.lambda_at(0)
 
     def _fix_mask(self, name: str, p: torch.nn.Parameter, state: dict) -> float:
@@ -515,7 +541,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 # grad += lambda (W - z + u), in place (on this process's shards under FSDP2)
-                z, u = _local(self._read(st, Z, p)), _local(self._read(st, U, p))
+                z, u = map(_local, self._read_z_u(st, p))
                 grad, w = _local(p.grad), _local(p)
                 grad.add_(w, alpha=st[LAMBDA]).sub_(z, alpha=st[LAMBDA]).add_(u, alpha=st[LAMBDA])
 
@@ -533,9 +559,10 @@ class ElsaOptimizer(torch.optim.Optimizer):
             if MASK in st:
                 _local(p).masked_fill_(~_local(st[MASK]), 0)
             elif in_admm and s.penalty == "proximal":
-                # W <- W - eta (W - z + u), as two in-place passes without temporaries
+                # W <- W - eta (W - z + u), in place
                 eta = st[LAMBDA] / (1.0 + st[LAMBDA])
-                _local(p).lerp_(_local(self._read(st, Z, p)), eta).sub_(_local(self._read(st, U, p)), alpha=eta)
+                z, u = map(_local, self._read_z_u(st, p))
+                _local(p).lerp_(z, eta).sub_(u, alpha=eta)
 
         if in_admm:
             # every step, not only before projections: a checkpoint (saved by one process under DDP,
@@ -553,10 +580,12 @@ class ElsaOptimizer(torch.optim.Optimizer):
             total = math.sqrt(removed + norm_sq)
             self.final_removed = math.sqrt(removed) / max(total, 1e-30)
             # keep the last ADMM diagnostics: they describe the state the mask was fixed in
-            self.metrics.update({
-                "elsa/final_projection_removed": self.final_removed,
-                "elsa/weight_sparsity": zeros / sum(p.numel() for p in self.prunable.values()),
-            })
+            self.metrics.update(
+                {
+                    "elsa/final_projection_removed": self.final_removed,
+                    "elsa/weight_sparsity": zeros / sum(p.numel() for p in self.prunable.values()),
+                }
+            )
         return loss
 
     @torch.no_grad()
@@ -570,23 +599,22 @@ class ElsaOptimizer(torch.optim.Optimizer):
         for name, p in self.prunable.items():
             st = self.state[p]
             w = _local(p.detach())
-            z_old, u = _local(self._read(st, Z, p)), _local(self._read(st, U, p))
+            z_old, u = map(_local, self._read_z_u(st, p))
             v = w + u
             mask = self._keep_mask(name, p, v, target)
             off_support = w.float().masked_fill(mask, 0).square().sum()
-            # u is updated with z as stored, so the penalty and the dual see the same z
-            self._write(st, Z, _like(v.mul_(mask), p))
-            z_new = _local(self._read(st, Z, p))
+            z_new = v.mul_(mask)
             flips = ((z_old != 0) != mask).sum()
-            dz = (z_new - z_old).float().square().sum()
-            u.add_(w - z_new)
-            w_minus_z = (w - z_new).float().square().sum()
-            sums.add(p, [w.float().square().sum(), w_minus_z, dz, off_support, flips, (w == 0).sum()])
-            n += p.numel()
+            u.add_(w - z_new)  # zero on the support
             lam_old = st[LAMBDA]
             if lam_new != lam_old and lam_old > 0 and lam_new > 0:
                 u.mul_(lam_old / lam_new)
-            self._write(st, U, _like(u, p))
+            self._write_z_u(st, _like(z_new, p), _like(u, p))
+            z_new = _local(self._read_z_u(st, p)[0])  # as stored: what the penalty will use
+            dz = (z_new - z_old).float().square().sum()
+            w_minus_z = (w - z_new).float().square().sum()
+            sums.add(p, [w.float().square().sum(), w_minus_z, dz, off_support, flips, (w == 0).sum()])
+            n += p.numel()
             st[LAMBDA] = lam_new
         sq = dict(zip(keys, sums.total()))
         sq["n"] = n

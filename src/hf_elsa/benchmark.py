@@ -33,13 +33,15 @@ LABELS = {
 class Budget:
     """What each method may spend. Training methods get identical steps, batches and learning rate."""
 
-    max_steps: int = 150
+    # defaults: ~150 steps of 4 x 256 tokens on a GPU; on a CPU the budget that runs in ~1.5 hours on
+    # 2 cores (docs/benchmarks.md measured it): 100 steps of 4 x 64 tokens, 16 evaluation windows
+    max_steps: int = field(default_factory=lambda: 150 if torch.cuda.is_available() else 100)
     batch_size: int = 4
-    block_size: int = 256
+    block_size: int = field(default_factory=lambda: 256 if torch.cuda.is_available() else 64)
     learning_rate: float = 1e-4
     calibration_samples: int = 128
     eval_seqlen: int = 512
-    eval_windows: int | None = 64
+    eval_windows: int | None = field(default_factory=lambda: 64 if torch.cuda.is_available() else 16)
     seed: int = 0
     # bf16 autocast only on GPU: on CPUs without native bf16 it is ~25x slower than fp32 (measured here)
     bf16: bool = field(default_factory=torch.cuda.is_available)

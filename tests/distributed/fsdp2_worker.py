@@ -45,6 +45,16 @@ CONFIGS = {
     "2:4-adam-gradient": AdmmSettings(
         sparsity_type="2:4", interval=2, penalty="gradient", lambda_final=0.05, admm_fraction=0.5, importance="adam"
     ),
+    # ELSA-L storage: FP8 z (one scale per tensor, max-reduced over the shards) with its residual in a bf16 u
+    "unstructured-elsa-l-proximal": AdmmSettings(
+        sparsity=0.7,
+        interval=1,
+        penalty="proximal",
+        lambda_final=1.0,
+        admm_fraction=0.5,
+        z_dtype="float8_e4m3fn",
+        u_dtype="bfloat16",
+    ),
     "row-magnitude-gradient": AdmmSettings(
         sparsity=0.5,
         sparsity_type="row",
