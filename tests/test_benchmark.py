@@ -81,3 +81,16 @@ def test_merge_reports_combines_parallel_parts_and_rejects_mixed_budgets(tmp_pat
     write_reports(part2, Budget(max_steps=4, bf16=False), str(tmp_path / "b"))
     with pytest.raises(ValueError, match="different budget"):
         merge_reports([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "all"))
+
+
+def test_table_columns_are_sparsities_ascending_then_nm_patterns():
+    from hf_elsa.benchmark import Result, markdown_table
+
+    results = [
+        Result("elsa", "2:4", 0.5, 80.0, 1.0, 0.5),
+        Result("elsa", "unstructured", 0.9, 900.0, 1.0, 0.9),
+        Result("elsa", "unstructured", 0.5, 30.0, 1.0, 0.5),
+    ]
+    table = markdown_table(results, Budget(max_steps=3, bf16=False))
+    assert "| method | 50% | 90% | 2:4 | seconds (total) |" in table
+    assert "| ELSA | 30.0 | 900.0 | 80.0 | 3 |" in table

@@ -215,10 +215,9 @@ def _column(r: Result) -> str:
 
 
 def markdown_table(results: Sequence[Result], budget: Budget) -> str:
-    columns: list[str] = []
-    for r in results:
-        if r.method != "dense" and _column(r) not in columns:
-            columns.append(_column(r))
+    # unstructured sparsities ascending, then N:M patterns (merged parts may list them in any order)
+    ordered = sorted((r for r in results if r.method != "dense"), key=lambda r: (":" in r.sparsity_type, r.sparsity))
+    columns = list(dict.fromkeys(_column(r) for r in ordered))
     dense = next((r.perplexity for r in results if r.method == "dense"), None)
     lines = [
         f"Held-out perplexity ({budget.eval_seqlen}-token windows; training methods: {budget.max_steps} steps of "
