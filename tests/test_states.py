@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import ref_keep_mask
 
-from hf_elsa.admm import SCALE_KEYS, AdmmSettings, ElsaOptimizer
+from hf_elsa.admm import RESIDUAL, SCALE_KEYS, AdmmSettings, ElsaOptimizer
 from hf_elsa.states import STORAGE_DTYPES, pack, smallest_subnormal, unpack
 
 FP8 = ("float8_e4m3fn", "float8_e5m2")
@@ -199,6 +199,17 @@ def test_narrow_z_reads_back_with_its_residual(z_dtype, u_dtype):
         _step(layer, opt, t)
         z, u = opt.z_and_u("layer")
         assert torch.equal(u[z != 0], torch.zeros_like(u[z != 0])) and float(u.abs().max()) > 0
+
+
+def test_fixed_mask_drops_every_admm_storage_key():
+    """After the ADMM phase only the boolean mask remains: z, u, their scales and the residual flag are gone."""
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
+    layer, opt = _optimizer(w, "float8_e4m3fn", "bfloat16", admm_fraction=0.1)
+    for t in range(6):
+        _step(layer, opt, t)
+    st = opt.state[layer.weight]
+    assert st["elsa_mask"].dtype == torch.bool
+    assert not {Z, U, RESIDUAL, *SCALE_KEYS.values()} & set(st)
 
 
 def test_fp8_z_with_fp32_u_follows_the_fp32_trajectory():

@@ -315,6 +315,11 @@ class ElsaOptimizer(torch.optim.Optimizer):
     def _storage_dtype(self, key: str) -> torch.dtype:
         return storage_dtype(self.settings.z_dtype if key == Z else self.settings.u_dtype)
 
+    @property
+    def _z_residual_in_u(self) -> bool:
+        """Whether this run stores z's rounding residual in u (z narrower than float32)."""
+        return self._storage_dtype(Z) != torch.float32
+
     def _read(self, state: dict, key: str, p: torch.Tensor) -> torch.Tensor:
         """The stored z or u codes in ``p``'s dtype (the stored tensor itself when no conversion is needed)."""
         return unpack(state[key], state.get(SCALE_KEYS[key]), p.dtype)
@@ -340,7 +345,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
     def _write_z_u(self, state: dict, z: torch.Tensor, u: torch.Tensor) -> None:
         """Store z and u (full precision, u zero on z's support) in their storage dtypes."""
         self._write(state, Z, z)
-        state[RESIDUAL] = self._storage_dtype(Z) != torch.float32
+        state[RESIDUAL] = self._z_residual_in_u
         if state[RESIDUAL]:
             zq = _local(self._read(state, Z, z))
             u = _like(torch.where(zq != 0, _local(z) - zq, _local(u)), u)
@@ -349,7 +354,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
     def _restore(self, state: dict, p: torch.Tensor) -> None:
         """Bring a loaded z and u back to their storage formats after ``load_state_dict`` cast them to ``p``'s dtype."""
         scales_match = all((SCALE_KEYS[key] in state) == is_scaled(self._storage_dtype(key)) for key in (Z, U))
-        same_format = scales_match and bool(state.get(RESIDUAL)) == (self._storage_dtype(Z) != torch.float32)
+        same_format = scales_match and bool(state.get(RESIDUAL)) == self._z_residual_in_u
         if same_format:
             for key in (Z, U):  # exact: the cast to p's dtype widened the stored codes
                 state[key] = _like(_local(state[key]).to(self._storage_dtype(key)), state[key])
@@ -514,7 +519,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
             removed = w.float().masked_fill(mask, 0).square().sum()
             w.masked_fill_(~mask, 0)
             state[MASK] = _like(mask, p)
-        for key in (Z, U, LAMBDA, *SCALE_KEYS.values()):
+        for key in (Z, U, LAMBDA, RESIDUAL, *SCALE_KEYS.values()):
             state.pop(key, None)
         return removed
 
