@@ -22,8 +22,8 @@ import torch
 from transformers import HfArgumentParser
 
 from hf_elsa import ElsaConfig, ElsaTrainer, perplexity, sparsity_report
-from hf_elsa.data import split_documents, token_blocks, tokenize_documents, wikipedia_sample
-from hf_elsa.demo import load_smollm2
+from hf_elsa.data import token_blocks, tokenize_documents
+from hf_elsa.demo import load_smollm2, wikipedia_split
 from hf_elsa.projection import project
 from hf_elsa.targets import find_prunable_modules
 
@@ -42,7 +42,7 @@ def main(argv=None):
     run, args = parser.parse_args_into_dataclasses(argv)
     torch.manual_seed(args.seed)
     model, tok = load_smollm2()
-    train_docs, eval_docs = split_documents(wikipedia_sample(), eval_fraction=0.1, seed=0)
+    train_docs, eval_docs = wikipedia_split(0)
     eval_ids = tokenize_documents(eval_docs, tok)
     result = {"method": run.method, "tag": run.tag, "sparsity": args.sparsity, "steps": args.max_steps}
     step_time = None

@@ -200,10 +200,9 @@ def main(argv=None):
     }
     overrides.update(dict(_parse_override(item) for item in args.set))
 
-    from hf_elsa.data import split_documents, wikipedia_sample
-    from hf_elsa.demo import load_smollm2
+    from hf_elsa.demo import load_smollm2, wikipedia_split
 
-    train_docs, eval_docs = split_documents(wikipedia_sample(), eval_fraction=0.1, seed=budget.seed)
+    train_docs, eval_docs = wikipedia_split(budget.seed)
     run_grid(
         load_smollm2,
         train_docs,

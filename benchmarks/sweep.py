@@ -16,8 +16,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hf_elsa.benchmark import METHODS, Budget, merge_reports, run_benchmark
-from hf_elsa.data import split_documents, wikipedia_sample
-from hf_elsa.demo import load_smollm2
+from hf_elsa.demo import load_smollm2, wikipedia_split
 
 
 def main():
@@ -33,7 +32,7 @@ def main():
         merge_reports(args.merge, args.output_dir)
         return
     budget = Budget.from_args(args)
-    train_docs, eval_docs = split_documents(wikipedia_sample(), eval_fraction=0.1, seed=budget.seed)
+    train_docs, eval_docs = wikipedia_split(budget.seed)
     run_benchmark(
         load_smollm2,
         train_docs,

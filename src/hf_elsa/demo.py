@@ -61,6 +61,15 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
+def wikipedia_split(seed: int = 0) -> tuple[list[str], list[str]]:
+    """The embedded default's text: the gensim Wikipedia sample split by article, 10% held out for evaluation.
+
+    One definition for the demo and every benchmark, so their perplexities are measured on the same text.
+    """
+    from .data import split_documents, wikipedia_sample
+
+    return split_documents(wikipedia_sample(), eval_fraction=0.1, seed=seed)
+
 
 def run_demo(
     sparsity: float = 0.5,
@@ -78,12 +87,11 @@ def run_demo(
     model is saved to ``output_dir``. A short version of ``benchmarks/sweep.py``.
     """
     from .benchmark import Budget, run_benchmark
-    from .data import split_documents, wikipedia_sample
 
     print(f"[hf_elsa demo] SmolLM2-135M to {100 * sparsity:.0f}% sparsity on Wikipedia text "
           f"({max_steps} ELSA steps of {batch_size}x{block_size} tokens)")
     _, tokenizer = load_smollm2()  # converts the GGUF file once, before the clock of any method starts
-    train_docs, eval_docs = split_documents(wikipedia_sample(), eval_fraction=0.1, seed=seed)
+    train_docs, eval_docs = wikipedia_split(seed)
     budget = Budget(max_steps=max_steps, batch_size=batch_size, block_size=block_size, eval_windows=eval_windows,
                     calibration_samples=calibration_samples, seed=seed)
 
