@@ -26,7 +26,9 @@ import torch
 
 from hf_elsa import ElsaConfig, ElsaTrainer, perplexity, sparsity_report
 from hf_elsa.benchmark import Budget
-from hf_elsa.curvature import IMPORTANCES
+from hf_elsa.curvature import ESTIMATORS
+
+IMPORTANCES = tuple(ESTIMATORS)
 from hf_elsa.data import token_blocks, tokenize_documents
 
 

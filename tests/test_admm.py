@@ -1,4 +1,4 @@
-"""ElsaOptimizer (ADMM around a base optimizer) and the schedules, against hand computations (ALGORITHMS.md §1-2).
+"""ElsaOptimizer (ADMM around a base optimizer) and the schedules, against hand computations.
 
 A reference ADMM is written here from the spec for a plain-SGD base optimizer (no momentum), where one
 step is W <- W - lr * grad, so every quantity can be computed by hand.
@@ -14,7 +14,7 @@ import torch
 from conftest import ref_keep_mask, ref_project
 from torch import nn
 
-from hf_elsa import AdmmSettings, ElsaOptimizer
+from hf_elsa import ElsaOptimizer, ElsaSettings
 from hf_elsa.admm import lambda_at, sparsity_at
 
 Z, U, MASK, STEP, LAMBDA = "elsa_z", "elsa_u", "elsa_mask", "elsa_step", "elsa_lambda"
@@ -84,16 +84,17 @@ def _grads(n, shape, seed=1):
 
 def _elsa(layer, base, total_steps=20, **settings):
     defaults = {
+        "recipe": "paper",
         "sparsity": 0.5,
-        "interval": 3,
-        "penalty": "gradient",
-        "lambda_schedule": "constant",
-        "lambda_final": 0.5,
+        "admm_interval": 3,
+        "admm_penalty": "gradient",
+        "admm_lambda_schedule": "constant",
+        "admm_lambda": 0.5,
         "sparsity_schedule": "constant",
         "admm_fraction": 1.0,
     }
     defaults.update(settings)
-    return ElsaOptimizer(base, {"layer": layer.weight}, AdmmSettings(**defaults), total_steps=total_steps)
+    return ElsaOptimizer(base, {"layer": layer.weight}, ElsaSettings(**defaults), total_steps=total_steps)
 
 
 def _step_with_grad(opt, param, grad):
@@ -134,7 +135,7 @@ def test_gradient_penalty_first_step_sgd():
     layer = _linear()
     w0 = layer.weight.detach().clone()
     lr, lam, s = 0.1, 0.5, 0.5
-    opt = _elsa(layer, torch.optim.SGD(layer.parameters(), lr=lr), sparsity=s, lambda_final=lam)
+    opt = _elsa(layer, torch.optim.SGD(layer.parameters(), lr=lr), sparsity=s, admm_lambda=lam)
     g = _grads(1, w0.shape)[0]
     _step_with_grad(opt, layer.weight, g)
 
@@ -156,7 +157,7 @@ def test_gradient_penalty_when_grad_is_none():
     """A prunable weight without a task gradient still gets the penalty."""
     layer = _linear()
     w0 = layer.weight.detach().clone()
-    opt = _elsa(layer, torch.optim.SGD(layer.parameters(), lr=0.1), lambda_final=1.0)
+    opt = _elsa(layer, torch.optim.SGD(layer.parameters(), lr=0.1), admm_lambda=1.0)
     layer.weight.grad = None
     opt.step()
     torch.testing.assert_close(layer.weight.detach(), w0 - 0.1 * (w0 - ref_project(w0, 0.5)), rtol=0, atol=1e-6)
@@ -166,7 +167,7 @@ def test_cubic_sparsity_ramp_starts_z0_dense():
     """With the cubic ramp the z0 target is 0% sparse: z0 = W0, so the first penalty is zero."""
     layer = _linear()
     w0 = layer.weight.detach().clone()
-    opt = _elsa(layer, torch.optim.SGD(layer.parameters(), lr=0.1), sparsity_schedule="cubic", lambda_final=1.0)
+    opt = _elsa(layer, torch.optim.SGD(layer.parameters(), lr=0.1), sparsity_schedule="cubic", admm_lambda=1.0)
     g = _grads(1, w0.shape)[0]
     _step_with_grad(opt, layer.weight, g)
     torch.testing.assert_close(layer.weight.detach(), w0 - 0.1 * g, rtol=0, atol=1e-6)
@@ -180,7 +181,7 @@ def test_adam_base_first_step():
     w0 = layer.weight.detach().clone()
     lr, lam, s = 1e-2, 0.3, 0.5
     base = torch.optim.Adam(layer.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8)
-    opt = _elsa(layer, base, sparsity=s, lambda_final=lam)
+    opt = _elsa(layer, base, sparsity=s, admm_lambda=lam)
     g = _grads(1, w0.shape)[0] * 1e-2
     _step_with_grad(opt, layer.weight, g)
 
@@ -195,7 +196,7 @@ def test_proximal_penalty_first_step():
     layer = _linear()
     w0 = layer.weight.detach().clone()
     lr, lam, s = 0.1, 0.5, 0.5
-    opt = _elsa(layer, torch.optim.SGD(layer.parameters(), lr=lr), sparsity=s, lambda_final=lam, penalty="proximal")
+    opt = _elsa(layer, torch.optim.SGD(layer.parameters(), lr=lr), sparsity=s, admm_lambda=lam, admm_penalty="proximal")
     g = _grads(1, w0.shape)[0]
     _step_with_grad(opt, layer.weight, g)
     z0 = ref_project(w0, s)
@@ -219,10 +220,10 @@ def test_trajectory_matches_reference(penalty, sparsity_type):
         torch.optim.SGD(layer.parameters(), lr=lr),
         total_steps=total,
         sparsity=s,
-        interval=interval,
-        lambda_final=lam,
+        admm_interval=interval,
+        admm_lambda=lam,
         admm_fraction=fraction,
-        penalty=penalty,
+        admm_penalty=penalty,
         sparsity_type=sparsity_type,
     )
     grads = _grads(total, w0.shape, seed=7)
@@ -246,7 +247,7 @@ def test_exactly_sparse_after_admm_steps_and_mask_stays_fixed():
         torch.optim.Adam(layer.parameters(), lr=1e-2),
         total_steps=total,
         sparsity=s,
-        interval=2,
+        admm_interval=2,
         admm_fraction=fraction,
     )
     grads = _grads(total, layer.weight.shape, seed=3)
@@ -270,7 +271,7 @@ def test_exactly_sparse_after_admm_steps_and_mask_stays_fixed():
 
 
 def test_final_hard_projection_is_of_w_not_z():
-    """End of ADMM: W <- Proj(W) (ALGORITHMS.md §2), not W <- z."""
+    """End of ADMM: W <- Proj(W), not W <- z."""
     layer = _linear(out_f=4, in_f=8)
     lr, s = 0.1, 0.5
     opt = _elsa(
@@ -278,8 +279,8 @@ def test_final_hard_projection_is_of_w_not_z():
         torch.optim.SGD(layer.parameters(), lr=lr),
         total_steps=4,
         sparsity=s,
-        interval=1,
-        lambda_final=0.01,
+        admm_interval=1,
+        admm_lambda=0.01,
         admm_fraction=1.0,
     )
     grads = _grads(4, layer.weight.shape, seed=11)
@@ -316,7 +317,7 @@ def test_metrics_follow_their_definitions():
     """Logged diagnostics after a z-update: lambda, ||W - z|| / ||W||, mask change between consecutive z,
     fraction of exact zeros in W."""
     layer = _linear(out_f=8, in_f=8)
-    opt = _elsa(layer, torch.optim.SGD(layer.parameters(), lr=0.5), total_steps=20, interval=1, lambda_final=0.3)
+    opt = _elsa(layer, torch.optim.SGD(layer.parameters(), lr=0.5), total_steps=20, admm_interval=1, admm_lambda=0.3)
     grads = _grads(3, layer.weight.shape, seed=13)
     _step_with_grad(opt, layer.weight, grads[0])
     for g in grads[1:]:
@@ -345,10 +346,10 @@ def test_dual_rescaled_when_lambda_changes(schedule, lam0, lam1):
         torch.optim.SGD(layer.parameters(), lr=0.1),
         total_steps=12,
         sparsity=s,
-        interval=1,
-        lambda_schedule=schedule,
-        lambda_init=lam0,
-        lambda_final=lam1,
+        admm_interval=1,
+        admm_lambda_schedule=schedule,
+        admm_lambda_init=lam0,
+        admm_lambda=lam1,
         admm_fraction=1.0,
     )
     grads = _grads(11, layer.weight.shape, seed=5)
@@ -372,16 +373,16 @@ def test_dual_rescaled_when_lambda_changes(schedule, lam0, lam1):
 
 
 def test_lambda_from_zero_does_not_zero_the_dual():
-    """Known defect of the released code (ALGORITHMS.md §2): a schedule from 0 zeroes u through the rescale."""
+    """Known defect of the released code: a schedule from 0 zeroes u through the rescale."""
     layer = _linear()
     opt = _elsa(
         layer,
         torch.optim.SGD(layer.parameters(), lr=0.1),
         total_steps=10,
-        interval=1,
-        lambda_schedule="linear",
-        lambda_init=0.0,
-        lambda_final=1.0,
+        admm_interval=1,
+        admm_lambda_schedule="linear",
+        admm_lambda_init=0.0,
+        admm_lambda=1.0,
     )
     for g in _grads(4, layer.weight.shape, seed=2):
         _step_with_grad(opt, layer.weight, g)
@@ -397,10 +398,10 @@ def test_lambda_to_zero_is_guarded():
         layer,
         torch.optim.SGD(layer.parameters(), lr=0.1),
         total_steps=6,
-        interval=1,
-        lambda_schedule="linear",
-        lambda_init=1.0,
-        lambda_final=0.0,
+        admm_interval=1,
+        admm_lambda_schedule="linear",
+        admm_lambda_init=1.0,
+        admm_lambda=0.0,
     )
     for g in _grads(6, layer.weight.shape, seed=2):
         _step_with_grad(opt, layer.weight, g)
@@ -420,7 +421,7 @@ def test_adam_importance_uses_second_moment():
     w0 = layer.weight.detach().clone()
     lam, s = 0.5, 0.5
     base = torch.optim.Adam(layer.parameters(), lr=1e-2, betas=(0.9, 0.95))
-    opt = _elsa(layer, base, sparsity=s, lambda_final=lam, importance="adam")
+    opt = _elsa(layer, base, sparsity=s, admm_lambda=lam, importance="adam")
     g = _grads(1, w0.shape, seed=9)[0]
     _step_with_grad(opt, layer.weight, g)
     g_total = g + lam * (w0 - ref_project(w0, s))  # z0 uses magnitude: no second moment yet
@@ -468,13 +469,13 @@ def _batches(n, seed=21):
 
 def _make_opt(model, total):
     base = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
-    settings = AdmmSettings(
+    settings = ElsaSettings(recipe="paper", 
         sparsity=0.7,
-        interval=2,
-        penalty="gradient",
-        lambda_schedule="linear",
-        lambda_init=0.05,
-        lambda_final=1.0,
+        admm_interval=2,
+        admm_penalty="gradient",
+        admm_lambda_schedule="linear",
+        admm_lambda_init=0.05,
+        admm_lambda=1.0,
         sparsity_schedule="cubic",
         admm_fraction=0.6,
     )
@@ -534,18 +535,18 @@ def test_state_dict_round_trip_continues_identically(split):
 def test_prunable_weight_must_be_in_base_optimizer():
     a, b = _linear(seed=0), _linear(seed=1)
     with pytest.raises(ValueError):
-        ElsaOptimizer(torch.optim.SGD(a.parameters(), lr=0.1), {"b": b.weight}, AdmmSettings())
+        ElsaOptimizer(torch.optim.SGD(a.parameters(), lr=0.1), {"b": b.weight}, ElsaSettings(recipe="paper"))
 
 
 def test_no_prunable_weights_raises():
     a = _linear()
     with pytest.raises(ValueError):
-        ElsaOptimizer(torch.optim.SGD(a.parameters(), lr=0.1), {}, AdmmSettings())
+        ElsaOptimizer(torch.optim.SGD(a.parameters(), lr=0.1), {}, ElsaSettings(recipe="paper"))
 
 
 def test_total_steps_required():
     a = _linear()
-    opt = ElsaOptimizer(torch.optim.SGD(a.parameters(), lr=0.1), {"a": a.weight}, AdmmSettings())
+    opt = ElsaOptimizer(torch.optim.SGD(a.parameters(), lr=0.1), {"a": a.weight}, ElsaSettings(recipe="paper"))
     a.weight.grad = torch.zeros_like(a.weight)
     with pytest.raises(RuntimeError):
         opt.step()
@@ -553,8 +554,14 @@ def test_total_steps_required():
 
 @pytest.mark.parametrize(
     "field,value",
-    [("penalty", "l1"), ("lambda_schedule", "step"), ("sparsity_schedule", "linear"), ("sparsity_type", "3:2")],
+    [
+        ("admm_penalty", "l1"),
+        ("admm_lambda_schedule", "step"),
+        ("sparsity_schedule", "linear"),
+        ("sparsity_type", "3:2"),
+        ("sparsity_type", "0:4"),
+    ],
 )
 def test_settings_validation(field, value):
     with pytest.raises(ValueError):
-        AdmmSettings(**{field: value})
+        ElsaSettings(**{field: value})

@@ -48,7 +48,7 @@ def test_prune_rejects_bad_field_before_loading(tmp_path, capsys):
                    "--sparsity", "1.5"])
     assert status == 1
     err = capsys.readouterr().err
-    assert "sparsity" in err and "0 <= sparsity < 1" in err
+    assert "ElsaConfig.sparsity=1.5" in err and "[0.0, 1.0)" in err
 
 
 def test_unknown_option_for_inspect_is_an_error(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import HfArgumentParser, TrainingArguments
 
-from hf_elsa import ElsaConfig
+from hf_elsa import ElsaConfig, ElsaSettings
 
 PAPER = {
     "admm_penalty": "gradient",
@@ -108,7 +108,7 @@ def test_defaults(tmp_path):
 
 
 def test_training_defaults_follow_the_paper(tmp_path):
-    """ALGORITHMS.md §2: Adam betas (0.9, 0.95), weight decay 0, clip 1.0, linear decay without warmup."""
+    """The paper's recipe: Adam betas (0.9, 0.95), weight decay 0, clip 1.0, linear decay without warmup."""
     config = ElsaConfig(output_dir=str(tmp_path))
     assert (config.adam_beta1, config.adam_beta2) == (0.9, 0.95)
     assert config.adam_epsilon == pytest.approx(1e-8)
@@ -153,7 +153,7 @@ def test_recipes_differ(tmp_path):
     assert any(getattr(paper, f) != getattr(elsa, f) for f in PAPER)
 
 
-def test_admm_settings_carry_the_fields(tmp_path):
+def test_elsa_settings_carry_the_fields(tmp_path):
     config = ElsaConfig(
         output_dir=str(tmp_path),
         sparsity=0.6,
@@ -170,8 +170,9 @@ def test_admm_settings_carry_the_fields(tmp_path):
         final_projection=False,
         keep_mask=False,
     )
-    s = config.admm_settings()
-    assert (s.sparsity, s.sparsity_type, s.interval, s.lambda_final, s.lambda_schedule, s.lambda_init) == (
+    s = config.elsa_settings()
+    assert type(s) is ElsaSettings
+    assert (s.sparsity, s.sparsity_type, s.admm_interval, s.admm_lambda, s.admm_lambda_schedule, s.admm_lambda_init) == (
         0.6,
         "4:8",
         3,
@@ -179,7 +180,7 @@ def test_admm_settings_carry_the_fields(tmp_path):
         "linear",
         0.0,
     )
-    assert (s.penalty, s.admm_fraction, s.sparsity_schedule, s.importance, s.importance_alpha) == (
+    assert (s.admm_penalty, s.admm_fraction, s.sparsity_schedule, s.importance, s.importance_alpha) == (
         "gradient",
         0.5,
         "cubic",
@@ -187,6 +188,9 @@ def test_admm_settings_carry_the_fields(tmp_path):
         0.5,
     )
     assert s.final_projection is False and s.keep_mask is False
+    assert s.pattern == config.pattern and s.pattern.name == "4:8"
+    # one table of defaults: a bare ElsaSettings is what a bare ElsaConfig resolves to
+    assert ElsaSettings().elsa_dict() == ElsaConfig(output_dir=str(tmp_path)).elsa_dict()
 
 
 def test_single_string_target_becomes_list(tmp_path):
@@ -268,7 +272,7 @@ def test_automatic_interval(tmp_path, total, expected):
 
     config = ElsaConfig(output_dir=str(tmp_path))
     p = torch.nn.Parameter(torch.ones(4, 4))
-    opt = ElsaOptimizer(torch.optim.SGD([p], lr=0.1), {"w": p}, config.admm_settings(), total_steps=total)
+    opt = ElsaOptimizer(torch.optim.SGD([p], lr=0.1), {"w": p}, config, total_steps=total)
     assert opt.interval == expected
 
 
@@ -283,7 +287,7 @@ def test_curvature_fields_parse_and_reach_the_settings(tmp_path):
     )
     assert (config.importance, config.hessian_interval, config.base_optimizer) == ("hutchinson", 5, "sassha")
     assert config.sam_rho == pytest.approx(2e-4)
-    s = config.admm_settings()
+    s = config.elsa_settings()
     assert (s.importance_delta, s.importance_beta) == (pytest.approx(1e-3), pytest.approx(0.9))
     defaults = ElsaConfig(output_dir=str(tmp_path))
     assert (defaults.sam_rho, defaults.hessian_interval, defaults.base_optimizer) == (0.0, 10, "trainer")

@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import make_model, prunable_weights, ref_keep_mask
 
-from hf_elsa import ElsaTrainer
-from hf_elsa.admm import AdmmSettings, ElsaOptimizer
+from hf_elsa import ElsaSettings, ElsaTrainer
+from hf_elsa.admm import ElsaOptimizer
 from hf_elsa.curvature import (
     ACT_NEW_SUM,
     ACT_NEW_TOKENS,
@@ -17,7 +17,7 @@ from hf_elsa.curvature import (
     HESSIAN_COUNT,
     SASSHA_HESSIAN,
     ActivationStatistics,
-    curvature_for,
+    get_estimator,
     hutchinson_diagonal,
     merge_statistics,
     probe_generator,
@@ -57,7 +57,7 @@ def test_activation_statistics_equal_hand_computed_column_means(arch):
         assert state[ACT_NEW_TOKENS] == 48 + 16
         torch.testing.assert_close(state[ACT_NEW_SUM], expected_sum, rtol=1e-5, atol=1e-6)
         merge_statistics(state)
-        h = curvature_for("activation", name, None, state)
+        h = get_estimator("activation").curvature(name, state)
         torch.testing.assert_close(h, expected_sum / 64, rtol=1e-5, atol=1e-6)
         assert ACT_NEW_SUM not in state and state[ACT_TOKENS] == 64
 
@@ -83,7 +83,7 @@ def test_merge_statistics_accumulates_over_merges():
     merge_statistics(state)
     torch.testing.assert_close(state[ACT_SUM], torch.tensor([4.0, 4.0]))
     assert state[ACT_TOKENS] == 4
-    torch.testing.assert_close(curvature_for("activation", "w", None, state), torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(get_estimator("activation").curvature("w", state), torch.tensor([1.0, 1.0]))
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -97,7 +97,7 @@ def test_activation_score_is_wanda_metric_per_tensor(transposed):
     opt = ElsaOptimizer(
         torch.optim.SGD([p], lr=0.1),
         {"w": p},
-        AdmmSettings(sparsity=0.6, importance="activation"),
+        ElsaSettings(recipe="paper", sparsity=0.6, importance="activation"),
         total_steps=4,
         transposed={"w"} if transposed else set(),
     )
@@ -124,7 +124,7 @@ def test_trainer_with_activation_importance(make_args, dataset_factory):
 
 
 # ---------------------------------------------------------------------------------------------------
-# running estimates, Fisher, Hutchinson (ALGORITHMS.md §4)
+# running estimates, Fisher, Hutchinson
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("beta", [0.0, 0.5, 0.9])
 def test_running_mean_is_the_bias_corrected_ema(beta):
@@ -146,7 +146,7 @@ def test_fisher_is_the_ema_of_squared_task_gradients_without_the_penalty():
     opt = ElsaOptimizer(
         torch.optim.SGD([w], lr=0.05),
         {"w": w},
-        AdmmSettings(sparsity=0.5, importance="fisher", importance_beta=beta, penalty="gradient", lambda_final=0.5),
+        ElsaSettings(recipe="paper", sparsity=0.5, importance="fisher", importance_beta=beta, admm_penalty="gradient", admm_lambda=0.5),
         total_steps=10,
     )
     gen = torch.Generator().manual_seed(2)
@@ -160,7 +160,7 @@ def test_fisher_is_the_ema_of_squared_task_gradients_without_the_penalty():
         state = opt.state_for("w")
         torch.testing.assert_close(state[FISHER].double(), ema / (1 - beta**t), rtol=1e-6, atol=1e-8)
         assert state[FISHER_COUNT] == t
-    h = curvature_for("fisher", "w", w, opt.state_for("w"))
+    h = get_estimator("fisher").curvature("w", opt.state_for("w"))
     expected = ref_keep_mask((h + 1e-12) * w.detach().square(), 0.5, "unstructured")
     assert torch.equal(opt._keep_mask("w", w, w.detach(), 0.5), expected)
 
@@ -170,7 +170,7 @@ def test_importance_delta_reaches_the_score():
     opt = ElsaOptimizer(
         torch.optim.SGD([w], lr=0.1),
         {"w": w},
-        AdmmSettings(importance="fisher", importance_alpha=0.5, importance_delta=0.25),
+        ElsaSettings(recipe="paper", importance="fisher", importance_alpha=0.5, importance_delta=0.25),
         total_steps=4,
     )
     opt.state_for("w")[FISHER] = torch.tensor([[0.0, 0.75, 2.0, 0.0]])
@@ -178,12 +178,12 @@ def test_importance_delta_reaches_the_score():
     torch.testing.assert_close(opt._score("w", w, w.detach()), expected)
 
 
-def test_curvature_for_hutchinson_prefers_the_elsa_estimate_then_sasshas():
+def test_hutchinson_estimator_prefers_the_elsa_estimate_then_sasshas():
     own, sassha = torch.ones(2), torch.full((2,), 3.0)
-    assert curvature_for("hutchinson", "w", None, {HESSIAN: own, SASSHA_HESSIAN: sassha}) is own
-    assert curvature_for("hutchinson", "w", None, {SASSHA_HESSIAN: sassha}) is sassha
-    assert curvature_for("hutchinson", "w", None, {}) is None
-    assert curvature_for("fisher", "w", None, {}) is None
+    assert get_estimator("hutchinson").curvature("w", {HESSIAN: own, SASSHA_HESSIAN: sassha}) is own
+    assert get_estimator("hutchinson").curvature("w", {SASSHA_HESSIAN: sassha}) is sassha
+    assert get_estimator("hutchinson").curvature("w", {}) is None
+    assert get_estimator("fisher").curvature("w", {}) is None
 
 
 def test_rademacher_probes_are_signs_and_reproducible():

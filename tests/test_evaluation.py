@@ -1,4 +1,4 @@
-"""hf_elsa.perplexity against exp(mean NLL) computed by hand (ALGORITHMS.md §8)."""
+"""hf_elsa.perplexity against exp(mean NLL) computed by hand."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SAM (SAFE) and Sassha (ALGORITHMS.md §6-7): against hand computations."""
+"""SAM (SAFE) and Sassha: against hand computations."""
 
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def _quadratic():
 
 
 def _hand_sassha(a, x0, steps, lr, betas, eps, wd, rho, interval, seed):
-    """Sassha's update rule written out for the quadratic (ALGORITHMS.md §7)."""
+    """Sassha's update rule written out for the quadratic."""
     b1, b2 = betas
     x, m, d_ema, refreshes, trajectory = x0.clone(), torch.zeros(4, dtype=a.dtype), torch.zeros(4, dtype=a.dtype), 0, []
     for t in range(1, steps + 1):

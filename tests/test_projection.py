@@ -1,4 +1,4 @@
-"""Projections (ALGORITHMS.md §3) against a brute-force reference.
+"""Projections against a brute-force reference.
 
 Reference rule: inside each comparison group, sort the entries by (score, index) ascending and prune the
 first k: the largest scores are kept and, among equal scores, the LOWER index is pruned first.
@@ -216,7 +216,7 @@ def test_sparsity_out_of_range_raises(sparsity, sparsity_type):
 
 
 def test_above_quantile_limit_is_exact():
-    """torch.quantile fails above 16M elements (ALGORITHMS.md §3); the selection must not."""
+    """torch.quantile fails above 16M elements; the selection must not."""
     gen = torch.Generator().manual_seed(5)
     n = 2**24 + 8
     score = torch.randint(0, 1000, (n,), generator=gen).float()  # heavy ties at the threshold

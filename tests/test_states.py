@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import ref_keep_mask
 
-from hf_elsa.admm import RESIDUAL, SCALE_KEYS, AdmmSettings, ElsaOptimizer
+from hf_elsa import ElsaSettings
+from hf_elsa.admm import RESIDUAL, SCALE_KEYS, ElsaOptimizer
 from hf_elsa.states import STORAGE_DTYPES, pack, smallest_subnormal, unpack
 
 FP8 = ("float8_e4m3fn", "float8_e5m2")
@@ -118,7 +119,7 @@ def _optimizer(weight, z_dtype, u_dtype, **settings):
     with torch.no_grad():
         layer.weight.copy_(weight)
     base = torch.optim.SGD(layer.parameters(), lr=0.05)
-    s = AdmmSettings(sparsity=0.5, interval=1, lambda_final=0.5, z_dtype=z_dtype, u_dtype=u_dtype, **settings)
+    s = ElsaSettings(recipe="paper", sparsity=0.5, admm_interval=1, admm_lambda=0.5, admm_z_dtype=z_dtype, admm_u_dtype=u_dtype, **settings)
     return layer, ElsaOptimizer(base, {"layer": layer.weight}, s, total_steps=50)
 
 
@@ -148,7 +149,7 @@ def test_support_of_z_is_the_projection_mask(z_dtype):
     the mask must count no flips."""
     w = torch.randn(8, 16, generator=torch.Generator().manual_seed(0)) * 1e-3
     w[0, 0], w[3, 5] = 1e8, -2e8
-    layer, opt = _optimizer(w, z_dtype, "float32", penalty="proximal")
+    layer, opt = _optimizer(w, z_dtype, "float32", admm_penalty="proximal")
     opt.initialize()
     expected = ref_keep_mask(w.abs(), 0.5, "unstructured")
     st = opt.state_for("layer")
@@ -168,7 +169,7 @@ def test_low_precision_run_tracks_full_precision(penalty):
     w = torch.randn(16, 32)
     runs = {}
     for key, dtypes in {"fp32": ("float32", "float32"), "lean": ("float8_e4m3fn", "bfloat16")}.items():
-        layer, opt = _optimizer(w, *dtypes, penalty=penalty)
+        layer, opt = _optimizer(w, *dtypes, admm_penalty=penalty)
         for t in range(10):
             _step(layer, opt, t)
         runs[key] = layer.weight.detach().clone()
@@ -217,7 +218,7 @@ def test_fp8_z_with_fp32_u_follows_the_fp32_trajectory():
     w = torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
     runs = {}
     for z_dtype in ("float32", "float8_e4m3fn"):
-        layer, opt = _optimizer(w, z_dtype, "float32", penalty="proximal")
+        layer, opt = _optimizer(w, z_dtype, "float32", admm_penalty="proximal")
         for t in range(10):
             _step(layer, opt, t)
         runs[z_dtype] = layer.weight.detach().clone()
@@ -328,8 +329,8 @@ def test_config_defaults_and_preset():
         "bfloat16",
         "adamw_bnb_8bit",
     )
-    settings = lean.admm_settings()
-    assert (settings.z_dtype, settings.u_dtype) == ("float8_e4m3fn", "bfloat16")
+    settings = lean.elsa_settings()
+    assert (settings.admm_z_dtype, settings.admm_u_dtype) == ("float8_e4m3fn", "bfloat16")
     # explicit choices win over the preset
     custom = _config(elsa_l=True, admm_z_dtype="float8_e5m2", optim="paged_adamw_8bit")
     assert (custom.admm_z_dtype, custom.admm_u_dtype, str(custom.optim.value)) == (

@@ -1,4 +1,4 @@
-"""Evaluation: the papers' perplexity protocol (ALGORITHMS.md §8) and sparsity counts."""
+"""Evaluation: the papers' perplexity protocol (docs/algorithm.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Flat minima: the SAM perturbation of SAFE and the Sassha optimizer (ALGORITHMS.md §6-7).
+"""Flat minima: the SAM perturbation of SAFE and the Sassha optimizer (docs/curvature.md).
 
 - :func:`sam_perturbation` is the pure step ``e = rho * g / ||g||`` (one global norm over all tensors);
 - :func:`perturbed` moves parameters to ``x + e`` for the length of a ``with`` block and restores ``x``

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .states import bytes_per_element
+from .curvature import get_estimator
 from .targets import find_prunable_modules, is_transposed
 
 # TrainingArguments.optim values whose state layout estimate_memory knows
@@ -152,11 +153,10 @@ def estimate_memory(model: nn.Module, config) -> MemoryEstimate:
             "z": prunable * bytes_per_element(config.admm_z_dtype),
             "u": prunable * bytes_per_element(config.admm_u_dtype),
         }
-        if config.importance == "activation":
-            # the merged sum of squared inputs, fp32, one per input feature (each step's new sum is
-            # merged into it within the step)
-            inputs = sum(m.weight.shape[0 if is_transposed(m) else 1] for m in modules.values())
-            detail["activation_statistics"] = 4 * inputs
+        estimator = get_estimator(config.importance)
+        inputs = sum(m.weight.shape[0 if is_transposed(m) else 1] for m in modules.values())
+        if estimator.state_bytes(prunable, inputs):
+            detail[f"{estimator.name}_statistics"] = estimator.state_bytes(prunable, inputs)
     return MemoryEstimate(
         optim=str(getattr(config.optim, "value", config.optim)),
         z_dtype=config.admm_z_dtype,

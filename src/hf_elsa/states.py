@@ -1,4 +1,4 @@
-"""Low-precision storage of the ADMM states z and u (ELSA-L, ALGORITHMS.md §5).
+"""Low-precision storage of the ADMM states z and u (ELSA-L; docs/memory.md).
 
 Pure functions: :func:`pack` turns a full-precision tensor into its stored form and a scale,
 :func:`unpack` turns them back. ``ElsaOptimizer`` reads z and u through ``unpack`` and writes them

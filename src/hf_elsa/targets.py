@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .projection import check_shape
+from .patterns import SparsityPattern, sparsity_pattern
 
 PRUNABLE_TYPES = (nn.Linear, Conv1D)
 
@@ -35,7 +35,7 @@ def find_prunable_modules(
     model: nn.Module,
     target_modules: Sequence[str] | None = None,
     exclude_modules: Sequence[str] | None = None,
-    sparsity_type: str = "unstructured",
+    sparsity_type: str | SparsityPattern = "unstructured",
 ) -> dict[str, nn.Module]:
     """``{name: module}`` of the layers whose ``.weight`` is pruned.
 
@@ -65,7 +65,8 @@ def find_prunable_modules(
             f"{type(model).__name__} has nothing to prune: no nn.Linear/Conv1D layer other than the LM head "
             "remains after target_modules/exclude_modules."
         )
+    pattern = sparsity_pattern(sparsity_type)
     for name, module in selected.items():
         shape = module.weight.shape[::-1] if is_transposed(module) else module.weight.shape
-        check_shape(shape, sparsity_type, name=f"{name}.weight")
+        pattern.check_shape(shape, name=f"{name}.weight")
     return selected

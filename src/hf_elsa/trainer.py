@@ -15,7 +15,6 @@ which wraps whatever optimizer the Trainer builds; this class only
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -27,6 +26,7 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from .admm import ElsaOptimizer
+from .compat import checkpoint_step, prepare_inputs
 from .config import ElsaConfig
 from .curvature import (
     HESSIAN,
@@ -35,6 +35,7 @@ from .curvature import (
     all_reduce_mean,
     check_double_backward,
     double_backward_attention,
+    get_estimator,
     hutchinson_diagonal,
     probe_generator,
     update_running_mean,
@@ -53,9 +54,14 @@ from .targets import find_prunable_modules, is_transposed
 logger = logging.getLogger(__name__)
 
 # Share of the prunable weights' norm that the final hard projection may remove before we warn that
-# ADMM had not converged. The paper recipe at 150 steps removes ~100% (residual ~1.0, ALGORITHMS.md §2);
+# ADMM had not converged. The paper recipe at 150 steps removes ~100% (residual ~1.0);
 # the default recipe removes ~7% on SmolLM2 at 70% and ends 7.7x better than masked fine-tuning.
 UNCONVERGED_WARNING = 0.10
+
+
+def _has_optimizer_state(checkpoint: str) -> bool:
+    """Whether a Trainer checkpoint folder holds optimizer state (one file, or a sharded FSDP folder)."""
+    return any(name.startswith("optimizer") for name in os.listdir(checkpoint))
 
 
 class ElsaTrainer(Trainer):
@@ -81,8 +87,8 @@ class ElsaTrainer(Trainer):
             raise ValueError(f"Prunable weights are frozen (requires_grad=False): {frozen[:5]}; use exclude_modules.")
         if args.keep_mask and not any(bool((m.weight == 0).any()) for m in self.prunable_modules.values()):
             raise ValueError("ElsaConfig.keep_mask=True but the model has no zero weights to keep: prune it first.")
-        if args.importance == "hutchinson":
-            check_double_backward(model, "ElsaConfig.importance='hutchinson'")
+        if get_estimator(args.importance).needs_double_backward:
+            check_double_backward(model, f"ElsaConfig.importance={args.importance!r}")
         if args.base_optimizer == "sassha":
             check_double_backward(model, "ElsaConfig.base_optimizer='sassha'")
             optimizers = kwargs.get("optimizers") or (None, None)
@@ -90,6 +96,13 @@ class ElsaTrainer(Trainer):
                 raise ValueError(
                     "ElsaConfig.base_optimizer='sassha' builds the optimizer itself: do not pass optimizers= or "
                     "optimizer_cls_and_kwargs= to ElsaTrainer (or keep base_optimizer='trainer' to use yours)."
+                )
+        if args.admm_init != "magnitude" and not args.keep_mask:
+            train_dataset = kwargs.get("train_dataset", pargs[1] if len(pargs) > 1 else None)
+            if train_dataset is None or "input_ids" not in (getattr(train_dataset, "column_names", None) or []):
+                raise ValueError(
+                    f"ElsaConfig.admm_init={args.admm_init!r} calibrates a one-shot pruner on training blocks: pass a "
+                    "train_dataset (a datasets.Dataset) with an 'input_ids' column, or use admm_init='magnitude'."
                 )
         tokenizer = kwargs.get("processing_class")
         if getattr(tokenizer, "pad_token", "") is None and getattr(tokenizer, "eos_token", None) is not None:
@@ -108,10 +121,9 @@ class ElsaTrainer(Trainer):
         if not isinstance(optimizer, ElsaOptimizer):
             prunable = {name: module.weight for name, module in self.prunable_modules.items()}
             transposed = {name for name, module in self.prunable_modules.items() if is_transposed(module)}
-            self.optimizer = ElsaOptimizer(optimizer, prunable, self.args.admm_settings(), transposed=transposed)
+            self.optimizer = ElsaOptimizer(optimizer, prunable, self.args, transposed=transposed)
         self.elsa_optimizer = self.optimizer
-        self.elsa_optimizer.resume_step = getattr(self, "_elsa_resume_step", None)
-        if self.args.importance == "activation" and self._activation_hooks is None:
+        if self.elsa_optimizer.estimator.needs_activation_hooks and self._activation_hooks is None:
             self._activation_hooks = ActivationStatistics(
                 self.prunable_modules, self.elsa_optimizer.state_for, self.elsa_optimizer.transposed
             )
@@ -121,8 +133,7 @@ class ElsaTrainer(Trainer):
             for name, module in self.prunable_modules.items():
                 tensor_name = f"{name}.weight"
                 if tensor_name in attached.masks:
-                    mask = attached.mask(tensor_name, device=module.weight.device)
-                    self.elsa_optimizer.warm_start[name] = (module.weight.detach().masked_fill(~mask, 0), mask)
+                    self.elsa_optimizer.initial_masks[name] = attached.mask(tensor_name, device=module.weight.device)
         return self.optimizer
 
     def _sassha_kwargs(self) -> dict:
@@ -144,7 +155,15 @@ class ElsaTrainer(Trainer):
         return base if isinstance(base, Sassha) else None
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        self.elsa_optimizer.total_steps = num_training_steps
+        self.elsa_optimizer.start_run(num_training_steps, getattr(self, "_elsa_resume_step", None))
+        a = self.args
+        if not a.keep_mask and a.admm_fraction > 0 and self.elsa_optimizer.admm_steps == 0:
+            warnings.warn(
+                f"ElsaConfig.admm_fraction={a.admm_fraction} of {num_training_steps} steps rounds to no ADMM step: the "
+                "model is pruned at the start and fine-tuned with that mask (one-shot pruning). Give it more steps "
+                f"(max_steps >= {math.ceil(0.5 / a.admm_fraction)}) or a larger admm_fraction for ELSA.",
+                stacklevel=2,
+            )
         return super().create_scheduler(num_training_steps, optimizer)
 
     # -- training -------------------------------------------------------------------------------
@@ -174,7 +193,7 @@ class ElsaTrainer(Trainer):
         """Hutchinson refresh at x; SAM replay of ``window`` at x + e (Sassha's refresh there); x restored."""
         opt, sassha, args = self.elsa_optimizer, self.sassha_optimizer, self.args
         if (
-            args.importance == "hutchinson"
+            opt.estimator.needs_double_backward
             and sassha is None
             and opt.in_admm_phase
             and opt.steps_done % args.hessian_interval == 0
@@ -226,7 +245,7 @@ class ElsaTrainer(Trainer):
         """
         unwrapped = self.accelerator.unwrap_model(model)
         with self._activation_statistics_paused(), double_backward_attention(), self.compute_loss_context_manager():
-            loss = self.compute_loss(unwrapped, self._prepare_inputs(inputs))
+            loss = self.compute_loss(unwrapped, prepare_inputs(self, inputs))
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
             diagonal = hutchinson_diagonal(grads, params, generator)
         del loss, grads
@@ -249,29 +268,27 @@ class ElsaTrainer(Trainer):
 
     @torch.no_grad()
     def _warm_start(self) -> None:
-        """Initial z (or fixed mask) from a one-shot pruner (``ElsaConfig.admm_init``)."""
+        """Prune with a one-shot pruner (``ElsaConfig.admm_init``): the run starts from its weights and mask.
+
+        ADMM's z starts at the pruned weights and is free to move the mask (the ramp cannot make them denser,
+        they already are); with ``admm_fraction=0`` the one-shot mask is kept (one-shot + masked fine-tuning).
+        """
         method = self.args.admm_init
-        if method == "magnitude" or self.args.keep_mask or self.elsa_optimizer.warm_start:
+        if method == "magnitude" or self.args.keep_mask or self.elsa_optimizer.initial_masks:
             return
         from . import oneshot
 
-        if self.train_dataset is None or "input_ids" not in getattr(self.train_dataset, "column_names", []):
-            raise ValueError(f"ElsaConfig.admm_init={method!r} needs a train_dataset with an 'input_ids' column.")
         count = min(self.args.admm_init_samples, len(self.train_dataset))
         calibration = torch.as_tensor(self.train_dataset[:count]["input_ids"])
-        original = {name: m.weight.detach().clone() for name, m in self.prunable_modules.items()}
-        prune = getattr(oneshot, method)
-        masks = prune(
+        masks = getattr(oneshot, method)(
             self.model,
             calibration,
             sparsity=self.args.sparsity,
-            sparsity_type=self.args.sparsity_type,
+            sparsity_type=self.args.pattern,
             target_modules=list(self.prunable_modules),
             progress=not self.args.disable_tqdm,
         )
-        for name, module in self.prunable_modules.items():
-            self.elsa_optimizer.warm_start[name] = (module.weight.detach().clone(), masks[name])
-            module.weight.copy_(original[name])
+        self.elsa_optimizer.initial_masks.update(masks)
 
     def evaluation_loop(self, *args, **kwargs):
         # eval loss -> perplexity, as run_clm.py reports it; in the metrics themselves so that
@@ -292,10 +309,12 @@ class ElsaTrainer(Trainer):
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)
-        self._elsa_resume_step = None
-        if isinstance(checkpoint, str) and os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
-            with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
-                self._elsa_resume_step = json.load(f).get("global_step")
+        self._elsa_resume_step = checkpoint_step(checkpoint)
+        if self._elsa_resume_step and not _has_optimizer_state(checkpoint):
+            raise ValueError(
+                f"{checkpoint} has no optimizer state (optimizer.pt): ADMM's z, u and masks live there, so the run "
+                f"cannot resume from it at step {self._elsa_resume_step}. Start a new run from the model saved in it."
+            )
         self._sam_window = []  # nothing left over from an interrupted run
         try:
             output = super().train(resume_from_checkpoint, *args, **kwargs)

@@ -18,7 +18,8 @@ import sys
 import torch
 import transformers
 
-from hf_elsa.admm import MASK, AdmmSettings, ElsaOptimizer, U, Z
+from hf_elsa import ElsaSettings
+from hf_elsa.admm import MASK, ElsaOptimizer, U, Z
 from hf_elsa.curvature import ActivationStatistics
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, run by torchrun
@@ -32,37 +33,37 @@ RESUME_AT = (3, 6)
 
 CONFIGS = {
     # the default recipe's ingredients: proximal pull, cubic ramp, activation-aware score (statistics all-reduced)
-    "unstructured-activation-proximal": AdmmSettings(
+    "unstructured-activation-proximal": ElsaSettings(recipe="paper", 
         sparsity=0.7,
-        interval=1,
-        penalty="proximal",
-        lambda_final=1.0,
+        admm_interval=1,
+        admm_penalty="proximal",
+        admm_lambda=1.0,
         admm_fraction=0.5,
         importance="activation",
         sparsity_schedule="cubic",
     ),
     # N:M groups lie in one output row: projected locally on each shard
-    "2:4-adam-gradient": AdmmSettings(
-        sparsity_type="2:4", interval=2, penalty="gradient", lambda_final=0.05, admm_fraction=0.5, importance="adam"
+    "2:4-adam-gradient": ElsaSettings(recipe="paper", 
+        sparsity_type="2:4", admm_interval=2, admm_penalty="gradient", admm_lambda=0.05, admm_fraction=0.5, importance="adam"
     ),
     # ELSA-L storage: FP8 z (one scale per tensor, max-reduced over the shards) with its residual in a bf16 u
-    "unstructured-elsa-l-proximal": AdmmSettings(
+    "unstructured-elsa-l-proximal": ElsaSettings(recipe="paper", 
         sparsity=0.7,
-        interval=1,
-        penalty="proximal",
-        lambda_final=1.0,
+        admm_interval=1,
+        admm_penalty="proximal",
+        admm_lambda=1.0,
         admm_fraction=0.5,
-        z_dtype="float8_e4m3fn",
-        u_dtype="bfloat16",
+        admm_z_dtype="float8_e4m3fn",
+        admm_u_dtype="bfloat16",
     ),
-    "row-magnitude-gradient": AdmmSettings(
+    "row-magnitude-gradient": ElsaSettings(recipe="paper", 
         sparsity=0.5,
         sparsity_type="row",
-        interval=1,
-        penalty="gradient",
-        lambda_schedule="linear",
-        lambda_init=0.01,
-        lambda_final=0.1,
+        admm_interval=1,
+        admm_penalty="gradient",
+        admm_lambda_schedule="linear",
+        admm_lambda_init=0.01,
+        admm_lambda=0.1,
         admm_fraction=0.5,
     ),
 }

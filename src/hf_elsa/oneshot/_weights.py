@@ -9,15 +9,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..projection import parse_sparsity_type
+from ..patterns import SparsityPattern, sparsity_pattern
 from ..targets import is_transposed
 
 
-def check_arguments(sparsity: float, sparsity_type: str) -> tuple[str, tuple[int, int] | None]:
-    """Validate ``sparsity`` / ``sparsity_type`` once, before any work; returns ``parse_sparsity_type``."""
+def check_arguments(sparsity: float, sparsity_type: str | SparsityPattern) -> SparsityPattern:
+    """Validate ``sparsity`` / ``sparsity_type`` once, before any work; returns the pattern."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity={sparsity} must satisfy 0 <= sparsity < 1.")
-    return parse_sparsity_type(sparsity_type)
+    return sparsity_pattern(sparsity_type)
 
 
 def oriented_weight(module: nn.Module) -> torch.Tensor:

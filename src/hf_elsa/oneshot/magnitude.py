@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..projection import keep_mask
 from ..targets import find_prunable_modules
 from ._weights import check_arguments, oriented_weight, write_pruned
 
@@ -28,11 +27,11 @@ def magnitude(
     :func:`hf_elsa.targets.find_prunable_modules` (every ``nn.Linear`` / ``Conv1D`` but the LM head).
     Cost: one ``kthvalue`` per tensor, no forward pass.
     """
-    check_arguments(sparsity, sparsity_type)
-    modules = find_prunable_modules(model, target_modules, exclude_modules, sparsity_type)
+    pattern = check_arguments(sparsity, sparsity_type)
+    modules = find_prunable_modules(model, target_modules, exclude_modules, pattern)
     masks = {}
     for name, module in modules.items():
         weight = oriented_weight(module)
-        keep = keep_mask(weight.abs(), sparsity, sparsity_type)
+        keep = pattern.keep_mask(weight.abs(), sparsity)
         masks[name] = write_pruned(module, weight, keep)
     return masks

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..projection import check_shape, keep_mask
+from ..patterns import NM
+from ..projection import keep_mask
 from ..targets import find_prunable_modules
 from ._sequential import prune_layerwise
 from ._weights import check_arguments, oriented_weight, write_pruned
@@ -118,14 +119,16 @@ def sparsegpt_prune_weight(
     Inputs that never fire (``H_jj == 0``) get ``H_jj = 1`` and their weights set to 0 (their saliency
     is then 0, so they are pruned first).
     """
-    kind, nm = check_arguments(sparsity, sparsity_type)
+    pattern = check_arguments(sparsity, sparsity_type)
+    nm = isinstance(pattern, NM)
+    kind = "N:M" if nm else pattern.name
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(
             f"sparsegpt: weight must be (out, in) and hessian (in, in); got {tuple(weight.shape)} and "
             f"{tuple(hessian.shape)}."
         )
-    check_shape(weight.shape, sparsity_type)
-    if blocksize < 1 or (nm is not None and blocksize % nm[1] != 0):
+    pattern.check_shape(weight.shape)
+    if blocksize < 1 or (nm and blocksize % pattern.m != 0):
         raise ValueError(f"sparsegpt: blocksize={blocksize} must be a positive multiple of M for {sparsity_type!r}.")
 
     W = weight.detach().float().clone()
@@ -144,16 +147,16 @@ def sparsegpt_prune_weight(
         U1 = U[start:stop, start:stop]
         d = U1.diagonal()
         errors = torch.zeros_like(W1)
-        if kind == "N:M":
+        if nm:
             prune1 = torch.zeros_like(W1, dtype=torch.bool)
         else:
             saliency = W1.square() / d.square().unsqueeze(0)
             prune1 = _prune_lowest(saliency, _exact_count(start, stop, rows, sparsity, kind), kind)
         for j in range(stop - start):
-            if kind == "N:M" and j % nm[1] == 0:
-                group = slice(j, j + nm[1])
+            if nm and j % pattern.m == 0:
+                group = slice(j, j + pattern.m)
                 saliency = W1[:, group].square() / d[group].square().unsqueeze(0)
-                prune1[:, group] = ~keep_mask(saliency, 0.0, sparsity_type)
+                prune1[:, group] = ~pattern.keep_mask(saliency, 0.0)
             w = W1[:, j]
             q = w.masked_fill(prune1[:, j], 0.0)
             err = (w - q) / d[j]
@@ -195,9 +198,9 @@ def sparsegpt(
     plus ``O(in^3 + out * in^2 / blocksize + out * in * blocksize)`` per module; memory: one layer's
     activations plus the ``in x in`` Hessians of one layer's modules.
     """
-    _, nm = check_arguments(sparsity, sparsity_type)
-    modules = find_prunable_modules(model, target_modules, exclude_modules, sparsity_type)
-    if blocksize < 1 or (nm is not None and blocksize % nm[1] != 0):
+    pattern = check_arguments(sparsity, sparsity_type)
+    modules = find_prunable_modules(model, target_modules, exclude_modules, pattern)
+    if blocksize < 1 or (isinstance(pattern, NM) and blocksize % pattern.m != 0):
         raise ValueError(f"sparsegpt: blocksize={blocksize} must be a positive multiple of M for {sparsity_type!r}.")
 
     def make_statistic(module: nn.Module) -> InputHessian:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..projection import keep_mask
+from ..patterns import Row, SparsityPattern, Unstructured, sparsity_pattern
 from ..targets import find_prunable_modules
 from ._sequential import prune_layerwise
 from ._weights import check_arguments, oriented_weight, write_pruned
@@ -36,9 +36,10 @@ def wanda_score(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tensor
     return weight.detach().float().abs() * input_norms.float().to(weight.device).unsqueeze(0)
 
 
-def wanda_comparison_type(sparsity_type: str) -> str:
+def wanda_comparison_type(sparsity_type: str | SparsityPattern) -> SparsityPattern:
     """Wanda compares per output row for unstructured sparsity (its paper's finding); N:M stays N:M."""
-    return "row" if sparsity_type == "unstructured" else sparsity_type
+    pattern = sparsity_pattern(sparsity_type)
+    return Row() if isinstance(pattern, Unstructured) else pattern
 
 
 def wanda(
@@ -65,9 +66,9 @@ def wanda(
     (``hf_elsa.data.token_blocks``). Cost: two forward passes of each decoder layer over the
     calibration set; memory: one layer's activations plus one vector per module.
     """
-    check_arguments(sparsity, sparsity_type)
-    modules = find_prunable_modules(model, target_modules, exclude_modules, sparsity_type)
-    comparison = wanda_comparison_type(sparsity_type)
+    pattern = check_arguments(sparsity, sparsity_type)
+    modules = find_prunable_modules(model, target_modules, exclude_modules, pattern)
+    comparison = wanda_comparison_type(pattern)
 
     def make_statistic(module: nn.Module) -> InputNorms:
         weight = oriented_weight(module)
@@ -77,7 +78,7 @@ def wanda(
         if stat.tokens == 0:
             raise RuntimeError(f"wanda: {name} saw no calibration input (is it used in the forward pass?).")
         weight = oriented_weight(module)
-        keep = keep_mask(wanda_score(weight, stat.norms()), sparsity, comparison)
+        keep = comparison.keep_mask(wanda_score(weight, stat.norms()), sparsity)
         return write_pruned(module, weight, keep)
 
     return prune_layerwise(

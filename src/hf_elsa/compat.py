@@ -1,0 +1,52 @@
+"""Every place hf_elsa relies on a private or undocumented behaviour of transformers or torch.
+
+transformers ships weekly; each touch point below is one function with the versions it was checked
+against, so an upstream change breaks here, in one file, with a test that names it.
+Checked: transformers 5.x (5.0-5.3), torch 2.13 (2026-11).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+# 2026-11, transformers 5.x: the Trainer writes its step counter to this file in every checkpoint folder.
+TRAINER_STATE_NAME = "trainer_state.json"
+
+
+def checkpoint_step(checkpoint: str | None) -> int | None:
+    """``global_step`` recorded in a Trainer checkpoint folder, ``None`` without one (or without the file)."""
+    path = os.path.join(checkpoint, TRAINER_STATE_NAME) if isinstance(checkpoint, str) else None
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            step = json.load(f).get("global_step")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ValueError(f"{path}: not a readable Trainer state ({error}); the checkpoint is damaged.") from None
+    return step if isinstance(step, int) else None
+
+
+def attention_implementation(model) -> str | None:
+    """The attention kernel a transformers model runs (2026-11, transformers 5.x: ``config._attn_implementation``)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+def is_dcp_state_init_call(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether this ``step()`` is torch.distributed.checkpoint building a fresh optimizer's state.
+
+    2026-11, torch 2.13: ``torch.distributed.checkpoint.state_dict._init_optim_state`` creates the state of an
+    optimizer that has none by calling ``step()`` with all-zero gradients and learning rate 0. An ADMM step
+    there would move the weights (proximal pull, final projection) after the model was loaded.
+    """
+    if optimizer.state or any(group.get("lr", 1.0) != 0 for group in optimizer.param_groups):
+        return False
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return all(not bool((g.to_local() if hasattr(g, "to_local") else g).any()) for g in grads)
+
+
+def prepare_inputs(trainer, inputs: dict) -> dict:
+    """Move a batch to the device the way the training loop does (2026-11, transformers 5.x: ``_prepare_inputs``)."""
+    return trainer._prepare_inputs(inputs)

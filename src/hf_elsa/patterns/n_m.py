@@ -1,0 +1,51 @@
+"""N:M semi-structured sparsity: at most N kept in every M consecutive input weights of a row."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .base import SparsityPattern
+
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+class NM(SparsityPattern):
+    """``n`` kept of every ``m`` consecutive inputs (2:4 is the pattern sparse tensor cores accelerate)."""
+
+    can_ramp = False
+    allows_allocation = False
+
+    def __init__(self, n: int, m: int):
+        if not 1 <= n < m:
+            raise ValueError(
+                f"sparsity_type='{n}:{m}': N:M needs 1 <= N < M (keep N of every M weights), e.g. '2:4' or '4:8'."
+            )
+        self.n, self.m = n, m
+
+    @property
+    def name(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    @classmethod
+    def parse(cls, text: str) -> NM | None:
+        match = _NM.match(text)
+        return cls(int(match.group(1)), int(match.group(2))) if match else None
+
+    def sparsity(self, requested: float) -> float:
+        return 1.0 - self.n / self.m
+
+    def check_shape(self, shape, name: str = "weight") -> None:
+        super().check_shape(shape, name)
+        if shape[1] % self.m != 0:
+            raise ValueError(
+                f"{name}: sparsity_type={self.name!r} needs in_features divisible by M={self.m}, but in_features="
+                f"{shape[1]}. Use another M, sparsity_type='unstructured', or exclude this module (exclude_modules)."
+            )
+
+    def groups(self, score: torch.Tensor) -> torch.Tensor:
+        return score.reshape(-1, self.m)
+
+    def zeros(self, group_size: int, sparsity: float) -> int:
+        return self.m - self.n  # the requested sparsity does not apply

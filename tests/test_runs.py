@@ -1,0 +1,223 @@
+"""Whole runs of ElsaTrainer that must end exactly sparse: allocations, warm starts x recipes, resumes that
+change settings (honoured or refused, never silently wrong)."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+from conftest import elsa_args, lm_dataset, make_model, prunable_weights
+from transformers import TrainerCallback
+
+from hf_elsa import ElsaConfig, ElsaTrainer
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def _train(model, args, dataset=None, resume=None, **kwargs):
+    trainer = ElsaTrainer(model=model, args=args, train_dataset=dataset or lm_dataset(48), **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def _zeros(model):
+    return {n: int((w == 0).sum()) for n, w in prunable_weights(model).items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# non-uniform allocation
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("allocation", ["global", "owl"])
+@pytest.mark.parametrize("recipe", ["elsa", "paper"])
+def test_allocation_ends_with_the_exact_total_within_bounds(allocation, recipe, tmp_path):
+    model = make_model("llama")
+    extra = {"importance": "activation"} if allocation == "owl" else {}
+    args = elsa_args(
+        tmp_path,
+        sparsity=0.7,
+        sparsity_allocation=allocation,
+        allocation_min_sparsity=0.6,
+        allocation_max_sparsity=0.8,
+        recipe=recipe,
+        max_steps=12,
+        **extra,
+    )
+    trainer = _train(model, args)
+    zeros, numels = _zeros(model), {n: w.numel() for n, w in prunable_weights(model).items()}
+    assert sum(zeros.values()) == round(0.7 * sum(numels.values()))
+    assert all(0.6 - 1e-9 <= zeros[n] / numels[n] <= 0.8 + 1e-9 for n in zeros)
+    assert len({zeros[n] / numels[n] for n in zeros}) > 1, "the allocation should differ from uniform here"
+    # the masks the optimizer keeps are the zeros
+    for name, mask in trainer.elsa_optimizer.masks().items():
+        assert int((~mask).sum()) == zeros[name]
+
+
+def test_allocation_is_refused_for_nm(tmp_path):
+    with pytest.raises(ValueError, match="sparsity_allocation='global'.*uniform"):
+        elsa_args(tmp_path, sparsity_type="2:4", sparsity_allocation="global")
+
+
+def test_owl_needs_activation_statistics(tmp_path):
+    with pytest.raises(ValueError, match="owl.*importance='activation'"):
+        elsa_args(tmp_path, sparsity_allocation="owl", recipe="paper")
+
+
+def test_owl_allocation_survives_resume(tmp_path):
+    common = dict(sparsity=0.7, sparsity_allocation="owl", max_steps=12, learning_rate=3e-3)
+    straight = make_model("llama")
+    _train(straight, elsa_args(tmp_path / "a", **common))
+    interrupted = make_model("llama")
+    _train(interrupted, elsa_args(tmp_path / "b", save_strategy="steps", save_steps=4, **common), callbacks=[_StopAt(4)])
+    resumed = make_model("llama", seed=1)
+    _train(resumed, elsa_args(tmp_path / "c", **common), resume=str(tmp_path / "b" / "out" / "checkpoint-4"))
+    for name, w in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], w, rtol=0, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# warm starts compose with every recipe
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("init", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("recipe,extra", [("elsa", {}), ("paper", {}), ("elsa", {"admm_fraction": 0.0})])
+def test_every_admm_init_with_every_recipe_ends_exactly_sparse(init, recipe, extra, tmp_path):
+    model = make_model("llama")
+    args = elsa_args(tmp_path, sparsity=0.6, admm_init=init, admm_init_samples=8, recipe=recipe, max_steps=8, **extra)
+    trainer = _train(model, args)
+    for name, w in prunable_weights(model).items():
+        # wanda compares per output row: its mask has round(in * s) zeros per row; ADMM re-projects per tensor
+        expected = round(0.6 * w.shape[1]) * w.shape[0] if init == "wanda" and extra else round(0.6 * w.numel())
+        assert int((w == 0).sum()) == expected, name
+    assert trainer.elsa_optimizer.masks()
+
+
+def test_warm_start_starts_from_the_one_shot_weights(tmp_path):
+    """The first z is the one-shot pruned weights (SparseGPT also updates the kept ones)."""
+    from hf_elsa.oneshot import sparsegpt
+
+    dataset = lm_dataset(48)
+    reference = make_model("llama")
+    calibration = torch.as_tensor(dataset[:8]["input_ids"])
+    sparsegpt(reference, calibration, sparsity=0.6, progress=False)
+    model = make_model("llama")
+    trainer = ElsaTrainer(
+        model=model,
+        args=elsa_args(tmp_path, sparsity=0.6, admm_init="sparsegpt", admm_init_samples=8, max_steps=8),
+        train_dataset=dataset,
+    )
+    trainer.create_optimizer_and_scheduler(8)
+    trainer._warm_start()
+    trainer.elsa_optimizer.initialize()
+    for name, w in prunable_weights(reference).items():
+        z, _ = trainer.elsa_optimizer.z_and_u(name)
+        torch.testing.assert_close(z, w, rtol=0, atol=1e-6, msg=name)
+
+
+def test_admm_init_without_input_ids_fails_at_construction(tmp_path):
+    from datasets import Dataset
+
+    with pytest.raises(ValueError, match="admm_init='wanda'.*'input_ids'"):
+        ElsaTrainer(
+            model=make_model("llama"),
+            args=elsa_args(tmp_path, admm_init="wanda"),
+            train_dataset=Dataset.from_dict({"text": ["a b c"]}),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# resume with other settings: honoured where well defined, refused otherwise
+# ---------------------------------------------------------------------------------------------------
+def _checkpoint(tmp_path, step, total, **common):
+    model = make_model("llama")
+    args = elsa_args(tmp_path / "first", save_strategy="steps", save_steps=step, max_steps=total, **common)
+    _train(model, args, callbacks=[_StopAt(step)])
+    return str(tmp_path / "first" / "out" / f"checkpoint-{step}")
+
+
+def test_resume_with_a_shorter_run_keeps_the_checkpoints_phase_and_ends_exactly_sparse(tmp_path):
+    # 40 steps at admm_fraction 0.25: the mask is fixed at step 10; resumed at 4 with max_steps=20 the new
+    # fraction would put it at step 5 -- the checkpoint's own boundary (10) is kept.
+    ckpt = _checkpoint(tmp_path, 4, 40, sparsity=0.5, admm_fraction=0.25)
+    model = make_model("llama", seed=1)
+    trainer = _train(model, elsa_args(tmp_path / "r", sparsity=0.5, admm_fraction=0.25, max_steps=20), resume=ckpt)
+    assert trainer.elsa_optimizer.admm_steps == 10
+    assert all(z == round(0.5 * w.numel()) for z, w in zip(_zeros(model).values(), prunable_weights(model).values()))
+
+
+def test_resume_with_a_run_too_short_for_the_checkpoints_phase_is_refused(tmp_path):
+    ckpt = _checkpoint(tmp_path, 4, 40, sparsity=0.5, admm_fraction=0.5)  # mask fixed at step 20
+    model = make_model("llama", seed=1)
+    with pytest.raises(ValueError, match="fixes the mask at step 20.*max_steps >= 20"):
+        _train(model, elsa_args(tmp_path / "r", sparsity=0.5, admm_fraction=0.5, max_steps=12), resume=ckpt)
+
+
+def test_resume_of_a_fixed_mask_checkpoint_with_a_longer_run(tmp_path):
+    ckpt = _checkpoint(tmp_path, 6, 12, sparsity=0.5, admm_fraction=0.25)  # mask fixed at step 3
+    model = make_model("llama", seed=1)
+    _train(model, elsa_args(tmp_path / "r", sparsity=0.5, admm_fraction=0.25, max_steps=30), resume=ckpt)
+    assert all(z == round(0.5 * w.numel()) for z, w in zip(_zeros(model).values(), prunable_weights(model).values()))
+
+
+@pytest.mark.parametrize("change,match", [({"sparsity": 0.9}, "sparsity=0.5"), ({"sparsity_type": "2:4"}, "'unstructured'")])
+def test_resume_with_other_sparsity_settings_is_refused(change, match, tmp_path):
+    ckpt = _checkpoint(tmp_path, 6, 12, sparsity=0.5, admm_fraction=0.25)
+    settings = {"sparsity": 0.5, "admm_fraction": 0.25, "max_steps": 12, **change}
+    with pytest.raises(ValueError, match=match):
+        _train(make_model("llama", seed=1), elsa_args(tmp_path / "r", **settings), resume=ckpt)
+
+
+def test_resume_without_optimizer_state_is_refused(tmp_path):
+    ckpt = _checkpoint(tmp_path, 4, 12, sparsity=0.5)
+    os.remove(os.path.join(ckpt, "optimizer.pt"))
+    with pytest.raises(ValueError, match="no optimizer state.*Start a new run"):
+        _train(make_model("llama", seed=1), elsa_args(tmp_path / "r", sparsity=0.5, max_steps=12), resume=ckpt)
+
+
+# ---------------------------------------------------------------------------------------------------
+# settings: every float field refuses NaN and infinities
+# ---------------------------------------------------------------------------------------------------
+FLOAT_FIELDS = [
+    "sparsity",
+    "admm_lambda",
+    "admm_lambda_init",
+    "admm_fraction",
+    "importance_alpha",
+    "importance_delta",
+    "importance_beta",
+    "sam_rho",
+    "allocation_min_sparsity",
+    "allocation_max_sparsity",
+    "owl_spread",
+    "owl_outlier_threshold",
+]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, "0.5", True])
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+def test_float_settings_refuse_non_finite_and_wrong_types(name, value, tmp_path):
+    with pytest.raises(ValueError, match=f"ElsaConfig.{name}="):
+        ElsaConfig(output_dir=str(tmp_path), **{name: value})
+
+
+@pytest.mark.parametrize("name", ["admm_interval", "hessian_interval", "admm_init_samples"])
+@pytest.mark.parametrize("value", [1.5, math.nan, -1, True])
+def test_integer_settings_refuse_non_integers(name, value, tmp_path):
+    with pytest.raises(ValueError, match=f"ElsaConfig.{name}="):
+        ElsaConfig(output_dir=str(tmp_path), **{name: value})
+
+
+def test_nm_with_zero_kept_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="1 <= N < M"):
+        ElsaConfig(output_dir=str(tmp_path), sparsity_type="0:4")
