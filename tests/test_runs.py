@@ -221,3 +221,26 @@ def test_integer_settings_refuse_non_integers(name, value, tmp_path):
 def test_nm_with_zero_kept_is_refused(tmp_path):
     with pytest.raises(ValueError, match="1 <= N < M"):
         ElsaConfig(output_dir=str(tmp_path), sparsity_type="0:4")
+
+
+# ---------------------------------------------------------------------------------------------------
+# non-finite weights stop the run with the tensors named
+# ---------------------------------------------------------------------------------------------------
+def test_a_model_that_comes_with_nan_is_refused_before_training(tmp_path):
+    model = make_model("llama")
+    name, weight = next(iter(prunable_weights(model).items()))
+    with torch.no_grad():
+        weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=f"given to the optimizer: {name} \\(1\\)"):
+        _train(model, elsa_args(tmp_path, max_steps=4))
+
+
+def test_a_diverged_run_stops_at_the_mask_fix_naming_the_tensors(tmp_path):
+    class Poison(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    next(iter(prunable_weights(model).values()))[1, 1] = float("inf")
+
+    with pytest.raises(FloatingPointError, match="when the mask is fixed.*lower learning_rate"):
+        _train(make_model("llama"), elsa_args(tmp_path, max_steps=12, admm_fraction=0.5), callbacks=[Poison()])

@@ -294,6 +294,23 @@ class ElsaOptimizer(torch.optim.Optimizer):
             return shard_of(mask.contiguous(), p)
         return mask
 
+    @torch.no_grad()
+    def check_finite(self, when: str) -> None:
+        """Raise a clear error naming the prunable weights with NaN or infinite entries (all processes agree)."""
+        sums = ShardSums(len(self.prunable))
+        for i, p in enumerate(self.prunable.values()):
+            row = [0.0] * len(self.prunable)
+            row[i] = (~torch.isfinite(local(p.detach()))).sum()
+            sums.add(p, row)
+        bad = [(name, int(n)) for name, n in zip(self.prunable, sums.total()) if n > 0]
+        if bad:
+            listed = ", ".join(f"{name} ({n})" for name, n in bad[:5]) + (" ..." if len(bad) > 5 else "")
+            raise FloatingPointError(
+                f"{len(bad)} prunable weights hold NaN or infinite values {when}: {listed}. Nothing was saved as "
+                "sparse. If training diverged, lower learning_rate (or admm_lambda); if the model came with them, "
+                "check how it was loaded."
+            )
+
     # -- state ------------------------------------------------------------------------------------
     def _record_run(self, state: dict) -> None:
         state[ADMM_STEPS] = self.admm_steps
@@ -357,6 +374,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
         """
         if all(STEP in self._state(p) for p in self.prunable.values()):
             return
+        self.check_finite("in the model given to the optimizer")
         admm_steps = self.admm_steps
         for name, p in self.prunable.items():
             if name in self.initial_masks and is_sharded(p):
@@ -389,6 +407,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
     def _fix_masks(self) -> None:
         """Enter the fixed-mask phase: hard-project every W (or read its zeros for keep_mask); log what it removed."""
         s = self.settings
+        self.check_finite(f"when the mask is fixed (step {self.steps_done})")
         sums = ShardSums(3)  # removed, norm^2 and zeros, over whole tensors
         if s.keep_mask or not s.final_projection:
             sparsities = {}
