@@ -33,7 +33,8 @@ RESUME_AT = (3, 6)
 
 CONFIGS = {
     # the default recipe's ingredients: proximal pull, cubic ramp, activation-aware score (statistics all-reduced)
-    "unstructured-activation-proximal": ElsaSettings(recipe="paper", 
+    "unstructured-activation-proximal": ElsaSettings(
+        recipe="paper",
         sparsity=0.7,
         admm_interval=1,
         admm_penalty="proximal",
@@ -43,11 +44,18 @@ CONFIGS = {
         sparsity_schedule="cubic",
     ),
     # N:M groups lie in one output row: projected locally on each shard
-    "2:4-adam-gradient": ElsaSettings(recipe="paper", 
-        sparsity_type="2:4", admm_interval=2, admm_penalty="gradient", admm_lambda=0.05, admm_fraction=0.5, importance="adam"
+    "2:4-adam-gradient": ElsaSettings(
+        recipe="paper",
+        sparsity_type="2:4",
+        admm_interval=2,
+        admm_penalty="gradient",
+        admm_lambda=0.05,
+        admm_fraction=0.5,
+        importance="adam",
     ),
     # ELSA-L storage: FP8 z (one scale per tensor, max-reduced over the shards) with its residual in a bf16 u
-    "unstructured-elsa-l-proximal": ElsaSettings(recipe="paper", 
+    "unstructured-elsa-l-proximal": ElsaSettings(
+        recipe="paper",
         sparsity=0.7,
         admm_interval=1,
         admm_penalty="proximal",
@@ -56,7 +64,20 @@ CONFIGS = {
         admm_z_dtype="float8_e4m3fn",
         admm_u_dtype="bfloat16",
     ),
-    "row-magnitude-gradient": ElsaSettings(recipe="paper", 
+    # non-uniform allocations: thresholds and outlier counts summed over the shards, no tensor gathered
+    "global-activation-proximal": ElsaSettings(
+        sparsity=0.7,
+        admm_interval=1,
+        admm_fraction=0.5,
+        sparsity_allocation="global",
+        allocation_min_sparsity=0.5,
+        allocation_max_sparsity=0.85,
+    ),
+    "owl-activation-proximal": ElsaSettings(
+        sparsity=0.7, admm_interval=1, admm_fraction=0.5, sparsity_allocation="owl", owl_outlier_threshold=2.0
+    ),
+    "row-magnitude-gradient": ElsaSettings(
+        recipe="paper",
         sparsity=0.5,
         sparsity_type="row",
         admm_interval=1,
@@ -82,7 +103,7 @@ def prunable_modules(model) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
 
 
-def make_optimizer(model, settings: AdmmSettings):
+def make_optimizer(model, settings: ElsaSettings):
     modules = prunable_modules(model)
     base = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
     opt = ElsaOptimizer(base, {n: m.weight for n, m in modules.items()}, settings, total_steps=STEPS)
