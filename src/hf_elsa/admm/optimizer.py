@@ -206,7 +206,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
     def sparsity_at(self, step: int) -> float:
         s = self.settings
         if not self.pattern.can_ramp:
-            return s.sparsity  # one fixed ratio (N:M); the pattern ignores the value
+            return self.pattern.sparsity(s.sparsity)  # one fixed ratio (N:M)
         return sparsity_at(s.sparsity_schedule, step, self.ramp_steps, s.sparsity)
 
     @property
