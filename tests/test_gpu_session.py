@@ -37,11 +37,14 @@ def _run_script(tmp_path: Path, *args: str, timeout: float = 120) -> tuple[subpr
     return done, record, markdown
 
 
-def test_dry_run_runs_every_step_on_cpu_and_writes_the_documented_format(tmp_path):
-    start = time.monotonic()
-    done, record, markdown = _run_script(tmp_path, "--dry-run", "--minutes", "2")
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    return _run_script(tmp_path_factory.mktemp("dry_run"), "--dry-run", "--minutes", "2")
+
+
+def test_dry_run_runs_every_step_on_cpu_and_writes_the_documented_format(dry_run):
+    done, record, markdown = dry_run
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert time.monotonic() - start < 120
 
     assert record["schema"] == gpu_session.SCHEMA and record["mode"] == "dry-run"
     assert record["finished"] and 0 < record["elapsed_s"] <= record["budget_s"] == 120
@@ -82,6 +85,35 @@ def test_dry_run_runs_every_step_on_cpu_and_writes_the_documented_format(tmp_pat
     for name in steps:
         assert f"| {name} |" in markdown
     assert "| ELSA, paper recipe |" in markdown and "| batch | dense tokens/s |" in markdown
+
+
+def test_the_summary_renders_what_only_a_gpu_measures(dry_run):
+    """The GPU-only fields (peak memory, the 2:4 decode, the device) in the summary, as a GPU run fills them."""
+    record = json.loads(json.dumps(dry_run[1]))
+    record.update(mode="gpu", finished=None)
+    record["environment"]["gpu"] = {"name": "NVIDIA H100 80GB HBM3", "capability": "9.0", "count": 1,
+                                    "memory_gib": 79.1}  # fmt: skip
+    record["model"] = {"name": "SmolLM2-135M-Instruct (carried GGUF parts, dequantized)", "real_weights": True,
+                       "text": "Wikipedia sample (carried token ids)"}  # fmt: skip
+    steps = {s["name"]: s for s in record["steps"]}
+    for name in ("elsa_default", "elsa_paper", "masked_ft", "elsa_l_memory", "hutchinson"):
+        steps[name]["result"].update(peak_memory_bytes=3 * 2**30, peak_over_predicted=1.6)
+    steps["decode_speed"]["result"]["semi_structured"] = {
+        "status": "ok", "tensor": "SparseSemiStructuredTensorCUSPARSELT", "tokens_per_s": {"1": 90.5},
+        "speedup": {"1": 0.8}, "logits_max_rel_diff": 0.01}  # fmt: skip
+    steps["elsa_paper"].update(status="failed", reason="StepFailed: out of time: stopped at step 7 of 12")
+    markdown = gpu_session.render_markdown(record)
+    assert "(GPU)" in markdown and "NVIDIA H100 80GB HBM3 (79.1 GiB)" in markdown and "unfinished" in markdown
+    assert "Not the real model" not in markdown and "3.00 GiB" in markdown
+    assert "| 1 | " in markdown and "| 90.5 | 0.8 |" in markdown and "CUSPARSELT" in markdown
+    assert "| elsa_paper | failed: StepFailed: out of time" in markdown
+
+
+def test_a_summary_that_fails_to_render_does_not_lose_the_json(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_session, "render_markdown", lambda record: 1 / 0)
+    gpu_session.write_outputs({"steps": []}, tmp_path)
+    assert json.loads((tmp_path / gpu_session.JSON_NAME).read_text()) == {"steps": []}
+    assert "ZeroDivisionError" in (tmp_path / gpu_session.MARKDOWN_NAME).read_text()
 
 
 def test_a_budget_too_small_for_any_step_skips_them_all_cleanly(tmp_path):
