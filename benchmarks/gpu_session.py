@@ -134,7 +134,10 @@ class Session:
             entry = {"name": step.name, "status": None, "reason": None, "allotted_s": round(seconds, 1),
                      "seconds": 0.0, "result": {}}  # fmt: skip
             self.record["steps"].append(entry)
-            reason = step.requires(ctx) if step.requires else None
+            try:
+                reason = step.requires(ctx) if step.requires else None
+            except Exception as exc:  # a broken check skips its step, never the session
+                reason = f"its requirement check raised {type(exc).__name__}: {exc}"
             if reason is None and seconds < step.min_seconds * self.time_scale:
                 reason = f"time: {seconds:.0f} s left for it, needs {step.min_seconds * self.time_scale:.0f} s"
             if reason is not None:
