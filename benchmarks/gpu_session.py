@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -823,8 +824,6 @@ def main(argv: list[str] | None = None) -> int:
         record["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         record["elapsed_s"] = round(time.monotonic() - start, 1)
         write(record)
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
     _log(f"wrote {output_dir / JSON_NAME} and {output_dir / MARKDOWN_NAME}")
     return 1 if any(e["status"] == "failed" for e in record["steps"]) else 0
