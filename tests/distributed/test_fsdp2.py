@@ -1,7 +1,7 @@
 """ElsaOptimizer on FSDP2 (``fully_shard``, DTensor parameters), 2 gloo processes on CPU, against one unsharded process.
 
 The Trainer cannot run FSDP on CPU, so this drives the optimizer wrapper directly (``fsdp2_worker.py``); the
-Trainer + FSDP2 path on GPUs is checked by ``scripts/gpu_check.py`` (docs/scaling.md).
+Trainer + FSDP2 path on GPUs is checked by ``tests/distributed/gpu_check.py`` (docs/scaling.md).
 
 Tolerances: the sharded run averages two half-batch gradients (reduce-scatter) where the reference takes one
 full-batch mean, so weights differ by float rounding only (measured <= 3e-8); we allow 1e-6 absolute. Masks
