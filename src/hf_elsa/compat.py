@@ -50,3 +50,19 @@ def is_dcp_state_init_call(optimizer: torch.optim.Optimizer) -> bool:
 def prepare_inputs(trainer, inputs: dict) -> dict:
     """Move a batch to the device the way the training loop does (2026-11, transformers 5.x: ``_prepare_inputs``)."""
     return trainer._prepare_inputs(inputs)
+
+
+def loss_scale(trainer, num_items_in_batch) -> float:
+    """The factor ``Trainer.compute_loss`` multiplies the model's loss by (2026-11, transformers 5.x).
+
+    With ``average_tokens_across_devices`` the loss is normalised by the token count of all processes and then
+    multiplied back by the number of data-parallel processes; an added loss term must get the same factor.
+    """
+    if (
+        trainer.args.average_tokens_across_devices
+        and (trainer.model_accepts_loss_kwargs or trainer.compute_loss_func)
+        and num_items_in_batch is not None
+    ):
+        scale = trainer.accelerator.num_processes // trainer.get_tp_size()
+        return scale if trainer.args.n_gpu <= 1 else trainer.args.n_gpu
+    return 1.0

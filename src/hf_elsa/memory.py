@@ -57,10 +57,11 @@ class MemoryEstimate:
     admm: int
     mask: int
     admm_detail: dict[str, int] = field(default_factory=dict)
+    teacher: int = 0  # the frozen dense copy that distillation reads
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.admm
+        return self.weights + self.gradients + self.optimizer + self.admm + self.teacher
 
     @property
     def admm_bytes_per_prunable(self) -> float:
@@ -81,6 +82,7 @@ class MemoryEstimate:
             ("gradients", self.gradients, f"{self.gradients / n:.2f} B per parameter"),
             (f"optimizer ({self.optim})", self.optimizer, f"{self.optimizer / n:.2f} B per parameter"),
             ("ADMM state", self.admm, f"{self.admm / p:.2f} B per prunable weight ({detail})"),
+            *([("teacher (distillation)", self.teacher, "a frozen copy of the weights")] if self.teacher else []),
             ("total", self.total, ""),
         ]
         width = max(len(r[0]) for r in rows)
@@ -170,6 +172,7 @@ def estimate_memory(model: nn.Module, config) -> MemoryEstimate:
         admm=sum(detail.values()),
         mask=mask,
         admm_detail=detail,
+        teacher=sum(p.numel() * p.element_size() for p in params) if getattr(config, "distills", False) else 0,
     )
 
 

@@ -30,6 +30,7 @@ TOPICS = {
     "recipe": "Recipe and ADMM schedule",
     "curvature": "Projection score (curvature)",
     "flatness": "Flat minima (SAFE, Sassha)",
+    "distillation": "Distillation from the dense model",
     "start": "Start and end of the run",
     "storage": "Memory (ELSA-L)",
 }
@@ -300,6 +301,37 @@ class ElsaSettings:
         choices=BASE_OPTIMIZERS,
     )
 
+    # -- distillation --------------------------------------------------------------------------------
+    distill_weight: float = _setting(
+        0.0,
+        "distillation",
+        "Weight w of the distillation loss: (1 - w) * next-token loss + w * T^2 * KL(teacher || student).",
+        "Weight `w` in `[0, 1]` of distillation from the dense model: the training loss becomes `(1 - w) * "
+        "next-token loss + w * T^2 * KL(teacher || student)` over the full vocabulary at temperature "
+        "`distill_temperature`, computed in chunks of tokens. The teacher is `ElsaTrainer(teacher_model=...)`, by "
+        "default a frozen copy of the model as it enters `train()`. One teacher forward per micro-batch "
+        "(docs/distillation.md).",
+        bounds=(0.0, 1.0, True, True),
+        example=1.0,
+    )
+    distill_temperature: float = _setting(
+        1.0,
+        "distillation",
+        "Temperature T of the distillation KL, > 0.",
+        "Temperature `T > 0` of both distributions in the distillation KL (the loss is multiplied by `T^2`).",
+        bounds=(0.0, None, False, False),
+        example=1.0,
+    )
+    distill_hidden_weight: float = _setting(
+        0.0,
+        "distillation",
+        "Weight of the per-layer hidden-state loss to the teacher (SquareHead), >= 0.",
+        "Weight of an added per-layer hidden-state loss to the teacher (SquareHead): the mean over layers of "
+        "`||h_student - h_teacher||^2 / ||h_teacher||^2` per token, averaged over tokens like the next-token loss.",
+        bounds=(0.0, None, True, False),
+        example=1.0,
+    )
+
     # -- start and end -----------------------------------------------------------------------------------
     admm_init: str = _setting(
         "magnitude",
@@ -393,6 +425,11 @@ class ElsaSettings:
         if self.allocation_max_sparsity is None:
             self.allocation_max_sparsity = 1.0 - (1.0 - self.sparsity) / 3.0
         self._check_relations(owner)
+
+    @property
+    def distills(self) -> bool:
+        """Whether the run learns from a teacher (distillation weight or hidden-state weight above 0)."""
+        return self.distill_weight > 0 or self.distill_hidden_weight > 0
 
     def _check_relations(self, owner: str) -> None:
         if self.admm_lambda_schedule == "exponential" and (self.admm_lambda_init <= 0 or self.admm_lambda <= 0):

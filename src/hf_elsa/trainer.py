@@ -15,6 +15,7 @@ which wraps whatever optimizer the Trainer builds; this class only
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -26,7 +27,7 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from .admm import ElsaOptimizer
-from .compat import checkpoint_step, prepare_inputs
+from .compat import checkpoint_step, loss_scale, prepare_inputs
 from .config import ElsaConfig
 from .curvature import (
     HESSIAN,
@@ -40,6 +41,7 @@ from .curvature import (
     probe_generator,
     update_running_mean,
 )
+from .distillation import chunked_kl, hidden_state_loss, next_token_mask
 from .flatness import Sassha, perturbed, sam_perturbation
 from .sparse_io import (
     attach_sparsity,
@@ -71,7 +73,14 @@ class ElsaTrainer(Trainer):
     ``ElsaConfig.final_projection``) and ``trainer.elsa_optimizer.masks()`` holds the masks.
     """
 
-    def __init__(self, model: nn.Module | None = None, args: ElsaConfig | None = None, *pargs, **kwargs):
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: ElsaConfig | None = None,
+        *pargs,
+        teacher_model: nn.Module | None = None,
+        **kwargs,
+    ):
         if args is None:
             args = ElsaConfig(output_dir="elsa_output")
         if not isinstance(args, ElsaConfig):
@@ -104,6 +113,14 @@ class ElsaTrainer(Trainer):
                     f"ElsaConfig.admm_init={args.admm_init!r} calibrates a one-shot pruner on training blocks: pass a "
                     "train_dataset (a datasets.Dataset) with an 'input_ids' column, or use admm_init='magnitude'."
                 )
+        if args.distills and args.fsdp:
+            raise ValueError(
+                "ElsaConfig.distill_weight / distill_hidden_weight need the dense teacher next to the student, which "
+                "hf_elsa does not shard: under FSDP set them to 0 (or run under DDP, where the teacher is replicated)."
+            )
+        # the dense teacher of distillation: a frozen copy of the model as it enters train() unless given
+        self.teacher_model = teacher_model
+        self._distill_sums: dict[str, float] = {}
         tokenizer = kwargs.get("processing_class")
         if getattr(tokenizer, "pad_token", "") is None and getattr(tokenizer, "eos_token", None) is not None:
             tokenizer.pad_token = tokenizer.eos_token  # as TRL does: the padding collator needs one
@@ -290,6 +307,56 @@ class ElsaTrainer(Trainer):
         )
         self.elsa_optimizer.initial_masks.update(masks)
 
+    # -- distillation (hf_elsa.distillation) ------------------------------------------------------
+    def _prepare_teacher(self) -> None:
+        """Freeze the teacher (by default a copy of the model as it enters ``train()``: the dense model)."""
+        if not self.args.distills:
+            return
+        student = self.accelerator.unwrap_model(self.model)
+        if self.teacher_model is None:
+            self.teacher_model = copy.deepcopy(student)
+        device = next(student.parameters()).device
+        self.teacher_model.to(device).eval().requires_grad_(False)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        a = self.args
+        if not a.distills or not model.training or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch, **kwargs)
+        hidden = a.distill_hidden_weight > 0
+        student_inputs = {**inputs, "output_hidden_states": True} if hidden else inputs
+        ce, outputs = super().compute_loss(model, student_inputs, True, num_items_in_batch, **kwargs)
+        mask = next_token_mask(inputs["labels"])
+        count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+        scale = loss_scale(self, num_items_in_batch) / count
+        teacher = self.teacher_model
+        base_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+        with torch.no_grad(), self.accelerator.autocast():
+            taught = teacher.base_model(**base_inputs, output_hidden_states=hidden)
+        rows = mask.flatten().nonzero().squeeze(1)
+        loss, terms = (1.0 - a.distill_weight) * ce, {"loss_ce": ce.detach()}
+        if a.distill_weight > 0:
+            teacher_hidden = taught.last_hidden_state.flatten(0, 1)
+            head = teacher.get_output_embeddings()
+            softcap = getattr(teacher.config, "final_logit_softcapping", None)
+
+            def teacher_logits(part):
+                with self.accelerator.autocast():
+                    logits = head(teacher_hidden[rows[part]])
+                return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+            student_logits = outputs.logits.flatten(0, 1)
+            kl = chunked_kl(student_logits, teacher_logits, a.distill_temperature, rows=rows)
+            distill = kl * a.distill_temperature**2 * scale
+            loss = loss + a.distill_weight * distill
+            terms["loss_distill"] = distill.detach()
+        if hidden:
+            squarehead = hidden_state_loss(outputs.hidden_states, taught.hidden_states, mask) * scale
+            loss = loss + a.distill_hidden_weight * squarehead
+            terms["loss_hidden"] = squarehead.detach()
+        for key, value in terms.items():
+            self._distill_sums[key] = self._distill_sums.get(key, 0.0) + float(value)
+        return (loss, outputs) if return_outputs else loss
+
     def evaluation_loop(self, *args, **kwargs):
         # eval loss -> perplexity, as run_clm.py reports it; in the metrics themselves so that
         # callbacks and metric_for_best_model="eval_perplexity" see it
@@ -301,6 +368,11 @@ class ElsaTrainer(Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self.elsa_optimizer is not None and "loss" in logs:
             logs.update(self.elsa_optimizer.metrics)
+        if "loss" in logs and self._distill_sums:
+            # summed over the micro-batches since the last log, like the Trainer's own loss
+            steps = max(self.state.global_step - self._globalstep_last_logged, 1)
+            logs.update({key: value / steps for key, value in self._distill_sums.items()})
+            self._distill_sums = {}
         super().log(logs, *args, **kwargs)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
@@ -316,6 +388,7 @@ class ElsaTrainer(Trainer):
                 f"cannot resume from it at step {self._elsa_resume_step}. Start a new run from the model saved in it."
             )
         self._sam_window = []  # nothing left over from an interrupted run
+        self._prepare_teacher()
         try:
             output = super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
