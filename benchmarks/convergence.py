@@ -44,7 +44,14 @@ def main(argv=None):
     model, tok = load_smollm2()
     train_docs, eval_docs = wikipedia_split(0)
     eval_ids = tokenize_documents(eval_docs, tok)
-    result = {"method": run.method, "tag": run.tag, "sparsity": args.sparsity, "steps": args.max_steps}
+    result = {
+        "method": run.method,
+        "tag": run.tag,
+        "sparsity": args.sparsity,
+        "sparsity_type": args.sparsity_type,
+        "steps": args.max_steps,
+        "tokens_per_step": args.per_device_train_batch_size * args.gradient_accumulation_steps * run.block_size,
+    }
     step_time = None
     if run.method in ("elsa", "masked_ft"):
         if run.method == "masked_ft":
@@ -65,10 +72,7 @@ def main(argv=None):
     result["ppl"] = perplexity(model, text=eval_ids, seqlen=run.eval_seqlen, max_windows=run.eval_windows)
     result["eval_s"] = time.time() - start
     result["step_s"] = step_time
-    result["config"] = {k: getattr(args, k) for k in (
-        "recipe", "admm_penalty", "admm_lambda", "admm_lambda_schedule", "admm_lambda_init", "admm_interval",
-        "admm_fraction", "sparsity_schedule", "importance", "learning_rate", "bf16", "elsa_l", "admm_z_dtype",
-        "admm_u_dtype")}
+    result["config"] = {**args.elsa_dict(), "learning_rate": args.learning_rate, "bf16": args.bf16}
     result["config"]["optim"] = str(getattr(args.optim, "value", args.optim))
     print("RESULT " + json.dumps(result), flush=True)
 

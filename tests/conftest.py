@@ -254,3 +254,30 @@ def ref_keep_mask(score: torch.Tensor, sparsity: float, sparsity_type: str) -> t
 def ref_project(values: torch.Tensor, sparsity: float, sparsity_type: str = "unstructured") -> torch.Tensor:
     """Magnitude projection by the brute-force rule."""
     return values * ref_keep_mask(values.abs(), sparsity, sparsity_type)
+
+
+# ---------------------------------------------------------------------------------------------------
+# running ElsaTrainer in tests
+# ---------------------------------------------------------------------------------------------------
+class StopAt(transformers.TrainerCallback):
+    """Stop training after ``step`` optimizer steps (an interrupted run, for resume tests)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def train_quietly(model, args, dataset=None, resume=None, **kwargs):
+    """``ElsaTrainer(...).train()`` on ``dataset`` (default 48 synthetic blocks) with warnings silenced."""
+    import warnings
+
+    from hf_elsa import ElsaTrainer
+
+    trainer = ElsaTrainer(model=model, args=args, train_dataset=dataset or lm_dataset(48), **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        trainer.train(resume_from_checkpoint=resume)
+    return trainer

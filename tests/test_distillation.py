@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import elsa_args, lm_dataset, make_model, prunable_weights
-from transformers import TrainerCallback
+from conftest import StopAt, elsa_args, lm_dataset, make_model, train_quietly
 
 from hf_elsa import ElsaConfig, ElsaTrainer, estimate_memory
 from hf_elsa.distillation import chunked_kl, hidden_state_loss, next_token_mask
@@ -76,18 +74,11 @@ def test_next_token_mask_follows_the_labels():
 # ---------------------------------------------------------------------------------------------------
 # the trainer
 # ---------------------------------------------------------------------------------------------------
-def _train(model, args, dataset=None, resume=None, **kwargs):
-    trainer = ElsaTrainer(model=model, args=args, train_dataset=dataset or lm_dataset(48), **kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        trainer.train(resume_from_checkpoint=resume)
-    return trainer
-
 
 def test_weight_zero_is_exactly_the_plain_run(tmp_path):
     plain, zero = make_model("llama"), make_model("llama")
-    _train(plain, elsa_args(tmp_path / "a"))
-    trainer = _train(zero, elsa_args(tmp_path / "b", distill_weight=0.0))
+    train_quietly(plain, elsa_args(tmp_path / "a"))
+    trainer = train_quietly(zero, elsa_args(tmp_path / "b", distill_weight=0.0))
     assert trainer.teacher_model is None
     for name, w in plain.state_dict().items():
         assert torch.equal(zero.state_dict()[name], w), name
@@ -96,7 +87,7 @@ def test_weight_zero_is_exactly_the_plain_run(tmp_path):
 def test_distillation_changes_the_run_and_leaves_the_teacher_untouched(tmp_path):
     model = make_model("llama")
     dense = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = _train(model, elsa_args(tmp_path, distill_weight=0.5, save_strategy="steps", save_steps=6))
+    trainer = train_quietly(model, elsa_args(tmp_path, distill_weight=0.5, save_strategy="steps", save_steps=6))
     teacher = trainer.teacher_model
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     for name, w in teacher.state_dict().items():
@@ -109,14 +100,14 @@ def test_distillation_changes_the_run_and_leaves_the_teacher_untouched(tmp_path)
         for f in files:
             assert "teacher" not in f, os.path.join(folder, f)
     reference = make_model("llama")
-    _train(reference, elsa_args(tmp_path / "plain"))
+    train_quietly(reference, elsa_args(tmp_path / "plain"))
     assert not torch.equal(reference.state_dict()["model.norm.weight"], model.state_dict()["model.norm.weight"])
 
 
 def test_distillation_only_with_a_teacher_equal_to_the_student_has_zero_kl_at_the_start(tmp_path):
     model = make_model("llama")
     args = elsa_args(tmp_path, distill_weight=1.0, max_steps=1, logging_steps=1, admm_fraction=1.0)
-    trainer = _train(model, args)
+    trainer = train_quietly(model, args)
     first = next(h for h in trainer.state.log_history if "loss_distill" in h)
     assert abs(first["loss_distill"]) < 1e-6  # the dense copy equals the student before the first update
 
@@ -124,7 +115,7 @@ def test_distillation_only_with_a_teacher_equal_to_the_student_has_zero_kl_at_th
 def test_a_given_teacher_is_used(tmp_path):
     teacher = make_model("llama", seed=7)
     model = make_model("llama")
-    trainer = _train(model, elsa_args(tmp_path, distill_weight=1.0, max_steps=2), teacher_model=teacher)
+    trainer = train_quietly(model, elsa_args(tmp_path, distill_weight=1.0, max_steps=2), teacher_model=teacher)
     assert trainer.teacher_model is teacher
     first = next(h for h in trainer.state.log_history if "loss_distill" in h)
     assert first["loss_distill"] > 1e-3
@@ -135,32 +126,24 @@ def test_gradient_accumulation_equals_one_big_batch(hidden, tmp_path):
     dataset = lm_dataset(48)
     common = dict(distill_weight=0.7, distill_hidden_weight=hidden, max_steps=6, learning_rate=3e-3)
     one, two = make_model("llama"), make_model("llama")
-    _train(one, elsa_args(tmp_path / "a", per_device_train_batch_size=4, **common), dataset)
-    _train(two, elsa_args(tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=2, **common), dataset)
+    train_quietly(one, elsa_args(tmp_path / "a", per_device_train_batch_size=4, **common), dataset)
+    train_quietly(two, elsa_args(tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=2, **common), dataset)
     for name, w in one.state_dict().items():
         torch.testing.assert_close(two.state_dict()[name], w, rtol=0, atol=1e-6, msg=name)
 
-
-class _StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
 
 
 def test_resume_with_distillation_equals_a_straight_run(tmp_path):
     dataset = lm_dataset(48)
     common = dict(distill_weight=1.0, max_steps=12, learning_rate=3e-3)
     straight = make_model("llama")
-    _train(straight, elsa_args(tmp_path / "a", **common), dataset)
+    train_quietly(straight, elsa_args(tmp_path / "a", **common), dataset)
     interrupted = make_model("llama")
-    _train(interrupted, elsa_args(tmp_path / "b", save_strategy="steps", save_steps=6, **common), dataset,
-           callbacks=[_StopAt(6)])
+    train_quietly(interrupted, elsa_args(tmp_path / "b", save_strategy="steps", save_steps=6, **common), dataset,
+           callbacks=[StopAt(6)])
     # the same script run again: the dense model is passed in, the checkpoint restores the pruned student
     resumed = make_model("llama")
-    _train(resumed, elsa_args(tmp_path / "c", **common), dataset, resume=str(tmp_path / "b" / "out" / "checkpoint-6"))
+    train_quietly(resumed, elsa_args(tmp_path / "c", **common), dataset, resume=str(tmp_path / "b" / "out" / "checkpoint-6"))
     for name, w in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], w, rtol=0, atol=1e-6, msg=name)
 
@@ -175,7 +158,7 @@ def test_sam_replays_the_distillation_loss(tmp_path, monkeypatch):
         return loss
 
     monkeypatch.setattr(ElsaTrainer, "compute_loss", counting)
-    _train(make_model("llama"), elsa_args(tmp_path, distill_weight=1.0, sam_rho=0.05, max_steps=2, logging_steps=10))
+    train_quietly(make_model("llama"), elsa_args(tmp_path, distill_weight=1.0, sam_rho=0.05, max_steps=2, logging_steps=10))
     # 2 steps x (first pass + SAM replay): every pass added a distillation term
     assert len(calls) == 4 and all(c is not None for c in calls) and calls == sorted(calls)
 

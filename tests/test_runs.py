@@ -5,32 +5,15 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import warnings
 
 import pytest
 import torch
-from conftest import elsa_args, lm_dataset, make_model, prunable_weights
+from conftest import StopAt, elsa_args, lm_dataset, make_model, prunable_weights, train_quietly
 from transformers import TrainerCallback
 
 from hf_elsa import ElsaConfig, ElsaTrainer
 
 
-class _StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-
-
-def _train(model, args, dataset=None, resume=None, **kwargs):
-    trainer = ElsaTrainer(model=model, args=args, train_dataset=dataset or lm_dataset(48), **kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        trainer.train(resume_from_checkpoint=resume)
-    return trainer
 
 
 def _zeros(model):
@@ -55,7 +38,7 @@ def test_allocation_ends_with_the_exact_total_within_bounds(allocation, recipe, 
         max_steps=12,
         **extra,
     )
-    trainer = _train(model, args)
+    trainer = train_quietly(model, args)
     zeros, numels = _zeros(model), {n: w.numel() for n, w in prunable_weights(model).items()}
     assert sum(zeros.values()) == round(0.7 * sum(numels.values()))
     assert all(0.6 - 1e-9 <= zeros[n] / numels[n] <= 0.8 + 1e-9 for n in zeros)
@@ -78,11 +61,11 @@ def test_owl_needs_activation_statistics(tmp_path):
 def test_owl_allocation_survives_resume(tmp_path):
     common = dict(sparsity=0.7, sparsity_allocation="owl", max_steps=12, learning_rate=3e-3)
     straight = make_model("llama")
-    _train(straight, elsa_args(tmp_path / "a", **common))
+    train_quietly(straight, elsa_args(tmp_path / "a", **common))
     interrupted = make_model("llama")
-    _train(interrupted, elsa_args(tmp_path / "b", save_strategy="steps", save_steps=4, **common), callbacks=[_StopAt(4)])
+    train_quietly(interrupted, elsa_args(tmp_path / "b", save_strategy="steps", save_steps=4, **common), callbacks=[StopAt(4)])
     resumed = make_model("llama", seed=1)
-    _train(resumed, elsa_args(tmp_path / "c", **common), resume=str(tmp_path / "b" / "out" / "checkpoint-4"))
+    train_quietly(resumed, elsa_args(tmp_path / "c", **common), resume=str(tmp_path / "b" / "out" / "checkpoint-4"))
     for name, w in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], w, rtol=0, atol=1e-6, msg=name)
 
@@ -95,7 +78,7 @@ def test_owl_allocation_survives_resume(tmp_path):
 def test_every_admm_init_with_every_recipe_ends_exactly_sparse(init, recipe, extra, tmp_path):
     model = make_model("llama")
     args = elsa_args(tmp_path, sparsity=0.6, admm_init=init, admm_init_samples=8, recipe=recipe, max_steps=8, **extra)
-    trainer = _train(model, args)
+    trainer = train_quietly(model, args)
     for name, w in prunable_weights(model).items():
         # wanda compares per output row: its mask has round(in * s) zeros per row; ADMM re-projects per tensor
         expected = round(0.6 * w.shape[1]) * w.shape[0] if init == "wanda" and extra else round(0.6 * w.numel())
@@ -142,7 +125,7 @@ def test_admm_init_without_input_ids_fails_at_construction(tmp_path):
 def _checkpoint(tmp_path, step, total, **common):
     model = make_model("llama")
     args = elsa_args(tmp_path / "first", save_strategy="steps", save_steps=step, max_steps=total, **common)
-    _train(model, args, callbacks=[_StopAt(step)])
+    train_quietly(model, args, callbacks=[StopAt(step)])
     return str(tmp_path / "first" / "out" / f"checkpoint-{step}")
 
 
@@ -151,7 +134,7 @@ def test_resume_with_a_shorter_run_keeps_the_checkpoints_phase_and_ends_exactly_
     # fraction would put it at step 5 -- the checkpoint's own boundary (10) is kept.
     ckpt = _checkpoint(tmp_path, 4, 40, sparsity=0.5, admm_fraction=0.25)
     model = make_model("llama", seed=1)
-    trainer = _train(model, elsa_args(tmp_path / "r", sparsity=0.5, admm_fraction=0.25, max_steps=20), resume=ckpt)
+    trainer = train_quietly(model, elsa_args(tmp_path / "r", sparsity=0.5, admm_fraction=0.25, max_steps=20), resume=ckpt)
     assert trainer.elsa_optimizer.admm_steps == 10
     assert all(z == round(0.5 * w.numel()) for z, w in zip(_zeros(model).values(), prunable_weights(model).values()))
 
@@ -160,13 +143,13 @@ def test_resume_with_a_run_too_short_for_the_checkpoints_phase_is_refused(tmp_pa
     ckpt = _checkpoint(tmp_path, 4, 40, sparsity=0.5, admm_fraction=0.5)  # mask fixed at step 20
     model = make_model("llama", seed=1)
     with pytest.raises(ValueError, match="fixes the mask at step 20.*max_steps >= 20"):
-        _train(model, elsa_args(tmp_path / "r", sparsity=0.5, admm_fraction=0.5, max_steps=12), resume=ckpt)
+        train_quietly(model, elsa_args(tmp_path / "r", sparsity=0.5, admm_fraction=0.5, max_steps=12), resume=ckpt)
 
 
 def test_resume_of_a_fixed_mask_checkpoint_with_a_longer_run(tmp_path):
     ckpt = _checkpoint(tmp_path, 6, 12, sparsity=0.5, admm_fraction=0.25)  # mask fixed at step 3
     model = make_model("llama", seed=1)
-    _train(model, elsa_args(tmp_path / "r", sparsity=0.5, admm_fraction=0.25, max_steps=30), resume=ckpt)
+    train_quietly(model, elsa_args(tmp_path / "r", sparsity=0.5, admm_fraction=0.25, max_steps=30), resume=ckpt)
     assert all(z == round(0.5 * w.numel()) for z, w in zip(_zeros(model).values(), prunable_weights(model).values()))
 
 
@@ -175,14 +158,14 @@ def test_resume_with_other_sparsity_settings_is_refused(change, match, tmp_path)
     ckpt = _checkpoint(tmp_path, 6, 12, sparsity=0.5, admm_fraction=0.25)
     settings = {"sparsity": 0.5, "admm_fraction": 0.25, "max_steps": 12, **change}
     with pytest.raises(ValueError, match=match):
-        _train(make_model("llama", seed=1), elsa_args(tmp_path / "r", **settings), resume=ckpt)
+        train_quietly(make_model("llama", seed=1), elsa_args(tmp_path / "r", **settings), resume=ckpt)
 
 
 def test_resume_without_optimizer_state_is_refused(tmp_path):
     ckpt = _checkpoint(tmp_path, 4, 12, sparsity=0.5)
     os.remove(os.path.join(ckpt, "optimizer.pt"))
     with pytest.raises(ValueError, match="no optimizer state.*Start a new run"):
-        _train(make_model("llama", seed=1), elsa_args(tmp_path / "r", sparsity=0.5, max_steps=12), resume=ckpt)
+        train_quietly(make_model("llama", seed=1), elsa_args(tmp_path / "r", sparsity=0.5, max_steps=12), resume=ckpt)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -232,7 +215,7 @@ def test_a_model_that_comes_with_nan_is_refused_before_training(tmp_path):
     with torch.no_grad():
         weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match=f"given to the optimizer: {name} \\(1\\)"):
-        _train(model, elsa_args(tmp_path, max_steps=4))
+        train_quietly(model, elsa_args(tmp_path, max_steps=4))
 
 
 def test_a_diverged_run_stops_at_the_mask_fix_naming_the_tensors(tmp_path):
@@ -243,4 +226,4 @@ def test_a_diverged_run_stops_at_the_mask_fix_naming_the_tensors(tmp_path):
                     next(iter(prunable_weights(model).values()))[1, 1] = float("inf")
 
     with pytest.raises(FloatingPointError, match="when the mask is fixed.*lower learning_rate"):
-        _train(make_model("llama"), elsa_args(tmp_path, max_steps=12, admm_fraction=0.5), callbacks=[Poison()])
+        train_quietly(make_model("llama"), elsa_args(tmp_path, max_steps=12, admm_fraction=0.5), callbacks=[Poison()])

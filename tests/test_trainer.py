@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import ARCHS, lm_dataset, make_model, pattern_stream, prunable_weights, ref_project
+from conftest import ARCHS, StopAt, lm_dataset, make_model, pattern_stream, prunable_weights, ref_project
 from transformers import TrainerCallback, TrainingArguments
 
 from hf_elsa import ElsaTrainer
@@ -299,15 +299,6 @@ def test_args_must_be_elsa_config(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # resume
 # ---------------------------------------------------------------------------------------------------
-class _StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-
-
 @pytest.mark.parametrize(
     "recipe,extra",
     [
@@ -355,7 +346,7 @@ def test_resume_continues_exactly(recipe, extra, tmp_path):
 
     interrupted = make_model("llama", seed=0)
     args_b = elsa_args(tmp_path / "b", save_strategy="steps", save_steps=n // 2, **common)
-    _train(interrupted, args_b, dataset, callbacks=[_StopAt(n // 2)])
+    _train(interrupted, args_b, dataset, callbacks=[StopAt(n // 2)])
     ckpt = tmp_path / "b" / "out" / f"checkpoint-{n // 2}"
     assert ckpt.is_dir()
 
