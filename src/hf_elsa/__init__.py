@@ -2,10 +2,15 @@
 
 __version__ = "0.1.0"
 
+from ._logging import quiet_optional_kernel_warning
+
+quiet_optional_kernel_warning()  # before transformers imports peft -> bitsandbytes
+
 from .admm import AdmmSettings, ElsaOptimizer
 from .config import ElsaConfig
 from .evaluation import perplexity
 from .flatness import Sassha
+from .lora import merge_and_unload
 from .memory import MemoryEstimate, estimate_memory
 from .projection import keep_mask, project
 from .sparse_io import load_sparse_model, sparsity_report
@@ -22,6 +27,7 @@ __all__ = [
     "estimate_memory",
     "keep_mask",
     "load_sparse_model",
+    "merge_and_unload",
     "perplexity",
     "project",
     "sparsity_report",
