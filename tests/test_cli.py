@@ -85,7 +85,7 @@ def test_yaml_config_with_command_line_override(base, tmp_path, capsys):
     config.write_text(
         f"model_name_or_path: {base}\ntext_files: {json.dumps(files)}\nblock_size: 16\neval_seqlen: 16\n"
         f"output_dir: {tmp_path / 'y'}\nsparsity: 0.5\nmax_steps: 3\nlearning_rate: 1e-3\nuse_cpu: true\n"
-        "report_to: none\nsave_strategy: 'no'\nper_device_train_batch_size: 2\ndisable_tqdm: true\n"
+        "report_to: none\nsave_strategy: no\nper_device_train_batch_size: 2\ndisable_tqdm: true\n"
         "admm_fraction: 0.5\neval_fraction: 0\ncompressed: true\n"
     )
     assert main(["prune", "--config", str(config), "--sparsity", "0.6"]) == 0

@@ -254,7 +254,12 @@ class ElsaArgumentParser(HfArgumentParser):
         unknown = sorted(k for k in values if k not in known or k in ("help", "config"))
         if unknown:
             raise ValueError(f"--config {path}: unknown option(s) {unknown}; see --help for the names.")
-        # YAML reads "1e-4" as a string: argparse passes string defaults through the option's type, as typed values
+        # YAML 1.1 reads `save_strategy: no` as False: back to the choice it spells
+        choices = {a.dest: a.choices for a in self._actions if a.choices}
+        for key, value in values.items():
+            if isinstance(value, bool) and key in choices and ("no" if not value else "yes") in choices[key]:
+                values[key] = "no" if not value else "yes"
+        # YAML also reads "1e-4" as a string: argparse passes string defaults through the option's type
         return values
 
 
