@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,7 +58,7 @@ def test_prune_eval_inspect_round_trip(base, tmp_path, capsys):
     # eval scores exactly the files it is given: all of them, every window
     assert main(["eval", "--model_name_or_path", out, "--text_files", *files[:2], "--eval_seqlen", "16"]) == 0
     result = _last_json(capsys)
-    ids = tokenize_documents([open(f).read() for f in files[:2]], make_char_tokenizer())
+    ids = tokenize_documents([Path(f).read_text() for f in files[:2]], make_char_tokenizer())
     assert result["tokens"] == ids.numel() and result["windows"] == ids.numel() // 16
     assert math.isclose(result["perplexity"], perplexity(model, text=ids, seqlen=16), rel_tol=1e-5)
 
@@ -75,7 +76,7 @@ def test_one_file_and_old_flag_names(base, tmp_path, capsys):
     assert "the last" in printed and "tokens held out" in printed and "held-out perplexity" in printed
     # --eval_fraction 0: everything trains, nothing is evaluated
     assert main(["prune", "--model_name_or_path", base, "--text_files", path, *SMALL, "--eval_fraction", "0",
-                 "--output_dir", str(tmp_path / "all"), "--max_steps", "2", "--admm_fraction", "0.5", *TRAIN]) == 0
+                 "--output_dir", str(tmp_path / "all"), "--max_steps", "2", "--admm_fraction", "0.5", *TRAIN]) == 0  # fmt: skip
     assert "not evaluated" in capsys.readouterr().out
 
 

@@ -28,7 +28,7 @@ def _weights(model) -> dict[str, torch.Tensor]:
     return {name: params[name].detach().clone() for name in state.masks}
 
 
-def _lora(arch: str) -> "peft.LoraConfig":
+def _lora(arch: str) -> peft.LoraConfig:
     return peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], init_lora_weights=False,
                            fan_in_fan_out=arch == "gpt2")  # fmt: skip
 

@@ -13,13 +13,13 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def _section_code(title: str, language: str) -> str:
     text = README.read_text(encoding="utf-8")
     section = text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(rf"```{language}\n(.*?)```", section, flags=re.S)
+    blocks = re.findall(rf"```{language}\n(.*?)```", section, flags=re.DOTALL)
     assert blocks, f"no {language} block under '## {title}'"
     return blocks[0]
 
 
 def test_readme_leads_with_make_demo_and_make_test():
-    first = re.search(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S).group(1)
+    first = re.search(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.DOTALL).group(1)
     assert [line.split()[:2] for line in first.strip().splitlines()] == [["make", "demo"], ["make", "test"]]
 
 

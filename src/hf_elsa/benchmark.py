@@ -379,5 +379,7 @@ def _sweep(plt, results: Sequence[Result], categories: list[str], dense: float |
             ax.axhline(1.0, color="gray", linestyle=":")
             ax.set_ylim(0.9, ratio_top)
             ax.set_ylabel("perplexity / dense perplexity (log)")
-            ax.set_title(f"ratio to dense, cut at {ratio_top:,.0f}x (triangles: above the cut, value written)", fontsize=9)
+            ax.set_title(
+                f"ratio to dense, cut at {ratio_top:,.0f}x (triangles: above the cut, value written)", fontsize=9
+            )
     return fig

@@ -151,7 +151,14 @@ def eval_command(args: argparse.Namespace) -> int:
     """Perplexity of a (pruned) model on exactly the text given: every --text_files file, or one
     --dataset_split of a dataset; default: the embedded sample's held-out articles."""
     from .evaluation import perplexity
-    from .scripts import DataArguments, ElsaArgumentParser, ModelArguments, eval_windows, load_model_and_tokenizer, load_text
+    from .scripts import (
+        DataArguments,
+        ElsaArgumentParser,
+        ModelArguments,
+        eval_windows,
+        load_model_and_tokenizer,
+        load_text,
+    )
 
     parser = ElsaArgumentParser((ModelArguments, DataArguments), prog="hf-elsa eval", description=eval_command.__doc__)
     model_args, data = parser.parse_args_and_config(args.options)
@@ -243,7 +250,9 @@ COMMANDS: dict[str, Command] = {
     "eval": Command(None, eval_command, "perplexity of a model on exactly the text or split given"),
     "inspect": Command(_inspect_arguments, inspect_command, "print the sparsity report of a saved folder"),
     "demo": Command(_demo_arguments, demo_command, "prune SmolLM2 on Wikipedia text and compare with baselines"),
-    "memory": Command(None, memory_command, "predict the memory of an ELSA run (weights, grads, optimizer, ADMM state)"),
+    "memory": Command(
+        None, memory_command, "predict the memory of an ELSA run (weights, grads, optimizer, ADMM state)"
+    ),
 }
 
 

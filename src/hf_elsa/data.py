@@ -197,14 +197,20 @@ def split_text(
     """
     check_eval_fraction(eval_fraction)
     if eval_documents is not None:
-        return TextSplit(tokenize_documents(documents, tokenizer), tokenize_documents(eval_documents, tokenizer),
-                         f"{len(documents)} training and {len(eval_documents)} evaluation documents")
+        return TextSplit(
+            tokenize_documents(documents, tokenizer),
+            tokenize_documents(eval_documents, tokenizer),
+            f"{len(documents)} training and {len(eval_documents)} evaluation documents",
+        )
     if eval_fraction == 0:
         return TextSplit(tokenize_documents(documents, tokenizer), None, f"{len(documents)} documents, none held out")
     if round(len(documents) * eval_fraction) >= 1:
         train, held = split_documents(documents, eval_fraction=eval_fraction, seed=seed)
-        return TextSplit(tokenize_documents(train, tokenizer), tokenize_documents(held, tokenizer),
-                         f"{len(held)} of {len(documents)} documents held out (seed {seed})")
+        return TextSplit(
+            tokenize_documents(train, tokenizer),
+            tokenize_documents(held, tokenizer),
+            f"{len(held)} of {len(documents)} documents held out (seed {seed})",
+        )
     ids = tokenize_documents(documents, tokenizer)
     n_eval = round(ids.numel() * eval_fraction)
     if n_eval < 2 or ids.numel() - n_eval < 1:
@@ -212,8 +218,11 @@ def split_text(
             f"the text has {ids.numel()} tokens: too few to hold out --eval_fraction {eval_fraction} of them "
             "(pass more text, or --eval_fraction 0 to train on everything without evaluation)."
         )
-    return TextSplit(ids[:-n_eval], ids[-n_eval:],
-                     f"{len(documents)} document(s): the last {n_eval} of {ids.numel()} tokens held out")
+    return TextSplit(
+        ids[:-n_eval],
+        ids[-n_eval:],
+        f"{len(documents)} document(s): the last {n_eval} of {ids.numel()} tokens held out",
+    )
 
 
 def check_eval_fraction(value: float, flag: str = "--eval_fraction") -> None:

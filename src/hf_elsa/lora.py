@@ -237,6 +237,8 @@ def merge_and_unload(peft_model, progressbar: bool = False, safe_merge: bool = F
     if dropped is not None:
         logger.info(
             "merge_and_unload: adapters merged, %d masks re-applied; the masks dropped %.1f%% of the adapters' delta "
-            "norm (its part on pruned weights)", len(masks), 100 * dropped,
+            "norm (its part on pruned weights)",
+            len(masks),
+            100 * dropped,
         )
     return merged

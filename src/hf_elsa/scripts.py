@@ -70,7 +70,8 @@ class ModelArguments:
         },
     )
     attn_implementation: str | None = field(
-        default=None, metadata={"help": "Attention kernel: 'eager', 'sdpa', 'flash_attention_2', ... (default: the model's)."}
+        default=None,
+        metadata={"help": "Attention kernel: 'eager', 'sdpa', 'flash_attention_2', ... (default: the model's)."},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub repo."})
 

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
+from ._logging import follow_log_level, get_logger
 from .admm import ElsaOptimizer
 from .config import ElsaConfig
 from .curvature import (
@@ -38,7 +39,6 @@ from .curvature import (
     probe_generator,
     update_running_mean,
 )
-from ._logging import follow_log_level, get_logger
 from .flatness import Sassha, perturbed, sam_perturbation
 from .lora import is_peft_model, prepare_peft_model
 from .sparse_io import (
