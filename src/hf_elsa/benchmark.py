@@ -72,11 +72,16 @@ class Result:
     achieved_sparsity: float
 
 
-def _bar_only_callback():
-    """The Trainer's progress bar without the log dictionaries it prints under it."""
+def _bar_only_callback(description: str):
+    """The Trainer's progress bar, named, without the log dictionaries it prints under it."""
     from transformers import ProgressCallback
 
     class BarOnly(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            if self.training_bar is not None:
+                self.training_bar.set_description(description)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             return None
 
@@ -120,7 +125,7 @@ def _train(
     for callback in (PrinterCallback, ProgressCallback):  # logs stay in trainer.state.log_history, not on screen
         trainer.remove_callback(callback)
     if progress:
-        trainer.add_callback(_bar_only_callback())
+        trainer.add_callback(_bar_only_callback(f"{LABELS[method]} (training)"))
     trainer.train()
 
 
