@@ -419,7 +419,8 @@ class EvalWindows:
         return token_blocks(self.ids[: self.windows * self.seqlen], block_size=self.seqlen)
 
     def protocol(self, source: str) -> str:
-        return f"token perplexity on {self.windows} non-overlapping {self.seqlen}-token windows of {source}"
+        windows = f"{self.windows} non-overlapping {self.seqlen}-token window" + ("s" if self.windows != 1 else "")
+        return f"token perplexity on {windows} of {source}"
 
 
 def eval_windows(ids: torch.Tensor | None, data: DataArguments, model=None) -> EvalWindows | None:
