@@ -79,7 +79,7 @@ class ElsaTrainer(Trainer):
         # when the adapters are merged (hf_elsa.lora.merge_and_unload).
         self.lora = prepare_peft_model(model, args) if is_peft_model(model) else None
         # Fail fast on bad targets, before the Trainer moves the model or builds anything.
-        self.prunable_modules = self.lora.modules if self.lora else find_prunable_modules(
+        self.prunable_modules = self.lora.modules if self.lora is not None else find_prunable_modules(
             model, args.target_modules, args.exclude_modules, args.sparsity_type
         )
         frozen = [name for name, module in self.prunable_modules.items() if not module.weight.requires_grad]
