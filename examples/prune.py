@@ -3,6 +3,7 @@
     # one process (GPU if there is one, else CPU)
     python examples/prune.py --model_name_or_path HuggingFaceTB/SmolLM2-135M --text_files a.txt b.txt \
         --output_dir out --sparsity 0.7 --max_steps 500 --per_device_train_batch_size 8 --bf16
+    python examples/prune.py --config run.yaml            # any option below, as YAML; the command line wins
 
     # N GPUs, data parallel: the global batch is N x per_device_train_batch_size
     accelerate launch --config_file examples/accelerate_configs/ddp.yaml --num_processes N examples/prune.py ...
@@ -11,9 +12,13 @@
     # N GPUs, FSDP2 (parameters, gradients, optimizer and ADMM state sharded)
     accelerate launch --config_file examples/accelerate_configs/fsdp2.yaml --num_processes N examples/prune.py ...
 
-Every ``ElsaConfig`` / ``TrainingArguments`` field is a ``--field value`` option; the script's own options
-are in ``ScriptArguments``. ``--tiny`` builds a tiny random Llama and a character tokenizer from configs
-(offline, seconds on a CPU): the multi-process tests run this script that way (docs/scaling.md).
+The options are those of ``hf-elsa prune`` (``hf_elsa.scripts``: ``--model_name_or_path``, ``--text_files``,
+``--dataset_name`` / ``--dataset_config`` / ``--dataset_split`` / ``--data_files``, ``--dtype``,
+``--attn_implementation``, ``--compressed``, ``--config``, every ``ElsaConfig`` / ``TrainingArguments`` field),
+plus two of this script's own (``ScriptArguments``). Held-out text (``--eval_fraction``) is scored with
+``trainer.evaluate()``, so it runs on every process. ``--tiny`` builds a tiny random Llama and a character
+tokenizer from configs (offline, seconds on a CPU): the multi-process tests run this script that way
+(docs/scaling.md). ``--method`` other than ``elsa`` is ``hf-elsa prune``'s (one process).
 """
 
 from __future__ import annotations
@@ -22,32 +27,33 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from hf_elsa import ElsaConfig, ElsaTrainer
 from hf_elsa.admm import LAMBDA, STEP, U, Z
-from hf_elsa.data import load_documents, token_blocks
+from hf_elsa.scripts import (
+    DataArguments,
+    ElsaArgumentParser,
+    ModelArguments,
+    RunArguments,
+    eval_windows,
+    load_model_and_tokenizer,
+    load_text,
+    record_evaluation,
+    save_compressed,
+    train_blocks,
+)
 
 
 @dataclass
 class ScriptArguments:
-    """Model and data options of this script (the training options are ``ElsaConfig``'s)."""
+    """This script's own options (the rest are ``hf-elsa prune``'s)."""
 
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Model folder or Hub id. Required unless --tiny."}
-    )
+    _argument_group_name = "example script options"
+
     tiny: bool = field(
         default=False,
         metadata={"help": "Build a tiny random Llama (2 layers, hidden 32) and a character tokenizer offline."},
-    )
-    text_files: list[str] | None = field(default=None, metadata={"help": "Plain text files, one document each."})
-    dataset: str | None = field(default=None, metadata={"help": "datasets name or local loader/path."})
-    dataset_config: str | None = field(default=None, metadata={"help": "datasets configuration name."})
-    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
-    block_size: int = field(default=256, metadata={"help": "Tokens per training sequence."})
-    num_blocks: int | None = field(
-        default=None,
-        metadata={"help": "Draw this many blocks at seeded random offsets (default: every non-overlapping block)."},
     )
     dump_state: str | None = field(
         default=None,
@@ -110,25 +116,39 @@ def _plain(value):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = HfArgumentParser((ScriptArguments, ElsaConfig))
-    script, config = parser.parse_args_into_dataclasses(argv)
+    parser = ElsaArgumentParser((ElsaConfig, ModelArguments, DataArguments, RunArguments, ScriptArguments))
+    config, model_args, data, run, script = parser.parse_args_and_config(argv)
+    if run.method != "elsa":
+        parser.error(f"--method {run.method}: one-shot pruning runs on one process with `hf-elsa prune`.")
     if script.tiny:
         model, tokenizer = tiny_model_and_tokenizer(config.seed)
-    elif script.model_name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(script.model_name_or_path, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(script.model_name_or_path)
+    elif model_args.model_name_or_path:
+        model, tokenizer = load_model_and_tokenizer(model_args)
     else:
         parser.error("pass --model_name_or_path (a folder or Hub id) or --tiny")
 
-    documents = load_documents(script.text_files, script.dataset, script.dataset_config, text_column=script.text_column)
-    train = token_blocks(documents, tokenizer, block_size=script.block_size, num_blocks=script.num_blocks)
+    text = load_text(data, tokenizer, "prune")
+    train = train_blocks(text, data, seed=config.seed)
+    held = eval_windows(text.eval, data, model)
 
-    trainer = ElsaTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
+    trainer = ElsaTrainer(
+        model=model,
+        args=config,
+        train_dataset=train,
+        eval_dataset=held.dataset() if held is not None else None,
+        processing_class=tokenizer,
+    )
     dump = DumpAdmmState(trainer) if script.dump_state else None
     if dump is not None:
         trainer.add_callback(dump)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    ppl = None
+    if held is not None:
+        ppl = trainer.evaluate()["eval_perplexity"]
+        record_evaluation(trainer.model, ppl, held.protocol(f"held-out text ({text.how})"))
     trainer.save_model()
+    if run.compressed:
+        save_compressed(trainer)
 
     if dump is not None:
         opt = trainer.elsa_optimizer
@@ -144,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
         os.makedirs(script.dump_state, exist_ok=True)
         torch.save(record, os.path.join(script.dump_state, f"rank{rank}.pt"))
     if trainer.is_world_process_zero():
-        print(f"pruned model saved to {config.output_dir} ({trainer.args.world_size} process(es))")
+        scored = f"held-out perplexity {ppl:.2f}; " if ppl is not None else ""
+        print(f"{scored}pruned model saved to {config.output_dir} ({trainer.args.world_size} process(es))")
 
 
 if __name__ == "__main__":

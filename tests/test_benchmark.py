@@ -94,3 +94,45 @@ def test_table_columns_are_sparsities_ascending_then_nm_patterns():
     table = markdown_table(results, Budget(max_steps=3, bf16=False))
     assert "| method | 50% | 90% | 2:4 | seconds (total) |" in table
     assert "| ELSA | 30.0 | 900.0 | 80.0 | 3 |" in table
+
+
+def test_plot_one_setting_as_bars_and_a_sweep_with_ratio_to_dense(tmp_path):
+    pytest.importorskip("matplotlib")
+    from hf_elsa.benchmark import Result, plot
+
+    dense = Result("dense", "dense", 0.0, 20.0, 1.0, 0.0)
+    one = [dense, Result("magnitude", "unstructured", 0.5, 300.0, 1, 0.5), Result("elsa", "unstructured", 0.5, 30, 1, 0.5)]
+    assert plot(one, str(tmp_path / "one.png")) == "bars"
+    sweep = one + [
+        Result("magnitude", "unstructured", 0.9, 1e8, 1, 0.9),  # far above the ratio panel's cut
+        Result("elsa", "unstructured", 0.9, 2000.0, 1, 0.9),
+        Result("elsa", "2:4", 0.5, 80.0, 1, 0.5),
+        Result("sparsegpt", "2:4", 0.5, 78.0, 1, 0.5),
+    ]
+    assert plot(sweep, str(tmp_path / "sweep.png")) == "sweep"
+    assert (tmp_path / "one.png").stat().st_size > 1000 and (tmp_path / "sweep.png").stat().st_size > 1000
+    assert plot([dense], str(tmp_path / "none.png")) is None
+
+
+def test_benchmark_prints_no_trainer_logs_and_demo_silences_loading_bars(tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
+    from hf_elsa.demo import quiet_transformers
+
+    tokenizer = make_char_tokenizer()
+    budget = Budget(max_steps=2, batch_size=2, block_size=16, calibration_samples=2, eval_seqlen=16, eval_windows=2,
+                    bf16=False, elsa_overrides={"admm_fraction": 0.5})  # fmt: skip
+    lines = []
+    run_benchmark(lambda: (make_model("llama"), tokenizer), DOCS[:4], DOCS[10:], sparsities=(0.5,),
+                  methods=("dense", "elsa"), nm_patterns=(), budget=budget, output_dir=str(tmp_path),
+                  log=lines.append)  # fmt: skip
+    assert len(lines) == 2 and "'loss'" not in capsys.readouterr().out
+    before = hf_logging.is_progress_bar_enabled()
+    with quiet_transformers():
+        assert not hf_logging.is_progress_bar_enabled()
+        make_model("llama").save_pretrained(tmp_path / "m")
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert "Loading weights" not in capsys.readouterr().err
+    assert hf_logging.is_progress_bar_enabled() == before

@@ -72,3 +72,73 @@ def test_split_documents_by_document_and_deterministic():
 def test_split_documents_holds_out_at_least_one():
     train, held = split_documents(["a", "b", "c"], eval_fraction=0.01, seed=0)
     assert len(held) == 1 and len(train) == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# held-out splits for the command line, text packing for the trainer
+# ---------------------------------------------------------------------------------------------------
+def test_split_text_by_documents_when_there_are_enough(char_tokenizer):
+    from hf_elsa.data import split_text, tokenize_documents
+
+    docs = [f"document {i} " * 5 for i in range(20)]
+    split = split_text(docs, char_tokenizer, eval_fraction=0.1)
+    train, held = split_documents(docs, eval_fraction=0.1, seed=0)
+    assert torch.equal(split.eval, tokenize_documents(held, char_tokenizer))
+    assert torch.equal(split.train, tokenize_documents(train, char_tokenizer))
+
+
+def test_split_text_by_tokens_for_one_document(char_tokenizer):
+    from hf_elsa.data import split_text, tokenize_documents
+
+    ids = tokenize_documents(["x" * 199], char_tokenizer)  # 200 tokens with EOS
+    split = split_text(["x" * 199], char_tokenizer, eval_fraction=0.1)
+    assert split.eval.numel() == 20 and torch.equal(torch.cat([split.train, split.eval]), ids)
+    nothing = split_text(["x" * 199], char_tokenizer, eval_fraction=0.0)
+    assert nothing.eval is None and torch.equal(nothing.train, ids)
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1, float("nan"), 2])
+def test_eval_fraction_is_checked(value, char_tokenizer):
+    from hf_elsa.data import split_text
+
+    with pytest.raises(ValueError, match="--eval_fraction"):
+        split_text(["abc"], char_tokenizer, eval_fraction=value)
+
+
+def test_choose_split():
+    from hf_elsa.data import choose_split
+
+    assert choose_split(["train"], None) == "train"
+    assert choose_split(["train", "test", "validation"], None) == "test"
+    assert choose_split(["train", "test"], "train") == "train"
+    with pytest.raises(ValueError, match="--dataset_split"):
+        choose_split(["train", "validation"], None)
+    with pytest.raises(ValueError, match="no split 'test'"):
+        choose_split(["train"], "test")
+
+
+def test_pack_text_dataset_text_and_chat(char_tokenizer):
+    from datasets import Dataset, IterableDataset
+
+    from hf_elsa.data import pack_text_dataset, tokenize_documents
+
+    texts = ["hello world", "second example here", "x" * 30]
+    packed = pack_text_dataset(Dataset.from_dict({"text": texts, "id": [1, 2, 3]}), char_tokenizer, block_size=8)
+    stream = tokenize_documents(texts, char_tokenizer)
+    assert packed.column_names == ["input_ids", "labels"]
+    assert torch.equal(packed[:]["input_ids"].reshape(-1), stream[: len(packed) * 8])
+    assert len(packed) == stream.numel() // 8
+    streamed = pack_text_dataset(IterableDataset.from_generator(lambda: ({"text": t} for t in texts)),
+                                 char_tokenizer, block_size=8)  # fmt: skip
+    assert [list(r["input_ids"]) for r in streamed] == packed[:]["input_ids"].tolist()
+
+    chat = Dataset.from_dict({"messages": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]]})
+    with pytest.raises(ValueError, match="chat template"):
+        pack_text_dataset(chat, char_tokenizer, block_size=4)
+    tok = char_tokenizer.__class__(tokenizer_object=char_tokenizer.backend_tokenizer, eos_token="<eos>")
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    rows = pack_text_dataset(chat, tok, block_size=4)[:]["input_ids"].reshape(-1)
+    expected = tokenize_documents(["user: hi\nassistant: yo\n"], tok)
+    assert torch.equal(rows, expected[: rows.numel()]) and rows.numel() == expected.numel() // 4 * 4
+    with pytest.raises(ValueError, match="fewer tokens than one block"):
+        pack_text_dataset(Dataset.from_dict({"text": ["ab"]}), char_tokenizer, block_size=8)

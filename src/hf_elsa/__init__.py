@@ -2,12 +2,17 @@
 
 __version__ = "0.1.0"
 
+from ._logging import quiet_optional_kernel_warning
+
+quiet_optional_kernel_warning()  # before transformers imports peft -> bitsandbytes
+
 from .admm import ElsaOptimizer
 from .allocation import SparsityAllocation
 from .config import ElsaConfig
 from .curvature import CurvatureEstimator
 from .evaluation import perplexity
 from .flatness import Sassha
+from .lora import merge_and_unload
 from .memory import MemoryEstimate, estimate_memory
 from .patterns import SparsityPattern, sparsity_pattern
 from .projection import keep_mask, project
@@ -29,6 +34,7 @@ __all__ = [
     "estimate_memory",
     "keep_mask",
     "load_sparse_model",
+    "merge_and_unload",
     "perplexity",
     "project",
     "sparsity_pattern",

@@ -72,7 +72,35 @@ class Result:
     achieved_sparsity: float
 
 
-def _train(model, tokenizer, train, method: str, sparsity: float, sparsity_type: str, budget: Budget, output_dir: str):
+def _bar_only_callback(description: str):
+    """The Trainer's progress bar, named, without the log dictionaries it prints under it."""
+    from transformers import ProgressCallback
+
+    class BarOnly(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            if self.training_bar is not None:
+                self.training_bar.set_description(description)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            return None
+
+    return BarOnly()
+
+
+def _train(
+    model,
+    tokenizer,
+    train,
+    method: str,
+    sparsity: float,
+    sparsity_type: str,
+    budget: Budget,
+    output_dir: str,
+    progress: bool = False,
+):
+    from transformers import PrinterCallback, ProgressCallback
+
     from .config import ElsaConfig
     from .trainer import ElsaTrainer
 
@@ -93,7 +121,12 @@ def _train(model, tokenizer, train, method: str, sparsity: float, sparsity_type:
         seed=budget.seed,
         **overrides,
     )
-    ElsaTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer).train()
+    trainer = ElsaTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    for callback in (PrinterCallback, ProgressCallback):  # logs stay in trainer.state.log_history, not on screen
+        trainer.remove_callback(callback)
+    if progress:
+        trainer.add_callback(_bar_only_callback(f"{LABELS[method]} (training)"))
+    trainer.train()
 
 
 def run_benchmark(
@@ -107,11 +140,13 @@ def run_benchmark(
     output_dir: str = "elsa_benchmark",
     log: Callable[[str], None] = print,
     on_model: Callable[[Result, torch.nn.Module], None] | None = None,
+    progress: bool = False,
 ) -> list[Result]:
     """Run every method at every sparsity (and N:M pattern); returns the results and writes reports.
 
     ``load_model()`` must return a fresh ``(model, tokenizer)`` each call. ``on_model(result, model)``
-    is called with each pruned model before it is dropped (e.g. to save one).
+    is called with each pruned model before it is dropped (e.g. to save one). ``progress``: one progress bar
+    per phase (calibration or training, then evaluation); the Trainer's log lines are never printed.
     """
     from . import oneshot
 
@@ -141,7 +176,7 @@ def run_benchmark(
             level = sparsity if sparsity is not None else 0.5
             if method in ("magnitude", "wanda", "sparsegpt"):
                 prune = getattr(oneshot, method)
-                kwargs = {} if method == "magnitude" else {"calibration": calibration, "progress": False}
+                kwargs = {} if method == "magnitude" else {"calibration": calibration, "progress": progress}
                 prune(model, sparsity=level, sparsity_type=sparsity_type, **kwargs)
             elif method in ("masked_ft", "elsa"):
                 _train(
@@ -153,9 +188,12 @@ def run_benchmark(
                     sparsity_type,
                     budget,
                     os.path.join(output_dir, "runs", f"{method}-{sparsity_type.replace(':', '_')}-{level}"),
+                    progress=progress,
                 )
             seconds = time.time() - start
-            ppl = perplexity(model, text=eval_ids, seqlen=budget.eval_seqlen, max_windows=budget.eval_windows)
+            ppl = perplexity(
+                model, text=eval_ids, seqlen=budget.eval_seqlen, max_windows=budget.eval_windows, progress=progress
+            )
             label = sparsity_type if sparsity is None else f"{100 * level:.0f}%"
             result = Result(
                 method,
@@ -234,36 +272,119 @@ def markdown_table(results: Sequence[Result], budget: Budget) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: Sequence[Result], path: str) -> None:
+def _categories(results: Sequence[Result]) -> list[str]:
+    """x positions: unstructured sparsities ascending, then N:M patterns."""
+    pruned = sorted((r for r in results if r.method != "dense"), key=lambda r: (":" in r.sparsity_type, r.sparsity))
+    return list(dict.fromkeys(_column(r) for r in pruned))
+
+
+def _color(method: str):
+    import matplotlib
+
+    return matplotlib.colormaps["tab10"](METHODS.index(method) % 10)
+
+
+def plot(results: Sequence[Result], path: str) -> str | None:
+    """``perplexity.png``: a bar chart for one setting; for several, perplexity (log) and ratio to dense.
+
+    Returns which was drawn (``"bars"`` or ``"sweep"``), None when there is nothing but dense yet."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(r.method for r in results):
-        points = sorted(
-            (r.sparsity, r.perplexity)
-            for r in results
-            if r.method == method and r.sparsity_type in ("unstructured", "dense")
-        )
-        nm = [
-            (r.sparsity, r.perplexity, r.sparsity_type)
-            for r in results
-            if r.method == method and ":" in r.sparsity_type
-        ]
-        if method == "dense":
-            ax.axhline(points[0][1], color="gray", linestyle=":", label="dense")
-            continue
-        line = ax.plot([p[0] * 100 for p in points], [p[1] for p in points], marker="o", label=LABELS[method])
-        for s, ppl, pattern in nm:
-            ax.scatter([s * 100], [ppl], marker="s", facecolors="none", edgecolors=line[0].get_color())
-            ax.annotate(pattern, (s * 100, ppl), textcoords="offset points", xytext=(4, 2), fontsize=7)
-    ax.set_yscale("log")
-    ax.set_xlabel("sparsity (%)  [squares: N:M patterns]")
-    ax.set_ylabel("held-out perplexity (log)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    categories = _categories(results)
+    if not categories:  # dense only so far
+        return None
+    dense = next((r.perplexity for r in results if r.method == "dense"), None)
+    kind = "bars" if len(categories) == 1 else "sweep"
+    fig = _bar_chart(plt, results, categories[0], dense) if kind == "bars" else _sweep(plt, results, categories, dense)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return kind
+
+
+def _bar_chart(plt, results: Sequence[Result], setting: str, dense: float | None):
+    """One sparsity: a bar per method, its perplexity written on it, dense as a dotted line."""
+    rows = [r for r in results if r.method != "dense" and _column(r) == setting]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = [LABELS[r.method].replace(" + ", " +\n").replace(" (", "\n(") for r in rows]
+    values = [r.perplexity for r in rows]
+    bars = ax.bar(range(len(rows)), values, color=[_color(r.method) for r in rows])
+    for bar, value in zip(bars, values):
+        text = f"{value:,.1f}" if value < 1e5 else f"{value:.2g}"
+        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=9,
+                    xytext=(0, 2), textcoords="offset points")  # fmt: skip
+    everything = values + ([dense] if dense else [])
+    if max(everything) / max(min(everything), 1e-9) > 30:
+        ax.set_yscale("log")
+    if dense is not None:
+        ax.axhline(dense, color="gray", linestyle=":", label=f"dense ({dense:.2f})")
+        ax.legend(fontsize=8, loc="upper right")
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_ylabel("held-out perplexity" + (" (log)" if ax.get_yscale() == "log" else ""))
+    ax.set_title(f"{setting} sparsity" if setting.endswith("%") else f"{setting} sparsity pattern", fontsize=10)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.set_ylim(top=ax.get_ylim()[1] * (1.6 if ax.get_yscale() == "log" else 1.08))
+    return fig
+
+
+def _sweep(plt, results: Sequence[Result], categories: list[str], dense: float | None):
+    """Left: perplexity (log) per setting, unstructured sparsities as lines and N:M patterns as their own
+    ticks (squares). Right: the same divided by dense, the axis cut where the methods worth comparing are
+    (points above it are drawn on the top edge with their value), so close methods stay apart."""
+    unstructured = [c for c in categories if c.endswith("%")]
+    panels = 2 if dense else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4.5), squeeze=False)
+    methods = [m for m in dict.fromkeys(r.method for r in results) if m != "dense"]
+    ratio_top = None
+    if dense:
+        elsa = [r.perplexity / dense for r in results if r.method == "elsa"]
+        ratios = sorted(r.perplexity / dense for r in results if r.method != "dense")
+        ratio_top = 10 * max(elsa) if elsa else 10 * ratios[len(ratios) // 2]
+    for index, ax in enumerate(axes[0]):
+        scale = 1.0 if index == 0 else dense
+        clipped_at: dict[int, int] = {}  # clipped labels so far per x, stacked downwards
+        for k, method in enumerate(methods):
+            shift = (k - (len(methods) - 1) / 2) * 0.07  # N:M squares side by side, not on top of each other
+            rows = {_column(r): r.perplexity / scale for r in results if r.method == method}
+            xs = [i for i, c in enumerate(categories) if c in rows and c in unstructured]
+            ys = [rows[categories[i]] for i in xs]
+            nm = [i for i, c in enumerate(categories) if c in rows and c not in unstructured]
+            color = _color(method)
+            if index == 1:  # clip to the readable range, mark the clipped points
+                clipped = [(i, y) for i, y in zip(xs, ys) if y > ratio_top] + [
+                    (i, rows[categories[i]]) for i in nm if rows[categories[i]] > ratio_top
+                ]
+                for i, y in clipped:
+                    x = i if i in xs else i + shift
+                    ax.scatter([x], [ratio_top], marker="^", color=color, clip_on=False, zorder=3)
+                    row = clipped_at.get(i, 0)
+                    clipped_at[i] = row + 1
+                    ax.annotate(f"{y:,.0f}x", (i, ratio_top), xytext=(6, -10 - 9 * row), textcoords="offset points",
+                                fontsize=7, color=color)  # fmt: skip
+                ys = [min(y, ratio_top) for y in ys]
+            ax.plot(xs, ys, marker="o", color=color, label=LABELS[method])
+            for i in nm:
+                y = rows[categories[i]] if index == 0 else min(rows[categories[i]], ratio_top)
+                ax.scatter([i + shift], [y], marker="s", s=45, color=color, zorder=3)
+        if len(unstructured) < len(categories):
+            ax.axvline(len(unstructured) - 0.5, color="gray", linewidth=0.8)
+        ax.set_xticks(range(len(categories)), [c if c in unstructured else f"{c}\n(N:M)" for c in categories])
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_xlabel("sparsity")
+        if index == 0:
+            if dense is not None:
+                ax.axhline(dense, color="gray", linestyle=":", label=f"dense ({dense:.2f})")
+            ax.set_ylabel("held-out perplexity (log)")
+            ax.legend(fontsize=8)
+        else:
+            ax.axhline(1.0, color="gray", linestyle=":")
+            ax.set_ylim(0.9, ratio_top)
+            ax.set_ylabel("perplexity / dense perplexity (log)")
+            ax.set_title(
+                f"ratio to dense, cut at {ratio_top:,.0f}x (triangles: above the cut, value written)", fontsize=9
+            )
+    return fig

@@ -1,14 +1,18 @@
 """The ``hf-elsa`` command: one subcommand per function.
 
-    hf-elsa prune [--model DIR] [--text FILE ...] --output_dir OUT --sparsity 0.9 --max_steps 500 ...
-    hf-elsa eval --model OUT [--text FILE ...]
-    hf-elsa inspect DIR [--json] [--summary]
-    hf-elsa demo [--sparsity 0.5] [--max_steps 60]
-    hf-elsa memory [--model DIR] [--json] [ElsaConfig fields, e.g. --elsa_l true]
+    hf-elsa prune [--model_name_or_path M] [--text_files F ... | --dataset_name D ...] --output_dir OUT \
+        [--method elsa|magnitude|wanda|sparsegpt] [--compressed] [--config run.yaml] [ElsaConfig fields]
+    hf-elsa eval [--model_name_or_path OUT] [--text_files F ... | --dataset_name D --dataset_split test]
+    hf-elsa inspect DIR [--json] [--summary] [--chart]
+    hf-elsa demo [--sparsity 0.5] [--max_steps 40]
+    hf-elsa memory [--model_name_or_path M] [--json] [ElsaConfig fields, e.g. --elsa_l true]
 
-Each subcommand is an entry of ``COMMANDS``: ``name -> (add_arguments, run, help)``. ``add_arguments``
-fills the subcommand's ``argparse`` parser; ``run(args)`` does the work and returns the exit status.
-Add ``prune``, ``eval``, ``demo`` the same way.
+``prune`` and ``eval`` take the argument set of ``examples/prune.py`` (:mod:`hf_elsa.scripts`).
+
+Each subcommand is an entry of ``COMMANDS``: ``name -> Command(add_arguments, run, help)``. ``add_arguments``
+fills the subcommand's ``argparse`` parser (None: the command parses its own options with an
+``HfArgumentParser``, ``--help`` included); ``run(args)`` does the work and returns the exit status. A new
+subcommand is one function and one entry (or :func:`register`).
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 # -- inspect ----------------------------------------------------------------------------------------
 
@@ -27,110 +33,150 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", metavar="DIR", help="a saved model folder (hf_elsa dense or compressed, or plain)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--summary", action="store_true", help="print the totals only, not one line per tensor")
+    parser.add_argument("--chart", action="store_true", help="print the per-layer chart and the totals only")
+
+
+_LAYER = re.compile(r"^(.*?\.\d+)\.")  # the first numbered component: "model.layers.3" of "model.layers.3.mlp..."
+
+
+def layer_sparsity(report) -> list[tuple[str, int, int]]:
+    """``(layer, zeros, numel)`` per numbered block (``model.layers.N``, ``transformer.h.N``...), in order;
+    tensors outside numbered blocks are grouped under their own name."""
+    layers: dict[str, list[int]] = {}
+    for t in report.tensors:
+        match = _LAYER.match(t.name)
+        key = match.group(1) if match else t.name.removesuffix(".weight")
+        totals = layers.setdefault(key, [0, 0])
+        totals[0] += t.zeros
+        totals[1] += t.numel
+    return [(name, zeros, numel) for name, (zeros, numel) in layers.items()]
+
+
+def _bar_characters() -> tuple[str, str]:
+    encoding = getattr(sys.stdout, "encoding", None) or "ascii"
+    try:
+        "\u2588\u2591".encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        return "#", "."
+    return "\u2588", "\u2591"
+
+
+def layer_chart(report, width: int = 40) -> str:
+    """A text bar per layer: the share of zeros in its pruned (or prunable) weights."""
+    rows = layer_sparsity(report)
+    if not rows:
+        return "(no prunable tensors)"
+    full, empty = _bar_characters()
+    name_width = max(len(name) for name, _, _ in rows)
+    lines = [f"{'layer':<{name_width}}  sparsity (each {full} = {100 / width:.1f}%)"]
+    for name, zeros, numel in rows:
+        share = zeros / max(numel, 1)
+        filled = round(share * width)
+        lines.append(f"{name:<{name_width}}  {full * filled}{empty * (width - filled)} {100 * share:6.2f}%")
+    return "\n".join(lines)
 
 
 def inspect_command(args: argparse.Namespace) -> int:
     """Print the sparsity of a saved folder, read from its safetensors files (the model is not built)."""
     from .sparse_io import ELSA_CONFIG_NAME, sparsity_report
 
-    report = sparsity_report(args.folder)
+    try:
+        report = sparsity_report(args.folder)
+        meta = None
+        config_path = os.path.join(args.folder, ELSA_CONFIG_NAME)
+        if os.path.isfile(config_path):
+            with open(config_path, encoding="utf-8") as f:
+                meta = json.load(f)
+            if not isinstance(meta, dict):
+                raise ValueError(f"{config_path} does not hold a JSON object.")
+    except Exception as exc:  # noqa: BLE001 - a malformed folder is a user error: one line, no traceback
+        print(f"hf-elsa inspect: error: {args.folder}: {exc}".splitlines()[0], file=sys.stderr)
+        return 1
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        data = report.to_dict()
+        data["layers"] = {name: zeros / max(numel, 1) for name, zeros, numel in layer_sparsity(report)}
+        print(json.dumps(data, indent=2))
         return 0
     header = f"{args.folder}: format {report.format}" + (" (no hf_elsa masks)" if report.format == "plain" else "")
-    config_path = os.path.join(args.folder, ELSA_CONFIG_NAME)
-    if os.path.isfile(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            meta = json.load(f)
+    if meta is not None:
         header += (
             f", method {meta.get('method')}, target {meta.get('sparsity')} ({meta.get('sparsity_type')}), "
             f"hf_elsa {meta.get('hf_elsa_version')}"
         )
     print(header)
-    print(report.summary() if args.summary else report)
+    if args.summary:
+        print(report.summary())
+    elif args.chart:
+        print(layer_chart(report))
+        print(report.summary())
+    else:
+        print(str(report).removesuffix(report.summary()).rstrip())
+        print(layer_chart(report))
+        print(report.summary())
     return 0
 
 
-# -- prune / eval / demo ----------------------------------------------------------------------------
+# -- prune / eval -----------------------------------------------------------------------------------
 
 
-@dataclass
-class DataArguments:
-    """Model and text for ``hf-elsa prune`` / ``eval``; the defaults are the embedded SmolLM2 + Wikipedia."""
+def _prune_parser():
+    from .config import ElsaConfig
+    from .scripts import DataArguments, ElsaArgumentParser, ModelArguments, RunArguments
 
-    model: str | None = field(default=None, metadata={"help": "Model folder or Hub id (default: SmolLM2-135M)."})
-    text: list[str] | None = field(default=None, metadata={"help": "Text files, one document each."})
-    dataset: str | None = field(default=None, metadata={"help": "datasets name or local loader/path."})
-    dataset_config: str | None = field(default=None, metadata={"help": "datasets configuration name."})
-    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
-    block_size: int = field(default=256, metadata={"help": "Tokens per training sequence."})
-    eval_fraction: float = field(default=0.1, metadata={"help": "Share of documents held back for evaluation."})
-    eval_seqlen: int = field(default=512, metadata={"help": "Window of the perplexity evaluation."})
-    eval_windows: int | None = field(default=64, metadata={"help": "Held-out windows evaluated (None: all)."})
-
-
-def _load_model(name: str | None):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if name is None:
-        from .demo import load_smollm2
-
-        return load_smollm2()
-    if os.path.isfile(os.path.join(name, "elsa_config.json")):
-        from .sparse_io import load_sparse_model
-
-        model = load_sparse_model(name, dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
-    return model, AutoTokenizer.from_pretrained(name)
-
-
-def _documents(data: DataArguments):
-    from .data import load_documents, split_documents
-
-    documents = load_documents(data.text, data.dataset, data.dataset_config, text_column=data.text_column)
-    return split_documents(documents, eval_fraction=data.eval_fraction)
+    return ElsaArgumentParser(
+        (ElsaConfig, ModelArguments, DataArguments, RunArguments),
+        prog="hf-elsa prune",
+        description="Prune a causal LM with ELSA (or a one-shot baseline with --method), evaluate it on held-out "
+        "text and save a sparse checkpoint with its masks and model card.",
+    )
 
 
 def prune_command(args: argparse.Namespace) -> int:
-    """Prune a causal LM with ELSA. Takes every ElsaConfig / TrainingArguments field as --field value."""
-    from transformers import HfArgumentParser
+    """Prune a causal LM with ELSA or a one-shot baseline; options: ``hf-elsa prune --help``."""
+    from .scripts import run_prune
 
-    from .config import ElsaConfig
-    from .data import token_blocks, tokenize_documents
-    from .evaluation import perplexity
-    from .trainer import ElsaTrainer
-
-    parser = HfArgumentParser((DataArguments, ElsaConfig), prog="hf-elsa prune")
-    data, config = parser.parse_args_into_dataclasses(args.options)
-    model, tokenizer = _load_model(data.model)  # the config is validated before this, by the parser
-    train_docs, eval_docs = _documents(data)
-    train = token_blocks(train_docs, tokenizer, block_size=data.block_size)
-    trainer = ElsaTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
-    trainer.train()
-    trainer.save_model()
-    ppl = perplexity(trainer.model, text=tokenize_documents(eval_docs, tokenizer), seqlen=data.eval_seqlen,
-                     max_windows=data.eval_windows)
-    print(f"held-out perplexity {ppl:.2f}; pruned model saved to {config.output_dir}")
+    config, model_args, data, run = _prune_parser().parse_args_and_config(args.options)
+    result = run_prune(model_args, data, run, config)  # the options were validated before any model load
+    for note in result.notes:
+        print(f"[hf-elsa prune] {note}")
+    if result.perplexity is not None:
+        print(f"[hf-elsa prune] held-out perplexity {result.perplexity:.2f} ({result.protocol})")
+    else:
+        print("[hf-elsa prune] no held-out text (--eval_fraction 0): not evaluated")
+    print(f"[hf-elsa prune] {result.method} model saved to {result.output_dir}")
     return 0
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    """Perplexity of a (pruned) model on held-out text: --model DIR [--text FILES | --dataset NAME]."""
-    from transformers import HfArgumentParser
-
-    from .data import tokenize_documents
+    """Perplexity of a (pruned) model on exactly the text given: every --text_files file, or one
+    --dataset_split of a dataset; default: the embedded sample's held-out articles."""
     from .evaluation import perplexity
+    from .scripts import (
+        DataArguments,
+        ElsaArgumentParser,
+        ModelArguments,
+        eval_windows,
+        load_model_and_tokenizer,
+        load_text,
+    )
 
-    (data,) = HfArgumentParser(DataArguments, prog="hf-elsa eval").parse_args_into_dataclasses(args.options)
-    model, tokenizer = _load_model(data.model)
-    _, eval_docs = _documents(data)
-    ppl = perplexity(model, text=tokenize_documents(eval_docs, tokenizer), seqlen=data.eval_seqlen,
-                     max_windows=data.eval_windows, progress=True)
-    print(json.dumps({"model": data.model or "SmolLM2-135M", "perplexity": ppl, "seqlen": data.eval_seqlen,
-                      "windows": data.eval_windows}))
+    parser = ElsaArgumentParser((ModelArguments, DataArguments), prog="hf-elsa eval", description=eval_command.__doc__)
+    model_args, data = parser.parse_args_and_config(args.options)
+    model, tokenizer = load_model_and_tokenizer(model_args)
+    text = load_text(data, tokenizer, "eval")
+    held = eval_windows(text.eval, data, model)
+    if held is None:
+        raise ValueError("the evaluation text is empty.")
+    ppl = perplexity(model, text=held.ids, seqlen=held.seqlen, max_windows=held.windows, progress=True)
+    print(json.dumps({
+        "model": model_args.model_name_or_path or "SmolLM2-135M-Instruct", "perplexity": ppl, "text": text.how,
+        "tokens": int(held.ids.numel()), "seqlen": held.seqlen, "windows": held.windows,
+        **({"note": held.note} if held.note else {}),
+    }))  # fmt: skip
     return 0
+
+
+# -- demo / memory ----------------------------------------------------------------------------------
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -151,47 +197,68 @@ def demo_command(args: argparse.Namespace) -> int:
 class MemoryArguments:
     """The model of ``hf-elsa memory``: built from its config on the meta device, no weights loaded."""
 
-    model: str | None = field(default=None, metadata={"help": "Model folder or Hub id (default: SmolLM2-135M)."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Model folder or Hub id (default: SmolLM2-135M).", "aliases": ["--model"]},
+    )
     json: bool = field(default=False, metadata={"help": "Print the estimate as JSON."})
 
 
 def memory_command(args: argparse.Namespace) -> int:
     """Predict the memory of an ELSA run: weights, gradients, optimizer and ADMM state (ElsaConfig fields as --options)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from .config import ElsaConfig
     from .memory import estimate_memory
+    from .scripts import ElsaArgumentParser, check_model_source
 
-    parser = HfArgumentParser((MemoryArguments, ElsaConfig), prog="hf-elsa memory")
-    what, config = parser.parse_args_into_dataclasses(args.options)
-    if what.model is None:
+    parser = ElsaArgumentParser((MemoryArguments, ElsaConfig), prog="hf-elsa memory")
+    what, config = parser.parse_args_and_config(args.options)
+    name = what.model_name_or_path
+    if name is None:
         from .demo import load_smollm2
 
         model = load_smollm2()[0]
     else:
-        model_config = AutoConfig.from_pretrained(what.model)
+        check_model_source(name)
+        model_config = AutoConfig.from_pretrained(os.path.expanduser(name))
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
     estimate = estimate_memory(model, config)
     if what.json:
-        print(json.dumps({"model": what.model or "SmolLM2-135M", **estimate.to_dict()}, indent=2))
+        print(json.dumps({"model": name or "SmolLM2-135M", **estimate.to_dict()}, indent=2))
     else:
-        print(f"{what.model or 'SmolLM2-135M'}: {estimate.summary()}")
+        print(f"{name or 'SmolLM2-135M'}: {estimate.summary()}")
     return 0
 
 
 # -- the command table ------------------------------------------------------------------------------
 
-Command = tuple[Callable[[argparse.ArgumentParser], None] | None, Callable[[argparse.Namespace], int], str]
+
+class Command(NamedTuple):
+    """A subcommand: ``add_arguments(parser)`` (None: ``run`` parses ``args.options`` itself), ``run(args) ->
+    exit status``, and the one-line help."""
+
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None
+    run: Callable[[argparse.Namespace], int]
+    help: str
+
 
 COMMANDS: dict[str, Command] = {
-    "prune": (None, prune_command, "prune a model with ELSA (ElsaConfig fields as --options)"),
-    "eval": (None, eval_command, "perplexity of a model on held-out text"),
-    "inspect": (_inspect_arguments, inspect_command, "print the sparsity report of a saved folder"),
-    "demo": (_demo_arguments, demo_command, "prune SmolLM2 on Wikipedia text and compare with baselines"),
-    "memory": (None, memory_command, "predict the memory of an ELSA run (weights, grads, optimizer, ADMM state)"),
+    "prune": Command(None, prune_command, "prune a model with ELSA or a one-shot baseline (--help: every option)"),
+    "eval": Command(None, eval_command, "perplexity of a model on exactly the text or split given"),
+    "inspect": Command(_inspect_arguments, inspect_command, "print the sparsity report of a saved folder"),
+    "demo": Command(_demo_arguments, demo_command, "prune SmolLM2 on Wikipedia text and compare with baselines"),
+    "memory": Command(
+        None, memory_command, "predict the memory of an ELSA run (weights, grads, optimizer, ADMM state)"
+    ),
 }
+
+
+def register(name: str, run: Callable[[argparse.Namespace], int], help: str, add_arguments=None) -> None:
+    """Add a subcommand (``add_arguments=None``: ``run`` parses ``args.options`` itself)."""
+    COMMANDS[name] = Command(add_arguments, run, help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,12 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-elsa", description="Extreme sparsity for Hugging Face causal LMs (ELSA).")
     parser.add_argument("--version", action="version", version=f"hf_elsa {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (add_arguments, run, help_text) in COMMANDS.items():
+    for name, command in COMMANDS.items():
         # add_arguments=None: the command parses its own options (HfArgumentParser), --help included
-        sub = subparsers.add_parser(name, help=help_text, description=run.__doc__, add_help=add_arguments is not None)
-        if add_arguments is not None:
-            add_arguments(sub)
-        sub.set_defaults(_run=run, _passthrough=add_arguments is None)
+        passthrough = command.add_arguments is None
+        sub = subparsers.add_parser(name, help=command.help, description=command.run.__doc__, add_help=not passthrough)
+        if not passthrough:
+            command.add_arguments(sub)
+        sub.set_defaults(_run=command.run, _passthrough=passthrough)
     return parser
 
 
@@ -221,8 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args._run(args)
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        # user errors (bad folder, corrupted file) get one clear line, not a traceback
+    except (ValueError, FileNotFoundError, OSError, ImportError) as exc:
+        # user errors (bad option value, missing folder, corrupted file, missing extra) get one clear line
         print(f"hf-elsa {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import os
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
@@ -80,32 +83,202 @@ def token_blocks(
     return Dataset.from_dict({"input_ids": blocks.tolist(), "labels": blocks.tolist()}).with_format("torch")
 
 
+# builders of ``datasets.load_dataset`` for local files, by extension (``--data_files`` without ``--dataset_name``)
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".txt": "text", ".parquet": "parquet"}
+
+
 def load_documents(
     text_files: Sequence[str] | None = None,
     dataset: str | None = None,
     dataset_config: str | None = None,
-    split: str = "train",
+    split: str | None = "train",
     text_column: str = "text",
+    data_files: str | Sequence[str] | None = None,
 ) -> list[str]:
     """Documents from plain text files (one document per file) or a ``datasets`` dataset.
 
-    ``dataset`` is a Hub name or a local path/loader name (``"json"``, ``"csv"``, a folder...), read
-    with ``datasets.load_dataset``; local files need no Hub access. Without either argument: the
-    embedded Wikipedia sample (:func:`wikipedia_sample`).
+    ``dataset`` is a Hub name, a local folder or a builder name (``"json"``, ``"csv"``, ``"text"``,
+    ``"parquet"``) read with ``datasets.load_dataset(dataset, dataset_config, data_files=data_files)``;
+    ``data_files`` alone picks the builder from the file extension. ``split=None`` takes the only split
+    of the dataset, or ``"test"`` when it has several (see :func:`choose_split`). Without text files or a
+    dataset: the embedded Wikipedia sample (:func:`wikipedia_sample`).
     """
-    if text_files and dataset:
-        raise ValueError("Pass text files or a dataset, not both.")
+    if text_files and (dataset or data_files):
+        raise ValueError("Pass text files or a dataset (--dataset_name / --data_files), not both.")
     if text_files:
         documents = []
         for path in text_files:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"text file not found: {path}")
             with open(path, encoding="utf-8") as f:
                 documents.append(f.read())
         return documents
-    if dataset:
-        from datasets import load_dataset
-
-        data = load_dataset(dataset, dataset_config, split=split)
+    if dataset or data_files:
+        data = load_text_dataset(dataset, dataset_config, split, data_files)
         if text_column not in data.column_names:
-            raise ValueError(f"dataset {dataset!r} has no column {text_column!r}; columns: {data.column_names}.")
+            raise ValueError(
+                f"dataset {dataset or data_files!r} has no column {text_column!r} (--dataset_text_field); "
+                f"its columns: {data.column_names}."
+            )
         return [t for t in data[text_column] if t and t.strip()]
     return wikipedia_sample()
+
+
+def load_text_dataset(
+    dataset: str | None,
+    dataset_config: str | None = None,
+    split: str | None = "train",
+    data_files: str | Sequence[str] | None = None,
+):
+    """One split of a ``datasets`` dataset, with errors that name the command-line flag to fix."""
+    from datasets import load_dataset
+
+    if dataset_config and (os.path.sep in dataset_config or os.path.splitext(dataset_config)[1] in FILE_BUILDERS):
+        raise ValueError(
+            f"--dataset_config {dataset_config!r} is a configuration name, not a file: pass data files with "
+            f"--data_files {dataset_config}."
+        )
+    if dataset is None:
+        files = [data_files] if isinstance(data_files, str) else list(data_files or [])
+        extensions = {os.path.splitext(f)[1].lower() for f in files}
+        builders = {FILE_BUILDERS.get(ext) for ext in extensions}
+        if len(builders) != 1 or None in builders:
+            raise ValueError(
+                f"--data_files {files}: cannot tell the file format from the extensions {sorted(extensions)}; "
+                f"pass --dataset_name with one of {sorted(set(FILE_BUILDERS.values()))}."
+            )
+        dataset = builders.pop()
+    if data_files is not None:
+        files = [data_files] if isinstance(data_files, str) else list(data_files)
+        missing = [f for f in files if "*" not in f and "://" not in f and not os.path.exists(f)]
+        if missing:
+            raise FileNotFoundError(f"--data_files: file not found: {missing[0]}")
+    data = load_dataset(dataset, dataset_config, data_files=data_files)
+    return data[choose_split(list(data), split, dataset)]
+
+
+def choose_split(available: Sequence[str], split: str | None, name: str | None = None) -> str:
+    """``split`` if the dataset has it; for ``split=None`` its only split, or ``"test"`` among several."""
+    if split is None:
+        if len(available) == 1:
+            return available[0]
+        if "test" in available:
+            return "test"
+        raise ValueError(f"dataset {name!r} has the splits {list(available)}: choose one with --dataset_split.")
+    if split not in available:
+        raise ValueError(f"dataset {name!r} has no split {split!r} (--dataset_split); its splits: {list(available)}.")
+    return split
+
+
+@dataclass
+class TextSplit:
+    """Token streams for training and held-out evaluation, and how they were split (for reports)."""
+
+    train: torch.Tensor
+    eval: torch.Tensor | None
+    how: str
+
+
+def split_text(
+    documents: Sequence[str],
+    tokenizer,
+    eval_fraction: float = 0.1,
+    seed: int = 0,
+    eval_documents: Sequence[str] | None = None,
+) -> TextSplit:
+    """Tokenized train and held-out streams from ``documents``.
+
+    - ``eval_documents`` given (an evaluation split): train on every document, evaluate on those.
+    - ``eval_fraction == 0``: train on everything, no held-out text.
+    - enough documents that ``round(n * eval_fraction) >= 1``: whole documents are held out
+      (:func:`split_documents`, seeded), so no document is in both streams.
+    - too few documents (one file, for example): the token stream is split, the last ``eval_fraction``
+      of its tokens held out.
+    """
+    check_eval_fraction(eval_fraction)
+    if eval_documents is not None:
+        return TextSplit(
+            tokenize_documents(documents, tokenizer),
+            tokenize_documents(eval_documents, tokenizer),
+            f"{len(documents)} training and {len(eval_documents)} evaluation documents",
+        )
+    if eval_fraction == 0:
+        return TextSplit(tokenize_documents(documents, tokenizer), None, f"{len(documents)} documents, none held out")
+    if round(len(documents) * eval_fraction) >= 1:
+        train, held = split_documents(documents, eval_fraction=eval_fraction, seed=seed)
+        return TextSplit(
+            tokenize_documents(train, tokenizer),
+            tokenize_documents(held, tokenizer),
+            f"{len(held)} of {len(documents)} documents held out (seed {seed})",
+        )
+    ids = tokenize_documents(documents, tokenizer)
+    n_eval = round(ids.numel() * eval_fraction)
+    if n_eval < 2 or ids.numel() - n_eval < 1:
+        raise ValueError(
+            f"the text has {ids.numel()} tokens: too few to hold out --eval_fraction {eval_fraction} of them "
+            "(pass more text, or --eval_fraction 0 to train on everything without evaluation)."
+        )
+    return TextSplit(
+        ids[:-n_eval],
+        ids[-n_eval:],
+        f"{len(documents)} document(s): the last {n_eval} of {ids.numel()} tokens held out",
+    )
+
+
+def check_eval_fraction(value: float, flag: str = "--eval_fraction") -> None:
+    """``0 <= value < 1`` (NaN refused), with an error that names the flag."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0 <= value < 1:
+        raise ValueError(f"{flag} {value!r} must be in [0, 1): the share of the text held out for evaluation.")
+
+
+def pack_text_dataset(
+    dataset,
+    tokenizer,
+    block_size: int,
+    text_field: str = "text",
+    batch_size: int = 1000,
+):
+    """Tokenize a ``text`` (or chat ``messages``) column and pack it into ``{"input_ids", "labels"}`` blocks.
+
+    TRL's habit for causal-LM training data: every example is tokenized, followed by the EOS token, the
+    token streams of ``batch_size`` examples are concatenated and cut into blocks of ``block_size`` (the
+    tail of each batch that does not fill a block is dropped). A ``messages`` column (lists of
+    ``{"role", "content"}``) is rendered with the tokenizer's chat template first. Works on ``Dataset``
+    and ``IterableDataset``.
+    """
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:  # an IterableDataset without known features: read them off the first example
+        columns = list(next(iter(dataset), {}))
+    columns = list(columns)
+    if text_field in columns:
+        field_name, chat = text_field, False
+    elif "messages" in columns:
+        field_name, chat = "messages", True
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("The dataset has a 'messages' column but the tokenizer has no chat template to render it.")
+    else:
+        raise ValueError(f"no {text_field!r} or 'messages' column to tokenize; columns: {columns}.")
+    if block_size < 2:
+        raise ValueError(f"block size {block_size} must be >= 2.")
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def pack(batch):
+        stream: list[int] = []
+        for value in batch[field_name]:
+            if chat:
+                value = tokenizer.apply_chat_template(value, tokenize=False)
+            if not value:
+                continue
+            stream.extend(tokenizer(value, add_special_tokens=False)["input_ids"])
+            stream.extend(eos)
+        n = len(stream) // block_size
+        blocks = [stream[i * block_size : (i + 1) * block_size] for i in range(n)]
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+    packed = dataset.map(pack, batched=True, batch_size=batch_size, remove_columns=columns)
+    if hasattr(packed, "__len__") and len(packed) == 0:
+        raise ValueError(
+            f"the {field_name!r} column holds fewer tokens than one block of {block_size}: pass more text or a smaller "
+            "max_length."
+        )
+    return packed.with_format("torch") if hasattr(packed, "with_format") else packed

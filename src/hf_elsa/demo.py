@@ -5,6 +5,7 @@ Both install from PyPI (``pip install 'hf_elsa[demo]'``) and need no network at 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -90,21 +91,55 @@ def run_demo(
     """
     from .benchmark import Budget, run_benchmark
 
-    print(f"[hf_elsa demo] SmolLM2-135M to {100 * sparsity:.0f}% sparsity on Wikipedia text "
-          f"({max_steps} ELSA steps of {batch_size}x{block_size} tokens)")
-    _, tokenizer = load_smollm2()  # converts the GGUF file once, before the clock of any method starts
-    train_docs, eval_docs = wikipedia_split(seed)
-    budget = Budget(max_steps=max_steps, batch_size=batch_size, block_size=block_size, eval_windows=eval_windows,
-                    calibration_samples=calibration_samples, seed=seed)
+    print(
+        f"[hf_elsa demo] SmolLM2-135M to {100 * sparsity:.0f}% sparsity on Wikipedia text "
+        f"({max_steps} ELSA steps of {batch_size}x{block_size} tokens)"
+    )
+    with quiet_transformers():
+        _, tokenizer = load_smollm2()  # converts the GGUF file once, before the clock of any method starts
+        train_docs, eval_docs = wikipedia_split(seed)
+        budget = Budget(
+            max_steps=max_steps,
+            batch_size=batch_size,
+            block_size=block_size,
+            eval_windows=eval_windows,
+            calibration_samples=calibration_samples,
+            seed=seed,
+        )
 
-    def save_elsa(result, model):
-        if result.method == "elsa":
-            model.save_pretrained(output_dir)
-            tokenizer.save_pretrained(output_dir)
-            print(f"[hf_elsa demo] ELSA model saved to {output_dir}")
+        def save_elsa(result, model):
+            if result.method == "elsa":
+                model.save_pretrained(output_dir)
+                tokenizer.save_pretrained(output_dir)
+                print(f"[hf_elsa demo] ELSA model saved to {output_dir}")
 
-    results = run_benchmark(load_smollm2, train_docs, eval_docs, sparsities=(sparsity,),
-                            methods=("dense", "magnitude", "wanda", "elsa"), nm_patterns=(), budget=budget,
-                            output_dir=os.path.join(output_dir, "report"), on_model=save_elsa)
+        results = run_benchmark(
+            load_smollm2,
+            train_docs,
+            eval_docs,
+            sparsities=(sparsity,),
+            methods=("dense", "magnitude", "wanda", "elsa"),
+            nm_patterns=(),
+            budget=budget,
+            output_dir=os.path.join(output_dir, "report"),
+            on_model=save_elsa,
+            progress=True,
+        )
     print(f"[hf_elsa demo] table and plot: {os.path.join(output_dir, 'report')}/results.md, perplexity.png")
     return results
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No "Loading weights" / "Writing model shards" bars and no transformers warnings (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import math
 import os
 import warnings
@@ -26,6 +25,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
+from ._logging import follow_log_level, get_logger
 from .admm import ElsaOptimizer
 from .compat import checkpoint_step, loss_scale, prepare_inputs
 from .config import ElsaConfig
@@ -43,6 +43,7 @@ from .curvature import (
 )
 from .distillation import chunked_kl, hidden_state_loss, next_token_mask
 from .flatness import Sassha, perturbed, sam_perturbation
+from .lora import is_peft_model, prepare_peft_model
 from .sparse_io import (
     attach_sparsity,
     detach_sparsity,
@@ -52,8 +53,9 @@ from .sparse_io import (
     write_model_card,
 )
 from .targets import find_prunable_modules, is_transposed
+from .trainer_inputs import frozen_weights_message, prepare_trainer_inputs, warn_short_budget
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 # Share of the prunable weights' norm that the final hard projection may remove before we warn that
 # ADMM had not converged. The paper recipe at 150 steps removes ~100% (residual ~1.0);
@@ -85,15 +87,21 @@ class ElsaTrainer(Trainer):
             args = ElsaConfig(output_dir="elsa_output")
         if not isinstance(args, ElsaConfig):
             raise TypeError(f"ElsaTrainer needs args=ElsaConfig(...), got {type(args).__name__}.")
-        if model is None:
-            raise ValueError("ElsaTrainer needs a model (a transformers causal LM or any nn.Module).")
+        # TRL's habits: a model id or folder, peft_config=, text/chat datasets (hf_elsa.trainer_inputs)
+        model = prepare_trainer_inputs(model, args, kwargs)
+        follow_log_level(args)
+        # A PEFT model: its LoRA adapters train on the frozen sparse base, no ADMM; the masks are re-applied
+        # when the adapters are merged (hf_elsa.lora.merge_and_unload).
+        self.lora = prepare_peft_model(model, args) if is_peft_model(model) else None
         # Fail fast on bad targets, before the Trainer moves the model or builds anything.
-        self.prunable_modules = find_prunable_modules(
+        self.prunable_modules = self.lora.modules if self.lora is not None else find_prunable_modules(
             model, args.target_modules, args.exclude_modules, args.sparsity_type
         )
         frozen = [name for name, module in self.prunable_modules.items() if not module.weight.requires_grad]
-        if frozen:
-            raise ValueError(f"Prunable weights are frozen (requires_grad=False): {frozen[:5]}; use exclude_modules.")
+        if frozen and self.lora is None:
+            raise ValueError(frozen_weights_message(model, frozen))
+        if self.lora is None:
+            warn_short_budget(args, kwargs.get("train_dataset"))
         if args.keep_mask and not any(bool((m.weight == 0).any()) for m in self.prunable_modules.values()):
             raise ValueError("ElsaConfig.keep_mask=True but the model has no zero weights to keep: prune it first.")
         if get_estimator(args.importance).needs_double_backward:
@@ -131,6 +139,8 @@ class ElsaTrainer(Trainer):
 
     # -- optimizer ------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
+        if self.lora is not None:  # LoRA keep-mask mode: the Trainer's optimizer over the adapters, no ADMM
+            return super().create_optimizer(model)
         if self.optimizer is None and self.args.base_optimizer == "sassha":
             # the Trainer's own parameter groups (weight decay off for biases and norms), Sassha as the class
             self.optimizer_cls_and_kwargs = (Sassha, self._sassha_kwargs())
@@ -172,19 +182,15 @@ class ElsaTrainer(Trainer):
         return base if isinstance(base, Sassha) else None
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.elsa_optimizer is None:  # LoRA keep-mask mode: no ADMM optimizer
+            return super().create_scheduler(num_training_steps, optimizer)
         self.elsa_optimizer.start_run(num_training_steps, getattr(self, "_elsa_resume_step", None))
-        a = self.args
-        if not a.keep_mask and a.admm_fraction > 0 and self.elsa_optimizer.admm_steps == 0:
-            warnings.warn(
-                f"ElsaConfig.admm_fraction={a.admm_fraction} of {num_training_steps} steps rounds to no ADMM step: the "
-                "model is pruned at the start and fine-tuned with that mask (one-shot pruning). Give it more steps "
-                f"(max_steps >= {math.ceil(0.5 / a.admm_fraction)}) or a larger admm_fraction for ELSA.",
-                stacklevel=2,
-            )
         return super().create_scheduler(num_training_steps, optimizer)
 
     # -- training -------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None, **kwargs):
+        if self.lora is not None:  # LoRA keep-mask mode: a plain step; the frozen base keeps its zeros
+            return super().training_step(model, inputs, num_items_in_batch, **kwargs)
         # Initialise z0/u0 (or prune, for a run that starts with the mask fixed) before the first
         # forward; a no-op once the state exists, e.g. after a resume.
         if self.elsa_optimizer.steps_done == 0 and not self.elsa_optimizer.state:
@@ -451,7 +457,7 @@ class ElsaTrainer(Trainer):
 
     def create_model_card(self, *args, **kwargs):
         """Our card (sparsity table, method, hyper-parameters) when the model carries masks, else the Trainer's."""
-        if get_sparsity(self.model) is None or args:
+        if get_sparsity(self.model) is None or args or self.lora is not None:
             return super().create_model_card(*args, **kwargs)
         if not self.is_world_process_zero():
             return None

@@ -49,7 +49,7 @@ RECIPES = {
 
 def _options(text: Path, out: Path, recipe: str, batch: int) -> list[str]:
     return [
-        "--tiny", "--text_files", str(text), "--block_size", "32", "--num_blocks", "64",
+        "--tiny", "--text_files", str(text), "--block_size", "32", "--num_blocks", "64", "--eval_fraction", "0",
         "--max_steps", "6", "--admm_fraction", "0.5", "--admm_interval", "1", "--sparsity", str(SPARSITY),
         "--learning_rate", "1e-3", "--per_device_train_batch_size", str(batch), "--use_cpu", "true",
         "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1", "--disable_tqdm", "true",

