@@ -11,10 +11,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
+import logging
+
 import pytest
 import torch
 import transformers
 from datasets import Dataset
+
+import hf_elsa  # noqa: F401  (configures the hf_elsa logger, which the next line opens to caplog)
+
+logging.getLogger("hf_elsa").propagate = True  # pytest's caplog listens at the root logger, in CI and locally
 
 VOCAB = 128
 SEQ = 16
