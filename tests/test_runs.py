@@ -109,8 +109,30 @@ def test_warm_start_starts_from_the_one_shot_weights(tmp_path):
 
 
 def test_admm_init_without_training_blocks_fails_at_construction(tmp_path):
-    with pytest.raises(ValueError, match="admm_init='wanda'.*'input_ids'"):
-        ElsaTrainer(model=make_model("llama"), args=elsa_args(tmp_path, admm_init="wanda"))
+    from datasets import Dataset
+
+    with pytest.raises(ValueError, match="'input_ids'"):
+        ElsaTrainer(
+            model=make_model("llama"),
+            args=elsa_args(tmp_path, admm_init="wanda"),
+            train_dataset=Dataset.from_dict({"token_ids": [[1, 2, 3]]}),
+        )
+
+
+def test_the_default_recipe_starts_from_sparsegpt_and_distils(tmp_path):
+    from hf_elsa import ElsaConfig
+
+    args = ElsaConfig(
+        output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4, use_cpu=True, report_to="none",
+        save_strategy="no", logging_steps=1, disable_tqdm=True, admm_init_samples=8, sparsity=0.6,
+    )  # fmt: skip
+    assert (args.admm_init, args.distill_weight, args.learning_rate) == ("sparsegpt", 1.0, 1e-3)
+    model = make_model("llama")
+    trainer = train_quietly(model, args)
+    assert trainer.teacher_model is not None
+    assert any("loss_distill" in h for h in trainer.state.log_history)
+    for name, w in prunable_weights(model).items():
+        assert int((w == 0).sum()) == round(0.6 * w.numel()), name
 
 
 # ---------------------------------------------------------------------------------------------------

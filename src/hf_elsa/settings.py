@@ -47,6 +47,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         "admm_fraction": 1.0,
         "sparsity_schedule": "constant",
         "importance": "magnitude",
+        "admm_init": "magnitude",
+        "distill_weight": 0.0,
+        "learning_rate": 1e-4,
     },
     "elsa": {
         "admm_penalty": "proximal",
@@ -57,6 +60,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         "admm_fraction": 0.15,
         "sparsity_schedule": "cubic",
         "importance": "activation",
+        "admm_init": "sparsegpt",
+        "distill_weight": 1.0,
+        "learning_rate": 1e-3,
     },
 }
 
@@ -165,11 +171,12 @@ class ElsaSettings:
         "elsa",
         "recipe",
         "Defaults for unset admm_* fields and importance: 'elsa' (converges in short runs) or 'paper'.",
-        "Defaults of the `admm_*` fields, `sparsity_schedule` and `importance` left unset. `\"paper\"`: the "
-        "published recipe (penalty through the gradient, constant lambda 0.01, interval 32, ADMM for the whole run, "
-        "magnitude projection). `\"elsa\"`: a decoupled proximal penalty (lambda 1), a cubic sparsity ramp for z, "
-        "the activation-aware projection (SAFE+), the mask fixed after 15% of the steps, then masked fine-tuning; it "
-        "converges within short budgets (docs/convergence.md).",
+        "Defaults of the fields left unset that the recipe table above lists. `\"paper\"`: the published recipe "
+        "(penalty through the gradient, constant lambda 0.01, interval 32, ADMM for the whole run, magnitude "
+        "projection, learning rate 1e-4, no distillation). `\"elsa\"`: starts from SparseGPT's weights and mask, "
+        "distils from the dense model, a decoupled proximal penalty (lambda 1), a cubic sparsity ramp for z, the "
+        "activation-aware projection (SAFE+), the mask fixed after 15% of the steps, then masked fine-tuning, "
+        "learning rate 1e-3; it converges within short budgets (docs/quality.md, docs/convergence.md).",
         choices=RECIPES,
     )
     admm_penalty: str | None = _setting(
@@ -302,10 +309,11 @@ class ElsaSettings:
     )
 
     # -- distillation --------------------------------------------------------------------------------
-    distill_weight: float = _setting(
-        0.0,
+    distill_weight: float | None = _setting(
+        None,
         "distillation",
-        "Weight w of the distillation loss: (1 - w) * next-token loss + w * T^2 * KL(teacher || student).",
+        "Weight w of the distillation loss: (1 - w) * next-token loss + w * T^2 * KL(teacher || student). "
+        "Default from recipe.",
         "Weight `w` in `[0, 1]` of distillation from the dense model: the training loss becomes `(1 - w) * "
         "next-token loss + w * T^2 * KL(teacher || student)` over the full vocabulary at temperature "
         "`distill_temperature`, computed in chunks of tokens. The teacher is `ElsaTrainer(teacher_model=...)`, by "
@@ -333,10 +341,10 @@ class ElsaSettings:
     )
 
     # -- start and end -----------------------------------------------------------------------------------
-    admm_init: str = _setting(
-        "magnitude",
+    admm_init: str | None = _setting(
+        None,
         "start",
-        f"Initial z (or fixed mask): one of {ADMM_INITS}.",
+        f"Initial z (or fixed mask): one of {ADMM_INITS}. Default from recipe.",
         "How the initial z is chosen: `\"magnitude\"` (paper), `\"wanda\"` or `\"sparsegpt\"` (one-shot pruners run "
         "on `admm_init_samples` training blocks; z starts from the pruner's weights, and a ramped z grows sparse in "
         "the order of the pruner's ranking). With `admm_fraction=0` it chooses the fixed mask (and, for SparseGPT, "
@@ -402,7 +410,7 @@ class ElsaSettings:
         if recipe not in RECIPES:
             raise ValueError(f"{owner}.recipe={recipe!r}: use one of {tuple(RECIPES)}.")
         for key, value in RECIPES[recipe].items():
-            if getattr(self, key) is None:
+            if hasattr(self, key) and getattr(self, key) is None:  # learning_rate: ElsaConfig's, not a setting
                 setattr(self, key, value)
         for name in ("target_modules", "exclude_modules"):
             if isinstance(getattr(self, name), str):

@@ -114,13 +114,6 @@ class ElsaTrainer(Trainer):
                     "ElsaConfig.base_optimizer='sassha' builds the optimizer itself: do not pass optimizers= or "
                     "optimizer_cls_and_kwargs= to ElsaTrainer (or keep base_optimizer='trainer' to use yours)."
                 )
-        if args.admm_init != "magnitude" and not args.keep_mask:
-            train_dataset = kwargs.get("train_dataset", pargs[1] if len(pargs) > 1 else None)
-            if train_dataset is None or "input_ids" not in (getattr(train_dataset, "column_names", None) or []):
-                raise ValueError(
-                    f"ElsaConfig.admm_init={args.admm_init!r} calibrates a one-shot pruner on training blocks: pass a "
-                    "train_dataset (a datasets.Dataset) with an 'input_ids' column, or use admm_init='magnitude'."
-                )
         if args.distills and args.fsdp:
             raise ValueError(
                 "ElsaConfig.distill_weight / distill_hidden_weight need the dense teacher next to the student, which "
@@ -301,6 +294,11 @@ class ElsaTrainer(Trainer):
             return
         from . import oneshot
 
+        if "input_ids" not in (getattr(self.train_dataset, "column_names", None) or []):
+            raise ValueError(
+                f"ElsaConfig.admm_init={method!r} calibrates a one-shot pruner on training blocks: the train_dataset "
+                "must be a datasets.Dataset with an 'input_ids' column, or use admm_init='magnitude'."
+            )
         count = min(self.args.admm_init_samples, len(self.train_dataset))
         calibration = torch.as_tensor(self.train_dataset[:count]["input_ids"])
         masks = getattr(oneshot, method)(
@@ -375,9 +373,12 @@ class ElsaTrainer(Trainer):
         if self.elsa_optimizer is not None and "loss" in logs:
             logs.update(self.elsa_optimizer.metrics)
         if "loss" in logs and self._distill_sums:
-            # summed over the micro-batches since the last log, like the Trainer's own loss
+            # summed over the micro-batches since the last log and averaged over processes, like the Trainer's loss
             steps = max(self.state.global_step - self._globalstep_last_logged, 1)
-            logs.update({key: value / steps for key, value in self._distill_sums.items()})
+            keys = sorted(self._distill_sums)
+            sums = torch.tensor([self._distill_sums[k] for k in keys], device=self.args.device, dtype=torch.float64)
+            sums = self.accelerator.reduce(sums, reduction="mean")
+            logs.update({key: float(value) / steps for key, value in zip(keys, sums)})
             self._distill_sums = {}
         super().log(logs, *args, **kwargs)
 

@@ -44,6 +44,9 @@ RECIPES = {
     "elsa": ["--recipe", "elsa"],
     # paper recipe: the penalty goes through the gradient, after DDP's all-reduce
     "paper": ["--recipe", "paper"],
+    # distillation with every term on: KL at T = 2 and the hidden-state loss, one frozen teacher per process
+    "distill": ["--recipe", "elsa", "--distill_weight", "0.5", "--distill_temperature", "2.0"]
+    + ["--distill_hidden_weight", "0.1"],
 }
 
 
@@ -102,7 +105,9 @@ def _load(folder: Path) -> list[dict]:
     return [torch.load(path, weights_only=False) for path in sorted(folder.glob("rank*.pt"))]
 
 
-@pytest.mark.parametrize(("launcher", "recipe"), [("torchrun", "elsa"), ("accelerate", "paper")])
+@pytest.mark.parametrize(
+    ("launcher", "recipe"), [("torchrun", "elsa"), ("accelerate", "paper"), ("torchrun", "distill")]
+)
 def test_two_processes_match_one(launcher, recipe, text_file, tmp_path):
     import warnings
 
@@ -147,7 +152,15 @@ def test_two_processes_match_one(launcher, recipe, text_file, tmp_path):
     ref_losses = [h["loss"] for h in ref["log_history"] if "loss" in h]
     losses = [h["loss"] for h in a["log_history"] if "loss" in h]
     assert len(losses) == len(ref_losses) == 6
-    assert all(math.isclose(x, y, rel_tol=1e-5) for x, y in zip(losses, ref_losses)), (losses, ref_losses)
+    # with distillation the loss is a KL of nearly equal distributions (~1e-4): an absolute tolerance too
+    assert all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-7) for x, y in zip(losses, ref_losses)), (losses, ref_losses)
+    for key in ("loss_ce", "loss_distill", "loss_hidden"):  # distillation's parts, averaged over the processes
+        ref_parts = [h[key] for h in ref["log_history"] if key in h]
+        parts = [h[key] for h in a["log_history"] if key in h]
+        assert parts == [h[key] for h in b["log_history"] if key in h], key
+        expected = 6 if recipe == "distill" or (recipe == "elsa" and key != "loss_hidden") else 0
+        assert len(parts) == len(ref_parts) == expected, key
+        assert all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-7) for x, y in zip(parts, ref_parts)), key
 
 
 if __name__ == "__main__":  # pragma: no cover
