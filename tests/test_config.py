@@ -333,3 +333,19 @@ def test_bad_curvature_settings_raise_naming_the_field(tmp_path, kwargs, field):
 def test_non_reentrant_checkpointing_is_fine_for_hutchinson(tmp_path):
     config = ElsaConfig(output_dir=str(tmp_path), importance="hutchinson", activation_checkpointing=True)
     assert config.activation_checkpointing
+
+
+def test_docs_field_tables_are_generated_from_the_settings_table():
+    import pathlib
+
+    from hf_elsa.settings import settings_markdown
+
+    index = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "index.md").read_text()
+    assert settings_markdown() in index, "docs/index.md: paste hf_elsa.settings.settings_markdown() again"
+
+
+def test_docstring_lists_every_setting_under_its_topic():
+    from hf_elsa.settings import elsa_fields
+
+    for f in elsa_fields():
+        assert f"        {f.name} (`" in ElsaConfig.__doc__, f.name

@@ -550,3 +550,17 @@ def settings_docstring() -> str:
             lines.extend(textwrap.wrap(DETAILS[f.name]["doc"], 108, initial_indent=" " * 12, subsequent_indent=" " * 12))
         lines.append("")
     return "\n".join(lines)
+
+
+def settings_markdown() -> str:
+    """The fields as markdown tables, one per topic (docs/index.md holds this text; a test keeps it in sync)."""
+    lines = []
+    for topic, title in TOPICS.items():
+        lines += [f"**{title}**", "", "| field | default | meaning |", "|---|---|---|"]
+        for f in elsa_fields():
+            if DETAILS[f.name]["topic"] != topic:
+                continue
+            default = "recipe" if f.name in RECIPES["elsa"] else f"`{f.default!r}`"
+            lines.append(f"| `{f.name}` | {default} | {f.metadata['help'].replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
