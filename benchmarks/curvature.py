@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from hf_elsa import ElsaConfig, ElsaTrainer, perplexity, sparsity_report
-from hf_elsa.benchmark import Budget
+from hf_elsa.showcase.benchmark import Budget
 from hf_elsa.curvature import ESTIMATORS
 
 IMPORTANCES = tuple(ESTIMATORS)
@@ -202,7 +202,7 @@ def main(argv=None):
     }
     overrides.update(dict(_parse_override(item) for item in args.set))
 
-    from hf_elsa.demo import load_smollm2, wikipedia_split
+    from hf_elsa.showcase.demo import load_smollm2, wikipedia_split
 
     train_docs, eval_docs = wikipedia_split(budget.seed)
     run_grid(

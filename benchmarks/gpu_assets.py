@@ -151,7 +151,7 @@ def prepare(root: Path) -> dict:
     from safetensors.torch import save_file
 
     from hf_elsa.data import tokenize_documents
-    from hf_elsa.demo import SMOLLM2_GGUF, load_smollm2, smollm2_gguf_folder, wikipedia_split
+    from hf_elsa.showcase.demo import SMOLLM2_GGUF, load_smollm2, smollm2_gguf_folder, wikipedia_split
 
     assets, stage = root / ASSETS, root / STAGE
     for folder in (assets, stage):
@@ -172,7 +172,7 @@ def prepare(root: Path) -> dict:
             part["bytes"] = len(data)
     manifest = {
         "gguf": {"file": SMOLLM2_GGUF, "bytes": gguf.stat().st_size, "sha256": _sha256(gguf), "parts": parts},
-        "tokens": {"text": "gensim's Wikipedia sample, hf_elsa.demo.wikipedia_split(0)",
+        "tokens": {"text": "gensim's Wikipedia sample, hf_elsa.showcase.demo.wikipedia_split(0)",
                    "tokenizer": "SmolLM2-135M-Instruct (GGUF)", "train": train.numel(), "eval": held.numel()},
         "wheels": wheels,
         "python": GPU_PYTHON,

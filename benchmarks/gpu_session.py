@@ -318,7 +318,7 @@ def load_model_and_text(ctx) -> None:
 
 
 def _smollm2(work: Path):
-    from hf_elsa.demo import load_smollm2
+    from hf_elsa.showcase.demo import load_smollm2
 
     try:
         model, _ = load_smollm2()
@@ -345,7 +345,7 @@ def _text(ctx):
             return (*gpu_assets.load_tokens(ROOT), "Wikipedia sample (carried token ids)")
         if ctx.model.get("real_weights") and importlib.util.find_spec("gensim") is not None:
             from hf_elsa.data import tokenize_documents
-            from hf_elsa.demo import load_smollm2, wikipedia_split
+            from hf_elsa.showcase.demo import load_smollm2, wikipedia_split
 
             _, tokenizer = load_smollm2()
             train, held = wikipedia_split(0)

@@ -21,7 +21,7 @@ import torch
 import hf_elsa
 from hf_elsa import ElsaConfig, ElsaTrainer, oneshot, perplexity, sparsity_report
 from hf_elsa.data import token_blocks, tokenize_documents
-from hf_elsa.demo import load_smollm2, wikipedia_split
+from hf_elsa.showcase.demo import load_smollm2, wikipedia_split
 from hf_elsa.sparse_io import attach_sparsity, get_sparsity
 
 

@@ -62,7 +62,7 @@ def time_steps(elsa: bool, steps: int, data, common: dict) -> list[float]:
 
 def projection_time(sparsity: float = 0.7) -> float | None:
     try:
-        from hf_elsa.demo import load_smollm2
+        from hf_elsa.showcase.demo import load_smollm2
 
         model, _ = load_smollm2()
     except ImportError:

@@ -15,8 +15,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from hf_elsa.benchmark import METHODS, Budget, merge_reports, run_benchmark
-from hf_elsa.demo import load_smollm2, wikipedia_split
+from hf_elsa.showcase.benchmark import METHODS, Budget, merge_reports, run_benchmark
+from hf_elsa.showcase.demo import load_smollm2, wikipedia_split
 
 
 def main():

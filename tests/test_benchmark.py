@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_char_tokenizer, make_model
 
-from hf_elsa.benchmark import Budget, run_benchmark
+from hf_elsa.showcase.benchmark import Budget, run_benchmark
 
 DOCS = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * 30 for i in range(12)]
 
@@ -54,7 +54,7 @@ def test_run_benchmark_writes_table_plot_and_json(tmp_path):
 
 
 def test_merge_reports_combines_parallel_parts_and_rejects_mixed_budgets(tmp_path):
-    from hf_elsa.benchmark import Result, merge_reports, write_reports
+    from hf_elsa.showcase.benchmark import Result, merge_reports, write_reports
 
     budget = Budget(max_steps=3, bf16=False)
     dense = Result("dense", "dense", 0.0, 20.0, 1.0, 0.0)
@@ -84,7 +84,7 @@ def test_merge_reports_combines_parallel_parts_and_rejects_mixed_budgets(tmp_pat
 
 
 def test_table_columns_are_sparsities_ascending_then_nm_patterns():
-    from hf_elsa.benchmark import Result, markdown_table
+    from hf_elsa.showcase.benchmark import Result, markdown_table
 
     results = [
         Result("elsa", "2:4", 0.5, 80.0, 1.0, 0.5),
@@ -98,7 +98,7 @@ def test_table_columns_are_sparsities_ascending_then_nm_patterns():
 
 def test_plot_one_setting_as_bars_and_a_sweep_with_ratio_to_dense(tmp_path):
     pytest.importorskip("matplotlib")
-    from hf_elsa.benchmark import Result, plot
+    from hf_elsa.showcase.benchmark import Result, plot
 
     dense = Result("dense", "dense", 0.0, 20.0, 1.0, 0.0)
     one = [dense, Result("magnitude", "unstructured", 0.5, 300.0, 1, 0.5), Result("elsa", "unstructured", 0.5, 30, 1, 0.5)]
@@ -117,7 +117,7 @@ def test_plot_one_setting_as_bars_and_a_sweep_with_ratio_to_dense(tmp_path):
 def test_benchmark_prints_no_trainer_logs_and_demo_silences_loading_bars(tmp_path, capsys):
     from transformers.utils import logging as hf_logging
 
-    from hf_elsa.demo import quiet_transformers
+    from hf_elsa.showcase.demo import quiet_transformers
 
     tokenizer = make_char_tokenizer()
     budget = Budget(max_steps=2, batch_size=2, block_size=16, calibration_samples=2, eval_seqlen=16, eval_windows=2,

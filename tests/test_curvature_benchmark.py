@@ -7,7 +7,7 @@ import pathlib
 import pytest
 from conftest import make_char_tokenizer, make_model
 
-from hf_elsa.benchmark import Budget
+from hf_elsa.showcase.benchmark import Budget
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "curvature.py"
 DOCS = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * 20 for i in range(8)]

@@ -257,7 +257,7 @@ def test_the_gguf_parts_of_two_calls_are_joined_and_checked(tmp_path):
 
 @pytest.mark.slow
 def test_the_random_weight_fallback_has_smollm2s_shape():
-    from hf_elsa.demo import load_smollm2
+    from hf_elsa.showcase.demo import load_smollm2
 
     config = load_smollm2()[0].config
     for key, value in gpu_session.SMOLLM2_SHAPE.items():

@@ -33,7 +33,7 @@ def test_install_section_pins_torch_before_the_package():
 @pytest.mark.slow
 def test_readme_quickstart_runs_as_written(tmp_path, monkeypatch, capsys):
     pytest.importorskip("gensim")
-    from hf_elsa.demo import smollm2_gguf_folder
+    from hf_elsa.showcase.demo import smollm2_gguf_folder
 
     try:
         smollm2_gguf_folder()

@@ -187,7 +187,7 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def demo_command(args: argparse.Namespace) -> int:
     """SmolLM2-135M pruned on Wikipedia text: dense vs magnitude vs Wanda vs ELSA, with a plot."""
-    from .demo import run_demo
+    from .showcase.demo import run_demo
 
     run_demo(sparsity=args.sparsity, max_steps=args.max_steps, output_dir=args.output_dir)
     return 0
@@ -217,7 +217,7 @@ def memory_command(args: argparse.Namespace) -> int:
     what, config = parser.parse_args_and_config(args.options)
     name = what.model_name_or_path
     if name is None:
-        from .demo import load_smollm2
+        from .showcase.demo import load_smollm2
 
         model = load_smollm2()[0]
     else:

@@ -11,30 +11,6 @@ from dataclasses import dataclass
 import torch
 from datasets import Dataset
 
-WIKI_SAMPLE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-
-
-def wikipedia_sample(min_chars: int = 500) -> list[str]:
-    """The real English Wikipedia articles shipped with gensim's test data (105 articles, ~3.1M chars).
-
-    Needs ``gensim`` (``pip install hf_elsa[demo]``); no network.
-    """
-    try:
-        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
-        from gensim.test.utils import datapath
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("The Wikipedia sample ships with gensim: pip install 'hf_elsa[demo]'.") from exc
-    import bz2
-
-    articles = []
-    with bz2.open(datapath(WIKI_SAMPLE), "rb") as dump:
-        for title, text, _ in extract_pages(dump):
-            if text.lstrip().lower().startswith("#redirect"):
-                continue
-            body = filter_wiki(text).strip()
-            if len(body) >= min_chars:
-                articles.append(f"{title}\n\n{body}")
-    return articles
 
 
 def split_documents(documents: Sequence[str], eval_fraction: float = 0.1, seed: int = 0):
@@ -100,8 +76,7 @@ def load_documents(
     ``dataset`` is a Hub name, a local folder or a builder name (``"json"``, ``"csv"``, ``"text"``,
     ``"parquet"``) read with ``datasets.load_dataset(dataset, dataset_config, data_files=data_files)``;
     ``data_files`` alone picks the builder from the file extension. ``split=None`` takes the only split
-    of the dataset, or ``"test"`` when it has several (see :func:`choose_split`). Without text files or a
-    dataset: the embedded Wikipedia sample (:func:`wikipedia_sample`).
+    of the dataset, or ``"test"`` when it has several (see :func:`choose_split`).
     """
     if text_files and (dataset or data_files):
         raise ValueError("Pass text files or a dataset (--dataset_name / --data_files), not both.")
@@ -121,7 +96,10 @@ def load_documents(
                 f"its columns: {data.column_names}."
             )
         return [t for t in data[text_column] if t and t.strip()]
-    return wikipedia_sample()
+    raise ValueError(
+        "load_documents needs text_files or a dataset; the embedded Wikipedia sample is "
+        "hf_elsa.showcase.demo.wikipedia_sample()."
+    )
 
 
 def load_text_dataset(

@@ -332,7 +332,7 @@ def load_model_and_tokenizer(model_args: ModelArguments):
     if tok_name is not None and looks_like_path(tok_name) and not os.path.isdir(os.path.expanduser(tok_name)):
         raise FileNotFoundError(f"--tokenizer_name_or_path {tok_name}: folder not found.")
     if name is None:
-        from .demo import load_smollm2
+        from .showcase.demo import load_smollm2
 
         dtype = kwargs["dtype"] if kwargs["dtype"] != "auto" else torch.float32
         model, tokenizer = load_smollm2(dtype)
@@ -363,7 +363,7 @@ def load_text(data: DataArguments, tokenizer, purpose: str = "prune") -> TextSpl
     ``prune``: the training split (default ``"train"``), held-out text from ``--eval_split`` or
     ``--eval_fraction`` (see :func:`hf_elsa.data.split_text`).
     """
-    from .data import load_documents, split_text, tokenize_documents, wikipedia_sample
+    from .data import load_documents, split_text, tokenize_documents
 
     source = {"text_files": data.text_files, "dataset": data.dataset_name, "dataset_config": data.dataset_config,
               "text_column": data.dataset_text_field, "data_files": data.data_files}  # fmt: skip
@@ -372,7 +372,7 @@ def load_text(data: DataArguments, tokenizer, purpose: str = "prune") -> TextSpl
             documents = load_documents(**source, split=data.dataset_split)
             what = f"{len(data.text_files)} file(s)" if data.text_files else _split_name(data, data.dataset_split)
         else:
-            from .demo import wikipedia_split
+            from .showcase.demo import wikipedia_split
 
             documents = wikipedia_split(0)[1]
             what = "the embedded Wikipedia sample's held-out articles"
@@ -380,6 +380,8 @@ def load_text(data: DataArguments, tokenizer, purpose: str = "prune") -> TextSpl
     if data.text_files or _has_dataset(data):
         documents = load_documents(**source, split=data.dataset_split or "train")
     else:
+        from .showcase.demo import wikipedia_sample
+
         documents = wikipedia_sample()
     eval_documents = None
     if data.eval_split is not None:

@@ -294,13 +294,16 @@ class ElsaTrainer(Trainer):
             return
         from . import oneshot
 
-        if "input_ids" not in (getattr(self.train_dataset, "column_names", None) or []):
+        dataset = self.train_dataset
+        count = min(self.args.admm_init_samples, len(dataset))
+        try:  # a datasets.Dataset in one slice, any map-style dataset of {"input_ids": ...} items otherwise
+            rows = dataset[:count]["input_ids"] if hasattr(dataset, "column_names") else [dataset[i]["input_ids"] for i in range(count)]
+            calibration = torch.stack([torch.as_tensor(row) for row in rows])
+        except (KeyError, TypeError, IndexError, RuntimeError) as error:
             raise ValueError(
                 f"ElsaConfig.admm_init={method!r} calibrates a one-shot pruner on training blocks: the train_dataset "
-                "must be a datasets.Dataset with an 'input_ids' column, or use admm_init='magnitude'."
-            )
-        count = min(self.args.admm_init_samples, len(self.train_dataset))
-        calibration = torch.as_tensor(self.train_dataset[:count]["input_ids"])
+                f"must hold equal-length 'input_ids' blocks ({error}), or use admm_init='magnitude'."
+            ) from None
         masks = getattr(oneshot, method)(
             self.model,
             calibration,

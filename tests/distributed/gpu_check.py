@@ -131,7 +131,9 @@ def main() -> int:
     for step in (3, 6):
         checkpoint = os.path.join(out, "straight", f"checkpoint-{step}")
         _, w_resumed, m_resumed = _run(
-            example, os.path.join(out, f"resumed{step}"), seed=1, resume=checkpoint, use_cpu=cli.cpu, **fields
+            # the same script run again: the dense model goes in (distillation's teacher), the checkpoint restores
+            # the pruned student and the ADMM state
+            example, os.path.join(out, f"resumed{step}"), seed=0, resume=checkpoint, use_cpu=cli.cpu, **fields
         )
         same_masks = m_resumed.keys() == masks.keys() and all(torch.equal(m_resumed[n], masks[n]) for n in masks)
         diff = max((w_resumed[n] - weights[n]).abs().max().item() for n in weights)

