@@ -1,0 +1,188 @@
+"""The sparsity metadata of a checkpoint: ``elsa_config.json`` and the ``elsa_sparsity`` entry of ``config.json``.
+
+Versioned and tolerant of unknown keys (PEFT's convention): keys a newer hf_elsa (or a user) added are kept in
+``extra`` and written back, so a load/save round trip never drops them.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ..version import __version__
+
+logger = logging.getLogger(__name__)
+
+# 2: the packed masks in elsa_masks.safetensors may be zlib streams (metadata ``codecs``); 1 (read too): raw bits
+FORMAT_VERSION = 2
+ELSA_CONFIG_NAME = "elsa_config.json"
+MASKS_NAME = "elsa_masks.safetensors"
+CONFIG_KEY = "elsa_sparsity"  # entry of config.json
+CARD_NAME = "README.md"
+
+# The ``ElsaConfig`` fields a pruning run records as its hyper-parameters, in this order. Those that are
+# ``TrainingArguments`` fields are the optimisation settings, which a ``keep_mask`` run records as ``fine_tuning``.
+RECORDED_HYPERPARAMETERS = (
+    "recipe",
+    "admm_penalty",
+    "admm_lambda",
+    "admm_lambda_schedule",
+    "admm_lambda_init",
+    "admm_interval",
+    "admm_fraction",
+    "sparsity_schedule",
+    "importance",
+    "importance_alpha",
+    "final_projection",
+    "admm_init",
+    "elsa_l",
+    "admm_z_dtype",
+    "admm_u_dtype",
+    "learning_rate",
+    "max_steps",
+    "num_train_epochs",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "weight_decay",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "max_grad_norm",
+    "optim",
+    "seed",
+)
+
+
+@dataclass
+class ElsaSparsityConfig:
+    """The sparsity metadata of a checkpoint (``elsa_config.json``).
+
+    Unknown keys (from a newer hf_elsa, or added by the user) are kept in ``extra`` and written back, so a
+    load/save round trip never drops them.
+
+    Attributes:
+        elsa_format_version: version of this file's layout (``FORMAT_VERSION``).
+        hf_elsa_version: the hf_elsa version that wrote the checkpoint.
+        format: the save format, ``"dense"`` or ``"compressed"`` (``formats.registered_formats()``).
+        method: how the masks were found (``"elsa"``, ``"magnitude"``, ...).
+        sparsity: the target sparsity (``1 - N/M`` for N:M patterns).
+        sparsity_type: ``"unstructured"``, ``"row"`` or ``"N:M"`` such as ``"2:4"``.
+        target_modules / exclude_modules: the module selection that was pruned.
+        base_model: Hub id of the dense model the checkpoint was pruned from.
+        hyperparameters: the pruning run's settings.
+        fine_tuning: settings of a mask-keeping fine-tuning run, when there was one.
+        evaluation: ``{"protocol": str, "results": {name: value}}`` when known.
+        achieved_sparsity: zeros / weights over the masked tensors, measured at save time.
+        tensors: ``{tensor: {"shape": [...], "sparsity": float}}`` measured at save time.
+        files: ``{file: {"bytes": int, "sha256": str}}`` of the weight and mask files.
+        save_id: random id shared by ``config.json``, this file and the mask file of one save.
+        extra: keys this version does not know.
+    """
+
+    elsa_format_version: int = FORMAT_VERSION
+    hf_elsa_version: str = ""
+    format: str = "dense"
+    method: str | None = None
+    sparsity: float | None = None
+    sparsity_type: str | None = None
+    target_modules: list[str] | None = None
+    exclude_modules: list[str] | None = None
+    base_model: str | None = None
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    fine_tuning: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
+    achieved_sparsity: float | None = None
+    tensors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    save_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = ELSA_CONFIG_NAME) -> ElsaSparsityConfig:
+        """Build from a dict; unknown keys go to ``extra`` (with a warning naming them)."""
+        known = {f.name for f in fields(cls)} - {"extra"}
+        extra = dict(data.get("extra") or {})
+        unknown = {k: v for k, v in data.items() if k not in known and k != "extra"}
+        if unknown:
+            logger.warning(
+                "%s: keys unknown to hf_elsa %s are kept but not used: %s", source, __version__, sorted(unknown)
+            )
+            extra.update(unknown)
+        config = cls(**{k: v for k, v in data.items() if k in known}, extra=extra)
+        if isinstance(config.elsa_format_version, int) and config.elsa_format_version > FORMAT_VERSION:
+            warnings.warn(
+                f"{source} has elsa_format_version={config.elsa_format_version}, newer than this hf_elsa "
+                f"({__version__}, version {FORMAT_VERSION}); upgrade hf_elsa if loading fails.",
+                stacklevel=3,
+            )
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        extra = data.pop("extra")
+        return {**extra, **data}
+
+    def update(self, metadata: Mapping[str, Any] | ElsaSparsityConfig | None) -> None:
+        """Overwrite fields with the non-None values of ``metadata``; unknown keys go to ``extra``."""
+        if metadata is None:
+            return
+        if isinstance(metadata, ElsaSparsityConfig):
+            self.extra.update(metadata.extra)
+            metadata = {f.name: getattr(metadata, f.name) for f in fields(metadata) if f.name != "extra"}
+        known = {f.name for f in fields(self)} - {"extra"}
+        for key, value in metadata.items():
+            if value is None:
+                continue
+            if key in known:
+                setattr(self, key, value)
+            elif key == "extra":
+                self.extra.update(value)
+            else:
+                self.extra[key] = value
+
+    def config_entry(self) -> dict[str, Any]:
+        """The short summary stored in ``config.json`` under ``elsa_sparsity`` (the format may add a note)."""
+        return {
+            "method": self.method,
+            "sparsity": self.sparsity,
+            "sparsity_type": self.sparsity_type,
+            "target_modules": self.target_modules,
+            "exclude_modules": self.exclude_modules,
+            "achieved_sparsity": self.achieved_sparsity,
+            "tensors": {k: v["sparsity"] for k, v in self.tensors.items()},
+            "format": self.format,
+            "hf_elsa_version": self.hf_elsa_version,
+            "elsa_format_version": self.elsa_format_version,
+            "save_id": self.save_id,
+            "load_with": "hf_elsa.load_sparse_model",
+        }
+
+
+def sparsity_metadata(args) -> dict[str, Any]:
+    """Metadata of an ``ElsaConfig`` run, for :func:`attach_sparsity`: the fields of ``RECORDED_HYPERPARAMETERS``.
+
+    A ``keep_mask`` run records its optimisation settings (the ``TrainingArguments`` fields among them) as
+    ``fine_tuning`` and leaves the pruning fields of an earlier attachment (method, target sparsity) untouched.
+    """
+    from transformers import TrainingArguments
+
+    from ..projection import pattern_sparsity
+
+    training_fields = {f.name for f in fields(TrainingArguments)}
+    values = {key: getattr(args, key, None) for key in RECORDED_HYPERPARAMETERS}
+    values = {key: getattr(value, "value", value) for key, value in values.items()}  # enums -> str
+    if (values.get("max_steps") or -1) > 0:
+        values.pop("num_train_epochs", None)  # max_steps overrides it
+    training = {key: value for key, value in values.items() if key in training_fields}
+    if getattr(args, "keep_mask", False):
+        return {"fine_tuning": {"keep_mask": True, **training}}
+    return {
+        "method": "elsa",
+        "sparsity": pattern_sparsity(args.sparsity_type, args.sparsity),
+        "sparsity_type": args.sparsity_type,
+        "target_modules": args.target_modules,
+        "exclude_modules": args.exclude_modules,
+        "hyperparameters": values,
+    }
