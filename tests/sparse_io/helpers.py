@@ -151,10 +151,14 @@ def downgrade_to_format_1(folder: Path) -> None:
             tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
         save_file(tensors, folder / COMPRESSED_NAME, metadata={**meta, "elsa_format_version": "1"})
         rewrite_recorded_hash(folder, COMPRESSED_NAME)
-    for name, where in ((ELSA_CONFIG_NAME, None), ("config.json", "elsa_sparsity")):
-        data = json.loads((folder / name).read_text())
-        (data[where] if where else data)["elsa_format_version"] = 1
-        (folder / name).write_text(json.dumps(data))
+    data = json.loads((folder / "config.json").read_text())
+    data["elsa_sparsity"]["elsa_format_version"] = 1
+    (folder / "config.json").write_text(json.dumps(data))
+    rewrite_recorded_hash(folder, "config.json")
+    data = json.loads((folder / ELSA_CONFIG_NAME).read_text())
+    data["elsa_format_version"] = 1
+    del data["files"]["config.json"]  # format 1 did not checksum config.json
+    (folder / ELSA_CONFIG_NAME).write_text(json.dumps(data))
 
 
 def blocks(n_tokens: int = 4000, seed: int = 0):

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
+import tracemalloc
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,3 +151,132 @@ def test_corrupted_mask_stream_is_rejected_naming_file_and_tensor(compressed, da
     assert "corrupted" in str(err.value) or "newer hf_elsa" in str(err.value)
     with pytest.raises(ValueError, match=rf"{MASKS_NAME}: mask '{key}'"):
         sparsity_report(tmp_path / "m")  # hf-elsa inspect reads the masks the same way
+
+
+# -- malformed masks metadata and decompression bombs -------------------------------------------------------------
+
+K = "model.layers.0.mlp.up_proj.weight"  # 64 x 32 in the tiny llama
+
+
+def _set(field: str, value, entry: bool | None = None):
+    """Replace one metadata field: a string is its new text, anything else (or ``entry=True``) the value of its
+    entry ``K``; ``None`` deletes the field."""
+
+    def edit(meta: dict) -> dict:
+        meta = dict(meta)
+        if value is None:
+            del meta[field]
+        elif isinstance(value, str) and not entry:
+            meta[field] = value
+        else:
+            meta[field] = json.dumps({**json.loads(meta[field]), K: value})
+        return meta
+
+    return edit
+
+
+BAD_MASK_METADATA = [
+    (_set("shapes", "abc"), "shapes"),  # not JSON
+    (_set("shapes", '"abc"'), "shapes"),  # JSON, not an object
+    (_set("shapes", "[1, 2]"), "shapes"),
+    (_set("shapes", "{"), "shapes"),
+    (_set("shapes", ["a", "b"]), f"shapes['{K}']"),
+    (_set("shapes", {"x": 1}), f"shapes['{K}']"),
+    (_set("shapes", [-64, 32]), f"shapes['{K}']"),
+    (_set("shapes", [64.0, 32]), f"shapes['{K}']"),
+    (_set("shapes", []), f"shapes['{K}']"),
+    (_set("shapes", [2**40, 2**40]), f"shapes['{K}']"),
+    (_set("shapes", [True, 32]), f"shapes['{K}']"),
+    (_set("kept", "x"), "kept"),
+    (_set("kept", [1]), f"kept['{K}']"),
+    (_set("kept", -1), f"kept['{K}']"),
+    (_set("kept", 10**6), f"kept['{K}']"),  # more than the 2,048 weights of the shape
+    (_set("kept", "7"), "kept"),
+    (_set("codecs", 5), f"codecs['{K}']"),
+    (_set("packed_bytes", "x", entry=True), f"packed_bytes['{K}']"),
+    (_set("kept", "x", entry=True), f"kept['{K}']"),
+    (_set("shapes", "abc", entry=True), f"shapes['{K}']"),
+    (_set("elsa_format_version", "two"), "elsa_format_version"),
+    (_set("elsa_format_version", "0"), "elsa_format_version"),
+    (_set("shapes", None), "shapes"),
+    (_set("kept", None), "kept"),
+    (_set("codecs", None), "codecs"),
+]
+
+
+@pytest.mark.parametrize("edit, key", BAD_MASK_METADATA)
+@pytest.mark.parametrize("compressed", [False, True])
+def test_malformed_masks_metadata_is_a_value_error_naming_file_and_key(edit, key, compressed, tmp_path):
+    pruned_model().save_pretrained(tmp_path / "m", compressed=compressed)
+    stored, meta = read_masks_raw(tmp_path / "m")
+    save_file(stored, tmp_path / "m" / MASKS_NAME, metadata=edit(meta))
+    rewrite_recorded_hash(tmp_path / "m", MASKS_NAME)  # consistent checksums: the metadata itself is checked
+    for read in (load_sparse_model, sparsity_report):  # load and hf-elsa inspect
+        with pytest.raises(ValueError) as err:
+            read(tmp_path / "m")
+        message = str(err.value)
+        assert MASKS_NAME in message and key in message, message
+
+
+def _bomb(folder: Path, key: str, side: int = 16384) -> None:
+    """Replace ``key``'s mask by one declaring ``side x side`` weights, all pruned: a zlib stream of zeros a few
+    tens of kB long that decodes to ``side**2 / 8`` bytes -- with consistent metadata and checksums."""
+    stored, meta = read_masks_raw(folder)
+    coder = zlib.compressobj(9)
+    zeros = bytes(1 << 20)
+    stream = b"".join(coder.compress(zeros) for _ in range(side * side // 8 >> 20)) + coder.flush()
+    stored[key] = torch.frombuffer(bytearray(stream), dtype=torch.uint8)
+    fields = {k: json.loads(meta[k]) for k in ("shapes", "kept", "codecs", "packed_bytes")}
+    fields["shapes"][key], fields["kept"][key] = [side, side], 0
+    fields["codecs"][key], fields["packed_bytes"][key] = "zlib", side * side // 8
+    save_file(stored, folder / MASKS_NAME, metadata={**meta, **{k: json.dumps(v) for k, v in fields.items()}})
+    rewrite_recorded_hash(folder, MASKS_NAME)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_mask_bomb_is_refused_before_it_is_decoded(compressed, tmp_path):
+    pruned_model().save_pretrained(tmp_path / "m", compressed=compressed)
+    _bomb(tmp_path / "m", K)
+    assert (tmp_path / "m" / MASKS_NAME).stat().st_size < 100_000  # a 33.5 MB mask in a few tens of kB
+    for read in (load_sparse_model, sparsity_report):
+        tracemalloc.start()
+        try:
+            with pytest.raises(ValueError, match=rf"{MASKS_NAME}: '{K}' has shape \(64, 32\).*refused before decod"):
+                read(tmp_path / "m")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 20e6, f"{read.__name__} allocated {peak / 1e6:.0f} MB"  # the decoded mask alone is 33.5 MB
+
+
+BOMB_RSS = textwrap.dedent(
+    """
+    import resource, sys
+    from hf_elsa import load_sparse_model, sparsity_report
+    for read in (load_sparse_model, sparsity_report):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            read({folder!r})
+        except ValueError as exc:
+            assert "refused before decoding" in str(exc), exc
+        else:
+            sys.exit("the bomb was read")
+        print(read.__name__, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+    """
+)
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch + transformers: ~10 s
+def test_a_mask_bomb_costs_no_memory_in_a_fresh_process(tmp_path):
+    """Peak RSS of a fresh process (the 2.3 GB the unchecked decoder reached would show) around load and inspect."""
+    pruned_model().save_pretrained(tmp_path / "m")
+    _bomb(tmp_path / "m", K)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    script = BOMB_RSS.format(folder=str(tmp_path / "m"))
+    out = subprocess.run(
+        [sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    growth = dict(line.split() for line in out.stdout.splitlines() if line.startswith(("load", "sparsity")))
+    assert set(growth) == {"load_sparse_model", "sparsity_report"}
+    assert all(int(mb) < 40 for mb in growth.values()), growth  # MB of peak RSS growth

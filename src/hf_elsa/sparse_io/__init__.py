@@ -17,8 +17,10 @@ The modules, one concept each:
 - :mod:`.state`: what an attached model carries and the check of masks against weights;
 - :mod:`.attach`: :func:`attach_sparsity`, :func:`detach_sparsity`, :func:`apply_masks`, the patched methods;
 - :mod:`.formats`: the save-format registry (``"dense"``, ``"compressed"``), each format's write/read hooks;
-- :mod:`.save`: the sparse ``save_pretrained`` and its atomic commit;
+- :mod:`.save`: the sparse ``save_pretrained``; :mod:`.commit`: the atomic swap into the target folder and the
+  recovery after a killed save;
 - :mod:`.hub`: uploads; :mod:`.load`: :func:`load_sparse_model` and verification;
+- :mod:`.schema`: the one validation layer for what is parsed from a folder; :mod:`.files`: file helpers;
 - :mod:`.report`: :func:`sparsity_report`; :mod:`.card`: the model card.
 """
 

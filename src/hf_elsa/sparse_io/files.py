@@ -44,3 +44,24 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc}); the file is truncated or corrupted.") from exc
+
+
+def check_inside(folder: Path, names, source: Any) -> None:
+    """Refuse any of ``names`` (relative to ``folder``, existing or not) that resolves outside ``folder``.
+
+    A listed ``../../etc/passwd`` or a symlink to a file elsewhere is an error naming ``source``. Inside a
+    Hugging Face cache snapshot (``.../snapshots/<revision>``) links into the repo's ``blobs`` folder are the
+    cache's layout and allowed.
+    """
+    root = folder.resolve()
+    roots = [root]
+    if folder.parent.name == "snapshots":
+        roots.append((folder.parent.parent / "blobs").resolve())
+    for name in names:
+        real = (folder / name).resolve()
+        if not any(real == r or r in real.parents for r in roots):
+            raise ValueError(
+                f"{source}: {name!r} resolves to {real}, outside the checkpoint folder {folder} (an absolute path, "
+                "'..' or a symlink pointing out); hf_elsa reads only files inside the folder. Copy the file into the "
+                "folder instead of linking it."
+            )

@@ -77,6 +77,11 @@ class SaveFormat:
         """Whether ``folder`` holds this format's weights (for reading a folder without its metadata)."""
         raise NotImplementedError
 
+    def weight_shapes(self, folder: Path, trust_remote_code: bool = False) -> tuple[dict[str, tuple[int, ...]], str]:
+        """``({tensor: shape}, where they come from)`` of the folder's weights, read without loading them: the
+        bound a mask's declared shape is checked against before it is decoded."""
+        raise NotImplementedError
+
     def load(self, folder: Path, masks: Mapping[str, PackedMask], save_id: str | None, kwargs: dict):
         """The model of a verified folder; ``kwargs`` go to ``from_pretrained``."""
         raise NotImplementedError
@@ -172,6 +177,15 @@ class DenseFormat(SaveFormat):
     def detect(self, folder: Path) -> bool:
         return any(n.endswith(".safetensors") for n in saved_weight_files(folder))
 
+    def weight_shapes(self, folder: Path, trust_remote_code: bool = False):
+        """From the safetensors headers: safetensors checks them against the file size, so they are real data."""
+        shapes = {}
+        for name in saved_weight_files(folder):
+            if name.endswith(".safetensors"):
+                with open_safetensors(folder / name) as f:
+                    shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})  # noqa: SIM118
+        return shapes, "the weight files' safetensors headers"
+
     def load(self, folder: Path, masks, save_id, kwargs: dict):
         from transformers import AutoModelForCausalLM
 
@@ -235,10 +249,15 @@ class CompressedFormat(SaveFormat):
     def detect(self, folder: Path) -> bool:
         return (folder / COMPRESSED_NAME).is_file() and not (folder / "model.safetensors").is_file()
 
-    def load(self, folder: Path, masks, save_id, kwargs: dict):
-        from transformers import AutoConfig
+    def weight_shapes(self, folder: Path, trust_remote_code: bool = False):
+        """From the architecture in config.json, built on the meta device (the kept values carry no shape)."""
+        config = _model_config(folder, trust_remote_code)
+        with torch.device("meta"):
+            model = _causal_lm_class(folder, config)._from_config(config)
+        return {key: tuple(t.shape) for key, t in model.state_dict().items()}, "the architecture of config.json"
 
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=kwargs.get("trust_remote_code", False))
+    def load(self, folder: Path, masks, save_id, kwargs: dict):
+        config = _model_config(folder, kwargs.get("trust_remote_code", False))
         state_dict = read_compressed_state_dict(folder / COMPRESSED_NAME, masks, save_id)
         return _from_state_dict(folder, config, state_dict, kwargs)
 
@@ -295,16 +314,26 @@ def read_compressed_state_dict(path, masks: Mapping[str, PackedMask], save_id: s
     return state_dict
 
 
-def _from_state_dict(folder: Path, config, state_dict: dict, kwargs: dict):
-    """Build the model class of ``config`` from a state dict through ``from_pretrained`` (dtype, device_map...)."""
-    from transformers import GenerationConfig
+def _model_config(folder: Path, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+
+
+def _causal_lm_class(folder: Path, config):
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     try:
-        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError as exc:
         raise ValueError(f"{folder}: no causal-LM class for config {type(config).__name__}.") from exc
-    model = cls.from_pretrained(None, config=config, state_dict=state_dict, **kwargs)
+
+
+def _from_state_dict(folder: Path, config, state_dict: dict, kwargs: dict):
+    """Build the model class of ``config`` from a state dict through ``from_pretrained`` (dtype, device_map...)."""
+    from transformers import GenerationConfig
+
+    model = _causal_lm_class(folder, config).from_pretrained(None, config=config, state_dict=state_dict, **kwargs)
     if (folder / "generation_config.json").is_file() and model.can_generate():
         model.generation_config = GenerationConfig.from_pretrained(folder)
     model.name_or_path = str(folder)

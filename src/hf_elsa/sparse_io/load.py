@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from .attach import attach_sparsity
-from .files import read_json, sha256
+from .commit import PENDING_CONFIG, recover
+from .files import check_inside, read_json, saved_weight_files, sha256
 from .formats import get_format
 from .masks import read_masks
-from .metadata import CONFIG_KEY, ELSA_CONFIG_NAME, MASKS_NAME, ElsaSparsityConfig
-from .save import PENDING_CONFIG
-from .state import SparsityState, check_masks
+from .metadata import CONFIG_KEY, ELSA_CONFIG_NAME, MASKS_NAME, ElsaSparsityConfig, config_json_entry
+from .state import SparsityState, check_masks, describe_non_finite, non_finite
 
+logger = logging.getLogger(__name__)
 DOWNLOAD_KWARGS = ("revision", "cache_dir", "token", "force_download", "local_files_only")
 
 
-def load_sparse_model(path_or_repo_id: str | os.PathLike, *, verify: bool = True, **from_pretrained_kwargs):
+def load_sparse_model(
+    path_or_repo_id: str | os.PathLike, *, verify: bool = True, allow_non_finite: bool = False, **from_pretrained_kwargs
+):
     """Load a sparse checkpoint (dense or compressed format) from a folder or a Hub repo id.
 
     The masks are restored (:func:`attach_sparsity`), so the model can be re-saved, pushed or fine-tuned
@@ -24,21 +28,40 @@ def load_sparse_model(path_or_repo_id: str | os.PathLike, *, verify: bool = True
     ``device_map``, ...); ``revision``, ``cache_dir``, ``token``, ``force_download`` and
     ``local_files_only`` also select the Hub download.
 
-    Raises ``ValueError`` naming the file or tensor when a file is missing, truncated or corrupted (size and
-    SHA-256 are checked unless ``verify=False``), when a mask's shape differs from its weight, or when a
-    weight is nonzero where its mask prunes it.
+    Raises ``ValueError`` naming the file (and key or tensor) when a file is missing, truncated or corrupted
+    (size and SHA-256 are checked unless ``verify=False``), when the metadata is malformed, when a listed file
+    lies outside the folder, when a mask's shape differs from its weight (checked before the mask is decoded),
+    when a weight is nonzero where its mask prunes it, or when a weight holds NaN/inf (``allow_non_finite=True``
+    loads it anyway). A local folder that a killed save left mid-swap is recovered first (:mod:`.commit`).
     """
+    where = f"load_sparse_model({str(path_or_repo_id)!r})"
+    local = Path(path_or_repo_id).expanduser()
+    if local.parent.is_dir():
+        try:
+            recover(Path(os.path.realpath(local)))
+        except OSError as exc:  # e.g. a read-only parent: load what is there
+            logger.warning("%s: could not finish an interrupted save next to it (%s)", where, exc)
     folder = _resolve_folder(path_or_repo_id, from_pretrained_kwargs)
     for key in DOWNLOAD_KWARGS:
         from_pretrained_kwargs.pop(key, None)
+    check_inside(folder, ["config.json", ELSA_CONFIG_NAME], where)
     config = read_elsa_config(folder)
     fmt = get_format(config.format)
+    check_inside(folder, [*config.files, MASKS_NAME, *saved_weight_files(folder)], folder / ELSA_CONFIG_NAME)
     if verify:
         verify_files(folder, config)
-    masks = read_masks(folder / MASKS_NAME, config.save_id)
+    shapes, shapes_source = fmt.weight_shapes(folder, from_pretrained_kwargs.get("trust_remote_code", False))
+    masks = read_masks(folder / MASKS_NAME, config.save_id, shapes, shapes_source)
     model = fmt.load(folder, masks, config.save_id, from_pretrained_kwargs)
+    tensors = model.state_dict()
+    if not allow_non_finite and (found := non_finite(tensors)):
+        raise ValueError(
+            f"{where}: {describe_non_finite(found)}. The checkpoint was saved from a diverged run (by an hf_elsa that "
+            "did not refuse such saves) or written by another tool. Pass allow_non_finite=True to load it anyway "
+            "(e.g. to inspect it)."
+        )
     state = SparsityState(masks=masks, config=config)
-    check_masks(state, model.state_dict(), f"load_sparse_model({str(path_or_repo_id)!r})")
+    check_masks(state, tensors, where)
     model.elsa_sparsity = state
     attach_sparsity(model, None)  # re-patch save_pretrained / push_to_hub with this state
     return model
@@ -76,7 +99,7 @@ def read_elsa_config(folder: Path) -> ElsaSparsityConfig:
     if not config_path.is_file():
         pending = " (a save into it was interrupted)" if (folder / PENDING_CONFIG).exists() else ""
         raise ValueError(f"{folder}: no config.json{pending}; this is not a complete checkpoint.")
-    entry = read_json(config_path).get(CONFIG_KEY)
+    entry = config_json_entry(read_json(config_path), config_path)
     path = folder / ELSA_CONFIG_NAME
     if not path.is_file():
         if entry:
@@ -106,7 +129,8 @@ def verify_files(folder: Path, config: ElsaSparsityConfig) -> None:
         raise ValueError(
             f"{folder / ELSA_CONFIG_NAME}: lists no files; cannot verify the checkpoint (verify=False skips)."
         )
-    for name, info in config.files.items():
+    # config.json last: a rewritten weight file is the more telling error
+    for name, info in sorted(config.files.items(), key=lambda item: item[0] == "config.json"):
         path = folder / name
         if not path.is_file():
             raise ValueError(

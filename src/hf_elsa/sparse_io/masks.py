@@ -13,6 +13,7 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..version import __version__
+from . import schema as s
 from .files import open_safetensors
 from .metadata import ELSA_CONFIG_NAME, FORMAT_VERSION
 
@@ -120,57 +122,117 @@ def write_masks(path: Path, masks: Mapping[str, PackedMask], save_id: str) -> No
     save_file(tensors, path, metadata=metadata)
 
 
-def read_masks(path: str | os.PathLike, save_id: str | None = None) -> dict[str, PackedMask]:
-    """The packed masks of ``elsa_masks.safetensors``, validated (shapes, sizes, codecs, kept counts, save id).
+def _json_text(check: s.Check) -> s.Check:
+    """A safetensors metadata value holding a JSON object whose values pass ``check``."""
+
+    def parse(text: Any) -> dict:
+        try:
+            value = json.loads(s.string(text))
+        except json.JSONDecodeError as exc:
+            raise s.Invalid(f"is not valid JSON ({exc})") from None
+        return s.mapping_of(check)(value)
+
+    return parse
+
+
+def _version_text(text: Any) -> int:
+    if not isinstance(text, str) or not text.isdigit() or int(text) < 1:
+        raise s.Invalid(f"expected a positive integer as text, got {text!r:.60}")
+    return int(text)
+
+
+# the metadata of elsa_masks.safetensors, checked field by field before any mask is read
+_MASKS_METADATA = s.record(
+    {
+        "shapes": _json_text(s.shape),
+        "kept": _json_text(s.integer),
+        "codecs": _json_text(s.string),
+        "packed_bytes": _json_text(s.integer),
+        "elsa_format_version": _version_text,
+        "save_id": s.string,
+    },
+    required=("shapes", "kept"),
+)
+_POPCOUNT = np.array([i.bit_count() for i in range(256)], dtype=np.uint8)
+
+
+def count_kept(bits: torch.Tensor, numel: int) -> int:
+    """The set bits among the first ``numel`` of packed ``bits`` (little bit order), without unpacking them."""
+    data = bits.numpy()
+    if numel % 8 and len(data):
+        return int(_POPCOUNT[data[:-1]].sum(dtype=np.int64)) + int(_POPCOUNT[data[-1] & ((1 << numel % 8) - 1)])
+    return int(_POPCOUNT[data].sum(dtype=np.int64))
+
+
+def read_masks(
+    path: str | os.PathLike,
+    save_id: str | None = None,
+    weight_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    weights_source: str = "the weights",
+) -> dict[str, PackedMask]:
+    """The packed masks of ``elsa_masks.safetensors``, validated (metadata, shapes, codecs, kept counts, save id).
 
     Reads format version 2 (masks stored raw or as zlib streams, per the ``codecs`` metadata) and version 1
-    (raw packed bits only, no ``codecs``).
+    (raw packed bits only, no ``codecs``). With ``weight_shapes`` (``{tensor: shape}`` of the checkpoint's
+    weights, e.g. from the safetensors headers: ``weights_source`` names them), a mask whose declared shape is
+    not its weight's is refused before anything is decoded, so a small file cannot make hf_elsa allocate more
+    than the weights it ships; decoding itself never produces more bytes than the declared shape needs.
     """
     path = Path(path)
     with open_safetensors(path) as f:
-        meta = f.metadata() or {}
-        try:
-            shapes, kept = json.loads(meta["shapes"]), json.loads(meta["kept"])
-            version = int(meta.get("elsa_format_version", "1"))
-            # version 1 stored every mask raw; from version 2 on the codecs are required
-            codecs = json.loads(meta["codecs"]) if version >= 2 else {}
-            packed_bytes = json.loads(meta.get("packed_bytes", "{}"))
-            if not all(isinstance(d, dict) for d in (shapes, kept, codecs, packed_bytes)):
-                raise ValueError("not JSON objects")
-        except (KeyError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
-            raise ValueError(
-                f"{path}: the mask shapes/counts/codecs metadata is missing or corrupted ({exc!r})."
-            ) from exc
+        meta = s.validate(_MASKS_METADATA, f.metadata() or {}, path, "metadata key")
+        version = meta.get("elsa_format_version", 1)
+        shapes, kept = meta["shapes"], meta["kept"]
+        # version 1 stored every mask raw; from version 2 on the codecs are required
+        if version >= 2 and "codecs" not in meta:
+            raise ValueError(f"{path}: metadata key codecs is missing (required from elsa_format_version 2 on).")
+        codecs, packed_bytes = meta.get("codecs", {}) if version >= 2 else {}, meta.get("packed_bytes", {})
         if save_id is not None and meta.get("save_id") != save_id:
             raise ValueError(f"{path} comes from another save than {ELSA_CONFIG_NAME} (save_id {meta.get('save_id')}).")
         masks = {}
         for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-            try:
-                stored = f.get_tensor(key)
-            except SafetensorError as exc:
-                raise ValueError(f"{path}: tensor {key!r} cannot be read ({exc}); the file is corrupted.") from exc
             if key not in shapes or key not in kept or (version >= 2 and key not in codecs):
                 raise ValueError(f"{path}: mask {key!r} has no recorded shape/count/codec; the file is corrupted.")
-            shape = tuple(shapes[key])
-            expected = (math.prod(shape) + 7) // 8
+            shape = shapes[key]
+            if weight_shapes is not None:
+                if key not in weight_shapes:
+                    raise ValueError(
+                        f"{path}: mask {key!r} names no weight in {weights_source}; the masks belong to another model "
+                        "or the file is corrupted (refused before decoding)."
+                    )
+                if tuple(weight_shapes[key]) != shape:
+                    raise ValueError(
+                        f"{path}: {key!r} has shape {tuple(weight_shapes[key])} in {weights_source} but its mask has "
+                        f"shape {shape} (masks of another model or architecture?); refused before decoding."
+                    )
+            numel = math.prod(shape)
+            if kept[key] > numel:
+                raise ValueError(
+                    f"{path}: metadata key kept[{key!r}]: {kept[key]} kept weights, more than the {numel} of shape "
+                    f"{shape}; the file is corrupted."
+                )
+            expected = (numel + 7) // 8
             if key in packed_bytes and packed_bytes[key] != expected:
                 raise ValueError(
                     f"{path}: mask {key!r} records {packed_bytes[key]} packed bytes, shape {shape} needs {expected}; "
                     "the file is corrupted."
                 )
+            try:
+                stored = f.get_tensor(key)
+            except SafetensorError as exc:
+                raise ValueError(f"{path}: tensor {key!r} cannot be read ({exc}); the file is corrupted.") from exc
             bits = decode_mask(stored, codecs.get(key, "none"), expected, path, key)
-            packed = PackedMask(bits=bits, shape=shape, kept=int(kept[key]), stored_nbytes=stored.numel())
             if bits.numel() != expected:
                 raise ValueError(
-                    f"{path}: mask {key!r} holds {bits.numel()} bytes, shape {packed.shape} needs {expected}; the "
+                    f"{path}: mask {key!r} holds {bits.numel()} bytes, shape {shape} needs {expected}; the "
                     "file is truncated or corrupted."
                 )
-            actual = int(packed.unpack().sum())
-            if actual != packed.kept:
+            actual = count_kept(bits, numel)
+            if actual != kept[key]:
                 raise ValueError(
-                    f"{path}: mask {key!r} keeps {actual} weights, {packed.kept} were saved; the file is corrupted."
+                    f"{path}: mask {key!r} keeps {actual} weights, {kept[key]} were saved; the file is corrupted."
                 )
-            masks[key] = packed
+            masks[key] = PackedMask(bits=bits, shape=shape, kept=kept[key], stored_nbytes=stored.numel())
     if not masks:
         raise ValueError(f"{path} holds no masks.")
     return masks

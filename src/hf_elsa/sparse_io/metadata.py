@@ -7,12 +7,14 @@ Versioned and tolerant of unknown keys (PEFT's convention): keys a newer hf_elsa
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..version import __version__
+from . import schema as s
 
 logger = logging.getLogger(__name__)
 
@@ -100,18 +102,20 @@ class ElsaSparsityConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = ELSA_CONFIG_NAME) -> ElsaSparsityConfig:
-        """Build from a dict; unknown keys go to ``extra`` (with a warning naming them)."""
+    def from_dict(cls, data: Any, source: Any = ELSA_CONFIG_NAME) -> ElsaSparsityConfig:
+        """Build from parsed JSON, every known key type-checked (a ``ValueError`` names ``source`` and the key);
+        unknown keys go to ``extra`` (with a warning naming them)."""
+        checked = s.validate(s.record(SCHEMA), data, source)
         known = {f.name for f in fields(cls)} - {"extra"}
-        extra = dict(data.get("extra") or {})
-        unknown = {k: v for k, v in data.items() if k not in known and k != "extra"}
+        extra = dict(checked.get("extra") or {})
+        unknown = {k: v for k, v in checked.items() if k not in known and k != "extra"}
         if unknown:
             logger.warning(
                 "%s: keys unknown to hf_elsa %s are kept but not used: %s", source, __version__, sorted(unknown)
             )
             extra.update(unknown)
-        config = cls(**{k: v for k, v in data.items() if k in known}, extra=extra)
-        if isinstance(config.elsa_format_version, int) and config.elsa_format_version > FORMAT_VERSION:
+        config = cls(**{k: v for k, v in checked.items() if k in known}, extra=extra)
+        if config.elsa_format_version > FORMAT_VERSION:
             warnings.warn(
                 f"{source} has elsa_format_version={config.elsa_format_version}, newer than this hf_elsa "
                 f"({__version__}, version {FORMAT_VERSION}); upgrade hf_elsa if loading fails.",
@@ -124,13 +128,18 @@ class ElsaSparsityConfig:
         extra = data.pop("extra")
         return {**extra, **data}
 
-    def update(self, metadata: Mapping[str, Any] | ElsaSparsityConfig | None) -> None:
-        """Overwrite fields with the non-None values of ``metadata``; unknown keys go to ``extra``."""
+    def update(
+        self, metadata: Mapping[str, Any] | ElsaSparsityConfig | None, source: Any = "attach_sparsity(metadata=...)"
+    ) -> None:
+        """Overwrite fields with the non-None values of ``metadata`` (type-checked like ``from_dict``; a
+        ``ValueError`` names ``source`` and the key); unknown keys go to ``extra``."""
         if metadata is None:
             return
         if isinstance(metadata, ElsaSparsityConfig):
             self.extra.update(metadata.extra)
             metadata = {f.name: getattr(metadata, f.name) for f in fields(metadata) if f.name != "extra"}
+        else:
+            metadata = s.validate(s.record(_UPDATE_SCHEMA), metadata, source)
         known = {f.name for f in fields(self)} - {"extra"}
         for key, value in metadata.items():
             if value is None:
@@ -158,6 +167,63 @@ class ElsaSparsityConfig:
             "save_id": self.save_id,
             "load_with": "hf_elsa.load_sparse_model",
         }
+
+
+def _shape_list(value: Any) -> list[int]:
+    return list(s.shape(value))
+
+
+def _sha256_hex(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise s.Invalid(f"expected a SHA-256 as 64 lowercase hex digits, got {value!r:.80}")
+    return value
+
+
+def _scalar(value: Any) -> Any:
+    if value is not None and not isinstance(value, (str, int, float)):
+        raise s.Invalid(f"expected a number or a string, got {value!r:.80}")
+    return value
+
+
+def _text_or_mapping(value: Any) -> Any:
+    return value if isinstance(value, str) else s.mapping(value)
+
+
+_TENSOR = s.record({"shape": _shape_list, "zeros": s.integer, "sparsity": s.fraction}, required=("shape", "sparsity"))
+_FILE = s.record({"bytes": s.integer, "sha256": _sha256_hex}, required=("bytes", "sha256"))
+_EVALUATION = s.record({"protocol": s.optional(_text_or_mapping), "results": s.optional(s.mapping_of(_scalar))})
+# every field of ElsaSparsityConfig and its check: the one place that says what elsa_config.json may hold
+SCHEMA: dict[str, s.Check] = {
+    "elsa_format_version": s.positive_integer,
+    "hf_elsa_version": s.string,
+    "format": s.string,
+    "method": s.optional(s.string),
+    "sparsity": s.optional(s.fraction),
+    "sparsity_type": s.optional(s.string),
+    "target_modules": s.optional(s.strings),
+    "exclude_modules": s.optional(s.strings),
+    "base_model": s.optional(s.string),
+    "hyperparameters": s.mapping,
+    "fine_tuning": s.optional(s.mapping),
+    "evaluation": s.optional(_EVALUATION),
+    "achieved_sparsity": s.optional(s.fraction),
+    "tensors": s.mapping_of(_TENSOR),
+    "files": s.mapping_of(_FILE, key_check=s.relative_file),
+    "save_id": s.optional(s.string),
+    "extra": s.mapping,
+}
+assert set(SCHEMA) == {f.name for f in fields(ElsaSparsityConfig)}, "every metadata field needs a check"
+# attach_sparsity(metadata=...): None means "keep what is attached"
+_UPDATE_SCHEMA = {key: s.optional(check) for key, check in SCHEMA.items()}
+# the elsa_sparsity entry of config.json: what loading relies on
+_CONFIG_JSON = s.record(
+    {CONFIG_KEY: s.optional(s.record({"save_id": s.optional(s.string), "format": s.optional(s.string)}))}
+)
+
+
+def config_json_entry(data: Any, source: Any) -> dict[str, Any] | None:
+    """The ``elsa_sparsity`` entry of a parsed ``config.json`` (None when absent), type-checked."""
+    return s.validate(_CONFIG_JSON, data, source).get(CONFIG_KEY)
 
 
 def sparsity_metadata(args) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from .files import check_inside
 from .formats import DEFAULT_FORMAT, detect_format
 from .masks import read_masks
 from .metadata import MASKS_NAME, ElsaSparsityConfig
@@ -158,8 +159,12 @@ def report_from_config(config: ElsaSparsityConfig, model: nn.Module) -> Sparsity
 def _folder_report(folder: Path) -> SparsityReport:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder.")
-    masks = read_masks(folder / MASKS_NAME) if (folder / MASKS_NAME).is_file() else {}
+    check_inside(folder, sorted(n for n in os.listdir(folder) if n.endswith(".safetensors")), folder)
     fmt = detect_format(folder)
+    masks = {}
+    if (folder / MASKS_NAME).is_file():
+        shapes, shapes_source = fmt.weight_shapes(folder)  # checked before any mask is decoded
+        masks = read_masks(folder / MASKS_NAME, weight_shapes=shapes, weights_source=shapes_source)
 
     def count(key: str, shape: tuple[int, ...]) -> bool:
         return key in masks or (not masks and _looks_prunable(key, shape))

@@ -79,3 +79,39 @@ def measure(state: SparsityState, tensors: Mapping[str, torch.Tensor], where: st
     }
     total = sum(p.numel for p in state.masks.values())
     state.config.achieved_sparsity = round(sum(zeros.values()) / max(total, 1), 6)
+
+
+def non_finite(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """``{name: (NaN count, inf count)}`` of the floating-point tensors that hold non-finite values."""
+    found = {}
+    for name, tensor in tensors.items():
+        if not torch.is_floating_point(tensor) or tensor.device.type == "meta":
+            continue
+        flat = tensor.detach().reshape(-1)
+        if all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(1 << 24)):  # chunks bound the temporaries
+            continue
+        nan = sum(int(torch.isnan(chunk).sum()) for chunk in flat.split(1 << 24))
+        found[name] = (nan, sum(int(torch.isinf(chunk).sum()) for chunk in flat.split(1 << 24)))
+    return found
+
+
+def describe_non_finite(found: Mapping[str, tuple[int, int]], shown: int = 5) -> str:
+    """``3 tensors hold NaN/inf values: 'a' (2 NaN), 'b' (1 inf), ...`` (the first ``shown`` named)."""
+    parts = []
+    for name, (nan, inf) in list(found.items())[:shown]:
+        counts = ", ".join(f"{n:,} {kind}" for n, kind in ((nan, "NaN"), (inf, "inf")) if n)
+        parts.append(f"{name!r} ({counts})")
+    more = f", and {len(found) - shown} more" if len(found) > shown else ""
+    verb = "tensor holds" if len(found) == 1 else "tensors hold"
+    return f"{len(found)} {verb} NaN/inf values: {', '.join(parts)}{more}"
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse to save non-finite weights: the checkpoint would save and load without a word, and be useless."""
+    found = non_finite(tensors)
+    if found:
+        raise ValueError(
+            f"{where}: {describe_non_finite(found)}. Nothing was written. Usually the training diverged: lower "
+            "learning_rate (or set max_grad_norm) and train again; if the model you started from already had them, "
+            "check it before pruning (all(torch.isfinite(p).all() for p in model.parameters()))."
+        )
