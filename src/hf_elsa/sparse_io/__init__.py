@@ -15,7 +15,8 @@ The modules, one concept each:
 - :mod:`.metadata`: the ``elsa_config.json`` schema (:class:`ElsaSparsityConfig`) and file names;
 - :mod:`.masks`: :class:`PackedMask`, the mask codec and the masks file;
 - :mod:`.state`: what an attached model carries and the check of masks against weights;
-- :mod:`.attach`: :func:`attach_sparsity`, :func:`detach_sparsity`, :func:`apply_masks`, the patched methods;
+- :mod:`.attach`: :func:`attach_sparsity`, :func:`detach_sparsity`, :func:`apply_masks`,
+  :func:`record_evaluation`, the patched methods;
 - :mod:`.formats`: the save-format registry (``"dense"``, ``"compressed"``), each format's write/read hooks;
 - :mod:`.save`: the sparse ``save_pretrained``; :mod:`.commit`: the atomic swap into the target folder and the
   recovery after a killed save;
@@ -24,7 +25,7 @@ The modules, one concept each:
 - :mod:`.report`: :func:`sparsity_report`; :mod:`.card`: the model card.
 """
 
-from .attach import apply_masks, attach_sparsity, detach_sparsity
+from .attach import apply_masks, attach_sparsity, detach_sparsity, record_evaluation
 from .card import build_model_card, write_model_card
 from .formats import (
     COMPRESSED_NAME,
@@ -76,6 +77,7 @@ __all__ = [
     "load_sparse_model",
     "read_compressed_state_dict",
     "read_masks",
+    "record_evaluation",
     "register_format",
     "registered_formats",
     "sparsity_metadata",

@@ -163,3 +163,38 @@ def _wrapper_for(cls: type):
     save_pretrained.__name__ = save_pretrained.__qualname__ = "save_pretrained"
     _WRAPPERS[cls] = save_pretrained
     return save_pretrained
+
+
+# keys of Trainer.evaluate() metrics that describe the run, not the model
+_NOT_RESULTS = ("_runtime", "_samples_per_second", "_steps_per_second", "epoch", "total_flos")
+
+
+def record_evaluation(
+    model: nn.Module, metrics: Mapping[str, Any], protocol: Mapping[str, Any] | str | None = None
+) -> dict[str, Any]:
+    """Record evaluation results on an attached model: the next save writes them into ``elsa_config.json`` and into
+    the model card (a results table and ``model-index`` entries on the Hub).
+
+    Args:
+        metrics: ``{name: value}``, e.g. ``trainer.evaluate()``: timing entries (``eval_runtime``, ...) and
+            ``epoch`` are dropped, an ``eval_``/``test_`` prefix is stripped (``eval_perplexity`` -> ``perplexity``).
+        protocol: how the numbers were measured, so they can be reproduced: a sentence, or a mapping such as
+            ``{"dataset": "wikitext", "dataset_config": "wikitext-2-raw-v1", "split": "test", "seqlen": 512,
+            "description": "token perplexity, non-overlapping windows"}`` (``dataset``, ``dataset_name``,
+            ``dataset_config``, ``split`` and ``revision`` fill the model-index entry; other keys are listed).
+
+    Returns the recorded ``{"protocol": ..., "results": ...}``; raises ``ValueError`` when no masks are attached.
+    """
+    state = require_state(model)
+    results = {}
+    for name, value in metrics.items():
+        if name.endswith(_NOT_RESULTS) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        for prefix in ("eval_", "test_"):
+            name = name.removeprefix(prefix)
+        results[name] = value
+    if not results:
+        raise ValueError(f"record_evaluation: no numeric results in {sorted(metrics)}.")
+    evaluation = {"protocol": protocol, "results": results}
+    state.config.update({"evaluation": evaluation}, source="record_evaluation")
+    return state.config.evaluation

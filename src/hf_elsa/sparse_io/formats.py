@@ -173,6 +173,7 @@ class DenseFormat(SaveFormat):
 
     name = "dense"
     weight_patterns = ("model*.safetensors", "model*.safetensors.index.json")
+    library_name = "transformers"  # plain AutoModelForCausalLM.from_pretrained loads it
 
     def detect(self, folder: Path) -> bool:
         return any(n.endswith(".safetensors") for n in saved_weight_files(folder))
