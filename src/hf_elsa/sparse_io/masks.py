@@ -129,7 +129,7 @@ def _json_text(check: s.Check) -> s.Check:
         try:
             value = json.loads(s.string(text))
         except json.JSONDecodeError as exc:
-            raise s.Invalid(f"is not valid JSON ({exc})") from None
+            raise s.Invalid(f"not valid JSON ({exc})") from None
         return s.mapping_of(check)(value)
 
     return parse
@@ -185,7 +185,7 @@ def read_masks(
         shapes, kept = meta["shapes"], meta["kept"]
         # version 1 stored every mask raw; from version 2 on the codecs are required
         if version >= 2 and "codecs" not in meta:
-            raise ValueError(f"{path}: metadata key codecs is missing (required from elsa_format_version 2 on).")
+            raise ValueError(f"{path}: metadata key codecs: missing (required from elsa_format_version 2 on).")
         codecs, packed_bytes = meta.get("codecs", {}) if version >= 2 else {}, meta.get("packed_bytes", {})
         if save_id is not None and meta.get("save_id") != save_id:
             raise ValueError(f"{path} comes from another save than {ELSA_CONFIG_NAME} (save_id {meta.get('save_id')}).")

@@ -113,7 +113,7 @@ def relative_file(name: str) -> str:
         or ".." in parts
         or re.match(r"^[A-Za-z]:", name)
     ):
-        raise Invalid("is not a file name inside the checkpoint folder (absolute, '..', or a drive/backslash path)")
+        raise Invalid("not a file name inside the checkpoint folder (absolute, '..', or a drive/backslash path)")
     return name
 
 
@@ -141,7 +141,7 @@ def record(schema: Mapping[str, Check], required: tuple[str, ...] = ()) -> Check
         data = mapping(value)
         for key in required:
             if key not in data:
-                raise Invalid("is missing", (key,))
+                raise Invalid("missing", (key,))
         for key, check in schema.items():
             if key in data:
                 try:
@@ -163,5 +163,5 @@ def validate(check: Check, value: Any, source: Any, what: str = "key") -> Any:
     try:
         return check(value)
     except Invalid as exc:
-        where = f" {what} {key_path(exc.path)}" if exc.path else ""
+        where = f" {what} {key_path(exc.path)}:" if exc.path else ""
         raise ValueError(f"{source}:{where} {exc.message}.") from None
