@@ -8,10 +8,11 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from hf_elsa import load_sparse_model, sparsity_report
-from hf_elsa.sparse_io import COMPRESSED_NAME, ELSA_CONFIG_NAME, MASKS_NAME
+from hf_elsa.sparse_io import COMPRESSED_NAME, ELSA_CONFIG_NAME, MASKS_NAME, formats
 
 from .helpers import ARCHS, assert_bit_identical, masks_of, pruned_model, read_masks_raw, state
 
@@ -115,3 +116,51 @@ def test_compressed_pruned_tensors_take_at_most_015x_at_90_percent(dtype, tmp_pa
     assert sum(t.stored_bytes for t in report.tensors) == stored
     assert sum(t.dense_bytes for t in report.tensors) == dense
     assert report.format == "compressed"
+
+
+def test_a_third_format_is_one_class_and_one_registration(monkeypatch, tmp_path):
+    """A format that stores every tensor in one file named elsa_flat.safetensors: save, load, inspect, card."""
+    monkeypatch.setattr(formats, "_REGISTRY", dict(formats._REGISTRY))  # the registration ends with the test
+
+    @formats.register_format
+    class FlatFormat(formats.CompressedFormat):
+        name = "flat"
+        weight_patterns = ("elsa_flat.safetensors",)
+        note = None
+
+        def write(self, folder, weight_files, masks, save_id):
+            tensors = {}
+            for name in weight_files:
+                if name.endswith(".safetensors"):
+                    with safe_open(folder / name, "pt") as f:
+                        tensors.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+                (folder / name).unlink()
+            save_file(tensors, folder / "elsa_flat.safetensors", metadata={"format": "pt", "save_id": save_id})
+            return ["elsa_flat.safetensors"]
+
+        def detect(self, folder):
+            return (folder / "elsa_flat.safetensors").is_file()
+
+        def load(self, folder, masks, save_id, kwargs):
+            config = formats._model_config(folder, False)
+            with safe_open(folder / "elsa_flat.safetensors", "pt") as f:
+                state_dict = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            return formats._from_state_dict(folder, config, state_dict, kwargs)
+
+        def stored_tensors(self, folder, masks, count):
+            with safe_open(folder / "elsa_flat.safetensors", "pt") as f:
+                yield from formats._dense_tensors(f, list(f.keys()), count)
+
+    model = pruned_model()
+    model.save_pretrained(tmp_path / "m", format="flat")
+    assert "elsa_flat.safetensors" in os.listdir(tmp_path / "m") and "model.safetensors" not in os.listdir(
+        tmp_path / "m"
+    )
+    assert_bit_identical(state(model), load_sparse_model(tmp_path / "m"))
+    report = sparsity_report(tmp_path / "m")
+    assert report.format == "flat" and report.zeros == sparsity_report(model).zeros
+    assert "Checkpoint format: **flat**" in (tmp_path / "m" / "README.md").read_text()
+    model.save_pretrained(tmp_path / "m")  # back to dense: the flat file is a stale weight file now
+    assert not (tmp_path / "m" / "elsa_flat.safetensors").exists()
+    with pytest.raises(ValueError, match="format='zip' is unknown; expected one of .*'flat'"):
+        model.save_pretrained(tmp_path / "z", format="zip")
