@@ -3,7 +3,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 version = {}
-exec(Path("src/hf_elsa/__init__.py").read_text().split("\nfrom ")[0], version)
+exec(Path("src/hf_elsa/version.py").read_text(), version)
 
 setup(
     name="hf_elsa",

@@ -1,7 +1,5 @@
 """hf_elsa: extreme sparsity for Hugging Face causal LMs with ELSA (surrogate-free ADMM)."""
 
-__version__ = "0.1.0"
-
 from ._logging import quiet_optional_kernel_warning
 
 quiet_optional_kernel_warning()  # before transformers imports peft -> bitsandbytes
@@ -17,26 +15,42 @@ from .memory import MemoryEstimate, estimate_memory
 from .patterns import SparsityPattern, sparsity_pattern
 from .projection import keep_mask, project
 from .settings import ElsaSettings
-from .sparse_io import load_sparse_model, sparsity_report
+from .sparse_io import (
+    ElsaSparsityConfig,
+    SparsityReport,
+    apply_masks,
+    attach_sparsity,
+    detach_sparsity,
+    load_sparse_model,
+    record_evaluation,
+    sparsity_report,
+)
 from .trainer import ElsaTrainer
+from .version import __version__
 
 __all__ = [
     "CurvatureEstimator",
     "ElsaConfig",
     "ElsaOptimizer",
     "ElsaSettings",
+    "ElsaSparsityConfig",
     "ElsaTrainer",
     "MemoryEstimate",
     "Sassha",
     "SparsityAllocation",
     "SparsityPattern",
+    "SparsityReport",
     "__version__",
+    "apply_masks",
+    "attach_sparsity",
+    "detach_sparsity",
     "estimate_memory",
     "keep_mask",
     "load_sparse_model",
     "merge_and_unload",
     "perplexity",
     "project",
+    "record_evaluation",
     "sparsity_pattern",
     "sparsity_report",
 ]
