@@ -243,3 +243,17 @@ def test_a_diverged_run_stops_at_the_mask_fix_naming_the_tensors(tmp_path):
 
     with pytest.raises(FloatingPointError, match="when the mask is fixed.*lower learning_rate"):
         train_quietly(make_model("llama"), elsa_args(tmp_path, max_steps=12, admm_fraction=0.5), callbacks=[Poison()])
+
+
+def test_evaluate_results_reach_the_saved_metadata_and_card(tmp_path):
+    import json
+
+    model = make_model("llama")
+    args = elsa_args(tmp_path, sparsity=0.5, max_steps=6)
+    trainer = train_quietly(model, args, eval_dataset=lm_dataset(8, seed=3))
+    metrics = trainer.evaluate()
+    trainer.save_model(str(tmp_path / "saved"))
+    meta = json.loads((tmp_path / "saved" / "elsa_config.json").read_text())
+    assert meta["evaluation"]["results"]["perplexity"] == pytest.approx(metrics["eval_perplexity"])
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert "model-index" in card and f"{metrics['eval_perplexity']:.2f}"[:4] in card

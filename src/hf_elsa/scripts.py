@@ -452,10 +452,10 @@ def eval_windows(ids: torch.Tensor | None, data: DataArguments, model=None) -> E
 
 def record_evaluation(model, ppl: float, protocol: str) -> None:
     """Put the held-out perplexity into the sparsity metadata (``elsa_config.json`` and the model card)."""
-    from .sparse_io import attach_sparsity, get_sparsity
+    from . import sparse_io
 
-    if get_sparsity(model) is not None:
-        attach_sparsity(model, None, {"evaluation": {"protocol": protocol, "results": {"perplexity": round(ppl, 4)}}})
+    if sparse_io.get_sparsity(model) is not None:
+        sparse_io.record_evaluation(model, {"perplexity": round(ppl, 4)}, protocol)
 
 
 def save_compressed(trainer) -> None:

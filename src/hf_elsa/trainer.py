@@ -48,6 +48,7 @@ from .sparse_io import (
     attach_sparsity,
     detach_sparsity,
     get_sparsity,
+    record_evaluation,
     sparsity_metadata,
     sparsity_report,
     write_model_card,
@@ -370,6 +371,10 @@ class ElsaTrainer(Trainer):
         output = super().evaluation_loop(*args, **kwargs)
         for key in [k for k in output.metrics if k.endswith("_loss")]:
             output.metrics[key.removesuffix("_loss") + "_perplexity"] = math.exp(min(output.metrics[key], 700.0))
+        if get_sparsity(self.model) is not None and not self.model.training:
+            # the next save writes the results into elsa_config.json and the model card
+            protocol = "Trainer.evaluate(): mean token cross entropy over the eval_dataset's blocks, exp for perplexity"
+            record_evaluation(self.model, output.metrics, protocol)
         return output
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
