@@ -6,6 +6,7 @@ from .admm import AdmmSettings, ElsaOptimizer
 from .config import ElsaConfig
 from .evaluation import perplexity
 from .flatness import Sassha
+from .inference import to_sparse_inference
 from .memory import MemoryEstimate, estimate_memory
 from .projection import keep_mask, project
 from .sparse_io import load_sparse_model, sparsity_report
@@ -25,4 +26,5 @@ __all__ = [
     "perplexity",
     "project",
     "sparsity_report",
+    "to_sparse_inference",
 ]

@@ -1,0 +1,177 @@
+"""Dense vs sparse inference of one sparse folder, measured in one run (docs/deployment.md).
+
+``bench_inference(path)`` loads the folder twice (``load_sparse_model`` for an hf_elsa checkpoint, plain
+``from_pretrained`` otherwise), converts one copy with :func:`to_sparse_inference`, checks that both give
+the same logits and the same greedy tokens, then times, dense and sparse interleaved and repeated
+(medians): decode tokens/s of ``generate()`` with the KV cache at each batch size, the prefill of one
+prompt, and the weight memory of the pruned Linears.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class BenchResult:
+    name: str
+    sparsity: float | None
+    threads: int
+    prompt_tokens: int
+    new_tokens: int
+    prefill_tokens: int = 0
+    decode_tok_s: dict[str, dict[int, float]] = field(default_factory=dict)  # "dense"/"sparse" -> batch -> tok/s
+    prefill_s: dict[str, float] = field(default_factory=dict)
+    weight_mib: dict[str, float] = field(default_factory=dict)  # pruned Linears only
+    converted_layers: str = ""
+    max_rel_logit_error: float = 0.0
+    same_greedy_tokens: bool = True
+    kernel_usage: dict[str, int] = field(default_factory=dict)
+
+    def speedup(self, batch: int) -> float:
+        return self.decode_tok_s["sparse"][batch] / self.decode_tok_s["dense"][batch]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_for_inference(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """An hf_elsa sparse folder through ``load_sparse_model`` (either format), any other through
+    ``from_pretrained``."""
+    from transformers import AutoModelForCausalLM
+
+    from ..sparse_io import ELSA_CONFIG_NAME, load_sparse_model
+
+    if (Path(path) / ELSA_CONFIG_NAME).is_file():
+        model = load_sparse_model(path, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.eval()
+
+
+def _pruned_sparsity(model) -> float | None:
+    from .convert import _candidates
+
+    layers = [m for _, m in _candidates(model, None)]
+    total = sum(m.weight.numel() for m in layers)
+    return sum(int(m.weight.eq(0).sum()) for m in layers) / total if total else None
+
+
+def _decode_seconds(model, ids, new_tokens: int) -> float:
+    """Seconds for ``new_tokens`` decode steps: generate(new_tokens + 1) minus generate(1) (the prefill)."""
+    mask = torch.ones_like(ids)
+    kwargs = {"attention_mask": mask, "do_sample": False, "pad_token_id": 0}
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, **kwargs)
+    full = time.perf_counter() - start
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+    return max(full - (time.perf_counter() - start), 1e-9)
+
+
+def _prefill_seconds(model, ids) -> float:
+    start = time.perf_counter()
+    model(ids, use_cache=True, logits_to_keep=1)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def bench_inference(
+    path: str | os.PathLike | None = None,
+    *,
+    model=None,
+    name: str | None = None,
+    batch_sizes: tuple[int, ...] = (1, 8),
+    prompt_tokens: int = 32,
+    prefill_tokens: int = 128,
+    new_tokens: int = 32,
+    repeats: int = 3,
+    threads: int | None = 1,
+    convert_kwargs: dict | None = None,
+    verbose: bool = True,
+) -> BenchResult:
+    """Benchmark dense vs :func:`to_sparse_inference` on the folder ``path`` (or an in-memory ``model``)."""
+    from .convert import REPORT_ATTR, to_sparse_inference
+
+    if threads:
+        torch.set_num_threads(threads)
+    dense = load_for_inference(path) if model is None else model.eval()
+    vocab = dense.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompts = {b: torch.randint(3, vocab, (b, prompt_tokens), generator=gen) for b in batch_sizes}
+    long_prompt = torch.randint(3, vocab, (1, prefill_tokens), generator=gen)
+
+    sparse = copy.deepcopy(dense)
+    kwargs = {"tokens": tuple(batch_sizes), "prefill_tokens": prefill_tokens, **(convert_kwargs or {})}
+    start = time.perf_counter()
+    to_sparse_inference(sparse, **kwargs)
+    convert_s = time.perf_counter() - start
+    report = getattr(sparse, REPORT_ATTR)
+    result = BenchResult(name or str(path), _pruned_sparsity(dense), torch.get_num_threads(), prompt_tokens,
+                         new_tokens, prefill_tokens)
+    result.weight_mib = {"dense": report.dense_nbytes / 2**20, "sparse": report.nbytes / 2**20}
+    converted = [c for c in report.layers.values() if c.converted]
+    result.converted_layers = f"{len(converted)}/{len(report.layers)}"
+    for c in converted:
+        for n, kernel in c.plan:
+            key = f"{n} tok: {kernel}"
+            result.kernel_usage[key] = result.kernel_usage.get(key, 0) + 1
+
+    # same outputs: logits on the batched prompt, greedy tokens at batch 1
+    ids = prompts[max(batch_sizes)]
+    ref, out = dense(ids).logits, sparse(ids).logits
+    result.max_rel_logit_error = float(((out - ref).norm(dim=-1) / ref.norm(dim=-1)).max())
+    greedy = {"do_sample": False, "max_new_tokens": 8, "pad_token_id": 0}
+    result.same_greedy_tokens = bool(torch.equal(dense.generate(prompts[min(batch_sizes)], **greedy),
+                                                 sparse.generate(prompts[min(batch_sizes)], **greedy)))
+
+    models = {"dense": dense, "sparse": sparse}
+    decode = {k: {b: [] for b in batch_sizes} for k in models}
+    prefill = {k: [] for k in models}
+    for key, m in models.items():  # warm-up (allocator, kernel libraries)
+        _prefill_seconds(m, long_prompt)
+        _decode_seconds(m, prompts[batch_sizes[0]], 2)
+    for _ in range(repeats):
+        for key, m in models.items():
+            prefill[key].append(_prefill_seconds(m, long_prompt))
+            for b in batch_sizes:
+                decode[key][b].append(b * new_tokens / _decode_seconds(m, prompts[b], new_tokens))
+    result.decode_tok_s = {k: {b: statistics.median(v) for b, v in d.items()} for k, d in decode.items()}
+    result.prefill_s = {k: statistics.median(v) for k, v in prefill.items()}
+    if verbose:
+        print(format_result(result))
+        print(f"  (conversion with measurement: {convert_s:.1f} s)")
+    return result
+
+
+def format_result(r: BenchResult) -> str:
+    sp = f"{100 * r.sparsity:.1f}%" if r.sparsity is not None else "?"
+    lines = [
+        f"{r.name}: pruned-Linear sparsity {sp}, {r.threads} thread(s), {r.converted_layers} Linears converted",
+        "| | dense | sparse | sparse / dense |",
+        "|---|---|---|---|",
+    ]
+    for b in r.decode_tok_s["dense"]:
+        d, s = r.decode_tok_s["dense"][b], r.decode_tok_s["sparse"][b]
+        lines.append(f"| decode tokens/s, batch {b} | {d:.1f} | {s:.1f} | {s / d:.2f}x |")
+    d, s = r.prefill_s["dense"], r.prefill_s["sparse"]
+    lines.append(f"| prefill seconds, 1 x {r.prefill_tokens} tokens | {d:.3f} | {s:.3f} | {d / s:.2f}x |")
+    d, s = r.weight_mib["dense"], r.weight_mib["sparse"]
+    lines.append(f"| pruned-Linear weight MiB | {d:.1f} | {s:.1f} | {s / d:.3f}x |")
+    lines.append(f"max relative logit error {r.max_rel_logit_error:.2e}; same greedy tokens: {r.same_greedy_tokens}")
+    lines.append("kernels: " + ", ".join(f"{k} x{v}" for k, v in sorted(r.kernel_usage.items())))
+    return "\n".join(lines)
+
+
+def save_results(results: list[BenchResult], folder: str | os.PathLike) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps([r.to_dict() for r in results], indent=1))
