@@ -24,6 +24,8 @@ setup(
         "datasets>=3.0",
         "huggingface-hub>=0.30",
         "safetensors>=0.4",
+        # scipy: a CSR kernel of hf_elsa.inference (sparse inference on CPU)
+        "scipy>=1.10",
         "tqdm",
     ],
     extras_require={
