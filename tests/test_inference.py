@@ -37,9 +37,10 @@ def test_cpu_kernels_are_available_here():
     assert "semi_structured_2:4" not in CPU_KERNELS
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
 @pytest.mark.parametrize("kernel", CPU_KERNELS)
 @pytest.mark.parametrize("tokens", [1, 3, 8, 17, 40])
-def test_kernel_matches_dense(kernel, tokens):
+def test_kernel_matches_dense(kernel, tokens, index_dtype):
     gen = torch.Generator().manual_seed(tokens)
     weight = torch.randn(37, 50, generator=gen)
     weight[torch.rand(37, 50, generator=gen) < 0.8] = 0
@@ -47,7 +48,8 @@ def test_kernel_matches_dense(kernel, tokens):
     linear = nn.Linear(50, 37)
     with torch.no_grad():
         linear.weight.copy_(weight)
-    layer = SparseLinear.from_linear(linear, [(1, kernel)])
+    layer = SparseLinear.from_linear(linear, [(1, kernel)], index_dtype=index_dtype)
+    assert layer.col_indices.dtype == index_dtype
     x = torch.randn(2, tokens, 50, generator=gen)
     torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
     assert torch.equal(layer.dense_weight(), weight)
@@ -99,15 +101,19 @@ def test_model_logits_generate_and_round_trip(pattern, kernel):
     assert all(torch.equal(restored[k], original[k]) for k in original)
 
 
-def test_memory_shrinks_with_sparsity():
+@pytest.mark.parametrize("index_dtype, per_weight", [(None, 6), (torch.int32, 8)])
+def test_memory_shrinks_with_sparsity(index_dtype, per_weight):
     model = _pruned("llama", "unstructured")
-    to_sparse_inference(model, kernels=["torch_csr"], force=True)
+    to_sparse_inference(model, kernels=["torch_csr"], force=True, index_dtype=index_dtype)
     report = model.hf_elsa_inference
-    # values (4 B) + int32 column (4 B) for 10% of the weights, plus the int32 row pointers
+    # values (4 B) + int16 or int32 column for 10% of the weights, plus the int32 row pointers
     assert report.nbytes / report.dense_nbytes < 0.25
     for layer in sparse_layers(model).values():
-        assert layer.crow_indices.dtype == layer.col_indices.dtype == torch.int32
-        assert layer.nbytes() < 0.25 * layer.in_features * layer.out_features * 4 + 4 * (layer.out_features + 1)
+        assert layer.crow_indices.dtype == torch.int32
+        assert layer.col_indices.dtype == (index_dtype or torch.int16)
+        assert layer.nbytes() == per_weight * layer.values.numel() + 4 * (layer.out_features + 1)
+    with pytest.raises(ValueError, match="cannot index"):
+        SparseLinear.from_linear(nn.Linear(40000, 2), index_dtype=torch.int16)
 
 
 def test_bias_and_other_architecture():

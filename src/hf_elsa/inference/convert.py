@@ -1,7 +1,7 @@
 """Sparse inference: pruned Linears become CSR layers with a measured kernel choice, and back.
 
 :func:`to_sparse_inference` replaces each pruned ``nn.Linear`` of a model by a :class:`SparseLinear`
-holding only the kept weights (values, int32 column indices, int32 row pointers) whenever one of the
+holding only the kept weights (values, int16 or int32 column indices, int32 row pointers) whenever one of the
 registered kernels (``kernels.py``) is faster than the dense matmul *for that layer*, measured on this
 machine at the token counts that matter (decode batch sizes and a prefill length). Layers where no kernel
 wins keep their dense weight, so the model is never slower than dense at the measured sizes.
@@ -29,7 +29,8 @@ REPORT_ATTR = "hf_elsa_inference"
 class SparseLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` stored as CSR; the kernel is picked per call from the token count.
 
-    Buffers (in the state dict): ``values`` (kept weights, model dtype), ``col_indices`` (int32),
+    Buffers (in the state dict): ``values`` (kept weights, model dtype), ``col_indices`` (int16 up to
+    32768 input features, else int32),
     ``crow_indices`` (int32, ``out_features + 1``); ``bias`` stays a parameter. ``plan`` maps measured
     token counts to kernel names; a call with ``n`` tokens uses the entry nearest to ``n`` (log scale).
     Inference only (no gradient reaches the values).
@@ -48,14 +49,20 @@ class SparseLinear(nn.Module):
         self.set_plan(plan)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, plan: Sequence[tuple[int, str]] = ()) -> SparseLinear:
+    def from_linear(cls, linear: nn.Linear, plan: Sequence[tuple[int, str]] = (),
+                    index_dtype: torch.dtype | None = None) -> SparseLinear:
+        """CSR copy of ``linear``; column indices int16 when ``in_features <= 32768`` (default), else int32."""
         weight = linear.weight.detach()
+        if index_dtype is None:
+            index_dtype = torch.int16 if linear.in_features <= 2**15 else torch.int32
+        if index_dtype not in (torch.int16, torch.int32) or (index_dtype == torch.int16 and linear.in_features > 2**15):
+            raise ValueError(f"index_dtype {index_dtype} cannot index {linear.in_features} input features")
         # -0.0 (what masking by multiplication leaves) counts as zero: it comes back as +0.0
         stored = weight.ne(0)
         counts = stored.sum(dim=1, dtype=torch.int32)
         crow = torch.zeros(weight.shape[0] + 1, dtype=torch.int32, device=weight.device)
         torch.cumsum(counts, 0, out=crow[1:])
-        col = stored.nonzero()[:, 1].to(torch.int32)
+        col = stored.nonzero()[:, 1].to(index_dtype)
         values = weight[stored].clone()
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls(linear.in_features, linear.out_features, values, crow, col, bias, plan)
@@ -246,6 +253,7 @@ def to_sparse_inference(
     min_speedup: float = 1.1,
     repeats: int = 3,
     modules: Iterable[str] | None = None,
+    index_dtype: torch.dtype | None = None,
     force: bool = False,
     verbose: bool = False,
 ) -> nn.Module:
@@ -264,6 +272,9 @@ def to_sparse_inference(
             10% margin over timing noise, so that a converted layer is not slower than dense).
         repeats: timed passes per kernel and size (medians; one more warm-up pass).
         modules: Linear names to consider instead of the pruned ones found automatically.
+        index_dtype: ``torch.int16`` or ``torch.int32`` column indices; default int16 where the layer has
+            at most 32768 inputs (6 bytes per kept fp32 weight instead of 8). Kernels that need int32
+            (``torch_csr``, ``scipy_csr``) widen them per call rather than keeping a second copy.
         force: convert every candidate layer with the first usable kernel of ``kernels`` without
             measuring (tests, or a plan known to be right).
         verbose: print :meth:`InferenceReport.summary`.
@@ -296,7 +307,7 @@ def to_sparse_inference(
                              f"({reasons}). Leave kernels=None to use whatever runs here.")
         return model
 
-    sparse = {name: SparseLinear.from_linear(linear) for name, linear in candidates}
+    sparse = {name: SparseLinear.from_linear(linear, index_dtype=index_dtype) for name, linear in candidates}
     accepts = {(lname, k): KERNELS[k].accepts(sparse[lname]) for lname, _ in candidates for k in usable}
     sizes = sorted(set(tokens) | ({prefill_tokens} if prefill_tokens else set()))
     timings: dict[int, dict[str, list[float]]] = {}

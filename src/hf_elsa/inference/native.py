@@ -1,4 +1,4 @@
-"""A small C CSR kernel (fp32, int32 indices), compiled on first use with the system C compiler.
+"""A small C CSR kernel (fp32, int16 or int32 column indices), compiled on first use with the system C compiler.
 
 Why: on one CPU core the generic kernels leave speed on the table for decode. SciPy's matrix-matrix loop
 is scalar, and MKL (behind ``torch_csr``) is tuned for larger right-hand sides. This kernel transposes
@@ -32,17 +32,8 @@ logger = logging.getLogger(__name__)
 
 SOURCE = r"""
 #include <stdint.h>
-/* y (n, out) = x (n, in) @ W^T with W in CSR: rowptr (out + 1), col (nnz), val (nnz); xt: (in, n) scratch */
-void hf_elsa_csr_mv(int64_t out, const int32_t *rowptr, const int32_t *col, const float *val,
-                    const float *x, float *y) {
-  for (int64_t r = 0; r < out; r++) {
-    float acc = 0.f;
-    const int32_t s = rowptr[r], e = rowptr[r + 1];
-#pragma omp simd reduction(+:acc)
-    for (int32_t k = s; k < e; k++) acc += val[k] * x[col[k]];
-    y[r] = acc;
-  }
-}
+/* y (n, out) = x (n, in) @ W^T with W in CSR: rowptr (out + 1), col (nnz), val (nnz); xt: (in, n) scratch.
+   Two copies: int16 column indices (in_features <= 32768, 6 bytes per stored weight) and int32. */
 #define ROWS(W)                                                                       \
   for (int64_t r = 0; r < out; r++) {                                                 \
     float acc[W];                                                                     \
@@ -55,16 +46,29 @@ void hf_elsa_csr_mv(int64_t out, const int32_t *rowptr, const int32_t *col, cons
     }                                                                                 \
     for (int q = 0; q < W; q++) y[(c0 + q) * out + r] = acc[q];                       \
   }
-void hf_elsa_csr_mm(int64_t n, int64_t in, int64_t out, const int32_t *rowptr, const int32_t *col,
-                    const float *val, const float *x, float *xt, float *y) {
-  for (int64_t i = 0; i < n; i++)
-    for (int64_t j = 0; j < in; j++) xt[j * n + i] = x[i * in + j];
-  int64_t c0 = 0;
-  for (; c0 + 16 <= n; c0 += 16) { ROWS(16) }
-  for (; c0 + 8 <= n; c0 += 8) { ROWS(8) }
-  for (; c0 + 4 <= n; c0 += 4) { ROWS(4) }
-  for (; c0 < n; c0 += 1) { ROWS(1) }
+#define KERNELS(SUFFIX, IDX)                                                                          \
+void hf_elsa_csr_mv_##SUFFIX(int64_t out, const int32_t *rowptr, const IDX *col, const float *val,    \
+                             const float *x, float *y) {                                              \
+  for (int64_t r = 0; r < out; r++) {                                                                 \
+    float acc = 0.f;                                                                                  \
+    const int32_t s = rowptr[r], e = rowptr[r + 1];                                                   \
+    _Pragma("omp simd reduction(+:acc)")                                                              \
+    for (int32_t k = s; k < e; k++) acc += val[k] * x[col[k]];                                        \
+    y[r] = acc;                                                                                       \
+  }                                                                                                   \
+}                                                                                                     \
+void hf_elsa_csr_mm_##SUFFIX(int64_t n, int64_t in, int64_t out, const int32_t *rowptr,               \
+                             const IDX *col, const float *val, const float *x, float *xt, float *y) { \
+  for (int64_t i = 0; i < n; i++)                                                                     \
+    for (int64_t j = 0; j < in; j++) xt[j * n + i] = x[i * in + j];                                   \
+  int64_t c0 = 0;                                                                                     \
+  for (; c0 + 16 <= n; c0 += 16) { ROWS(16) }                                                         \
+  for (; c0 + 8 <= n; c0 += 8) { ROWS(8) }                                                            \
+  for (; c0 + 4 <= n; c0 += 4) { ROWS(4) }                                                            \
+  for (; c0 < n; c0 += 1) { ROWS(1) }                                                                 \
 }
+KERNELS(i16, uint16_t)
+KERNELS(i32, int32_t)
 """
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared"]
 _LIB: ctypes.CDLL | None = None
@@ -130,10 +134,11 @@ def load_library() -> ctypes.CDLL | None:
         logger.info("hf_elsa native CSR kernel unavailable: %s", _ERROR)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.hf_elsa_csr_mv.argtypes = [i64, ptr, ptr, ptr, ptr, ptr]
-    lib.hf_elsa_csr_mv.restype = None
-    lib.hf_elsa_csr_mm.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
-    lib.hf_elsa_csr_mm.restype = None
+    for suffix in ("i16", "i32"):
+        getattr(lib, f"hf_elsa_csr_mv_{suffix}").argtypes = [i64, ptr, ptr, ptr, ptr, ptr]
+        getattr(lib, f"hf_elsa_csr_mv_{suffix}").restype = None
+        getattr(lib, f"hf_elsa_csr_mm_{suffix}").argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
+        getattr(lib, f"hf_elsa_csr_mm_{suffix}").restype = None
     _LIB = lib
     return lib
 
@@ -146,7 +151,7 @@ def unavailable_reason() -> str | None:
 @register_kernel
 class NativeCsrKernel(Kernel):
     name = "native_csr"
-    description = "hf_elsa's C CSR kernel (fp32, vectorised over tokens)"
+    description = "hf_elsa's C CSR kernel (fp32, int16/int32 indices, vectorised over tokens)"
 
     @classmethod
     def available(cls, dtype, device):
@@ -159,7 +164,9 @@ class NativeCsrKernel(Kernel):
         return True, ""
 
     def bind(self, module) -> None:
-        self.lib = load_library()
+        lib = load_library()
+        suffix = {torch.int16: "i16", torch.int32: "i32"}[module.col_indices.dtype]
+        self.mv, self.mm = getattr(lib, f"hf_elsa_csr_mv_{suffix}"), getattr(lib, f"hf_elsa_csr_mm_{suffix}")
         self.ptrs = (module.crow_indices.data_ptr(), module.col_indices.data_ptr(), module.values.data_ptr())
         self.module_buffers = (module.crow_indices, module.col_indices, module.values)  # keep them alive
 
@@ -171,9 +178,9 @@ class NativeCsrKernel(Kernel):
         y = torch.empty(n, out, dtype=torch.float32)
         rowptr, col, val = self.ptrs
         if n == 1:
-            self.lib.hf_elsa_csr_mv(out, rowptr, col, val, x.data_ptr(), y.data_ptr())
+            self.mv(out, rowptr, col, val, x.data_ptr(), y.data_ptr())
         else:
             xt = torch.empty(module.in_features, n, dtype=torch.float32)
-            self.lib.hf_elsa_csr_mm(n, module.in_features, out, rowptr, col, val, x.data_ptr(), xt.data_ptr(),
+            self.mm(n, module.in_features, out, rowptr, col, val, x.data_ptr(), xt.data_ptr(),
                                     y.data_ptr())
         return y

@@ -25,15 +25,21 @@ class ScipyCsrKernel(Kernel):
         return True, ""
 
     def bind(self, module) -> None:
+        # int16 column indices (the compact storage) are widened per call, not kept: no second copy
+        self.matrix = self._matrix(module) if module.col_indices.dtype == torch.int32 else None
+
+    @staticmethod
+    def _matrix(module):
         import scipy.sparse
 
-        self.matrix = scipy.sparse.csr_matrix(
-            (module.values.numpy(), module.col_indices.numpy(), module.crow_indices.numpy()),
+        return scipy.sparse.csr_matrix(
+            (module.values.numpy(), module.col_indices.to(torch.int32).numpy(), module.crow_indices.numpy()),
             shape=(module.out_features, module.in_features),
             copy=False,
         )
 
     def __call__(self, module, x):
+        matrix = self.matrix if self.matrix is not None else self._matrix(module)
         if x.shape[0] == 1:
-            return torch.from_numpy(self.matrix @ x[0].numpy()).unsqueeze(0)
-        return torch.from_numpy(self.matrix @ x.t().contiguous().numpy()).t()
+            return torch.from_numpy(matrix @ x[0].numpy()).unsqueeze(0)
+        return torch.from_numpy(matrix @ x.t().contiguous().numpy()).t()
