@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import make_model
@@ -87,6 +89,11 @@ def test_model_logits_generate_and_round_trip(pattern, kernel):
         assert _rel(model(ids, attention_mask=mask).logits, ref) <= 1e-4
         assert torch.equal(model.generate(ids[1:2], **greedy), ref_one)  # batch 1, KV cache
         assert torch.equal(model.generate(ids, attention_mask=mask, **greedy), ref_batch)  # batched
+
+    # a deep copy (e.g. for a side-by-side comparison) computes the same with its own buffers
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(twin(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
 
     # the converted model's state dict loads into another converted copy
     other = to_sparse_inference(_pruned("llama", pattern, seed=5), kernels=[kernel], force=True)

@@ -10,6 +10,7 @@ wins keep their dense weight, so the model is never slower than dense at the mea
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 import time
@@ -73,7 +74,9 @@ class SparseLinear(nn.Module):
             if name not in KERNELS:
                 raise ValueError(f"unknown kernel {name!r}; registered: {sorted(KERNELS)}")
         self.plan = sorted((int(n), name) for n, name in plan)
-        self._log_sizes = [math.log(n) for n, _ in self.plan]
+        # a call of t tokens uses the plan entry nearest in log scale: cut at the geometric means
+        sizes = [n for n, _ in self.plan]
+        self._cuts = [math.sqrt(a * b) for a, b in zip(sizes, sizes[1:])]
 
     def kernel(self, name: str) -> Kernel:
         if name not in self._kernels:
@@ -85,11 +88,13 @@ class SparseLinear(nn.Module):
     def kernel_for(self, tokens: int) -> str:
         if not self.plan:
             raise RuntimeError("SparseLinear has no kernel plan; build it with to_sparse_inference")
-        if len(self.plan) == 1:
-            return self.plan[0][1]
-        target = math.log(max(tokens, 1))
-        best = min(range(len(self.plan)), key=lambda i: abs(self._log_sizes[i] - target))
-        return self.plan[best][1]
+        return self.plan[bisect.bisect_left(self._cuts, tokens)][1]
+
+    def __getstate__(self):  # copies and pickles rebuild the kernels' views of their own buffers
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_kernels"] = {}
+        return state
 
     def _apply(self, fn, recurse=True):  # .to() / .cuda() move the buffers: views must be rebuilt
         self._kernels = {}
@@ -121,7 +126,9 @@ class SparseLinear(nn.Module):
         x2 = x.detach().reshape(-1, self.in_features)  # inference only: no gradient to the input
         if x2.dtype != self.values.dtype:
             x2 = x2.to(self.values.dtype)
-        y = self.kernel(self.kernel_for(x2.shape[0]))(self, x2)
+        name = self.kernel_for(x2.shape[0])
+        kernel = self._kernels.get(name) or self.kernel(name)
+        y = kernel(self, x2)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
