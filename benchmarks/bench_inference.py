@@ -63,7 +63,7 @@ def write_table(results, path: Path) -> None:
     batches = list(results[0].decode_tok_s["dense"]) if results else []
     head = ["model", "sparsity", "Linears converted"]
     head += [f"decode tok/s b={b} dense / sparse (x)" for b in batches]
-    head += ["prefill s dense / sparse", "pruned-weight MiB dense / sparse (x)", "max rel. logit err"]
+    head += ["prefill s dense / sparse", "pruned-weight MiB dense / sparse (x)", "rel. logit error"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         row = [r.name, f"{100 * r.sparsity:.1f}%" if r.sparsity is not None else "?", r.converted_layers]
@@ -73,7 +73,7 @@ def write_table(results, path: Path) -> None:
         row.append(f"{r.prefill_s['dense']:.3f} / {r.prefill_s['sparse']:.3f}")
         wd, ws = r.weight_mib["dense"], r.weight_mib["sparse"]
         row.append(f"{wd:.0f} / {ws:.0f} ({ws / wd:.2f}x)")
-        row.append(f"{r.max_rel_logit_error:.1e}")
+        row.append(f"{r.rel_logit_error:.1e}")
         lines.append("| " + " | ".join(row) + " |")
     path.write_text("\n".join(lines) + "\n")
 

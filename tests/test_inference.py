@@ -144,7 +144,7 @@ def test_measured_choice_keeps_dense_where_nothing_wins():
     assert not sparse_layers(model) and len(report.layers) == 14
     assert all(not c.converted and c.reason and c.dense_ms for c in report.layers.values())
     # with no margin required, whatever was measured faster is used, and outputs still match
-    to_sparse_inference(model, min_speedup=0.0, repeats=1, prefill_tokens=16)
+    to_sparse_inference(model, min_speedup=0.0, prefill_min_speedup=0.0, repeats=1, prefill_tokens=16)
     assert len(sparse_layers(model)) == 14
     for layer in sparse_layers(model).values():
         assert [n for n, _ in layer.plan] == [1, 8, 16]
@@ -227,8 +227,8 @@ def test_bench_inference_smoke(capsys):
 
     result = bench_inference(model=_pruned("llama"), name="tiny", batch_sizes=(1, 2), prompt_tokens=4,
                              prefill_tokens=8, new_tokens=2, repeats=1, threads=None,
-                             convert_kwargs={"min_speedup": 0.0, "repeats": 1})
-    assert result.max_rel_logit_error <= 1e-4 and result.same_greedy_tokens
+                             convert_kwargs={"min_speedup": 0.0, "prefill_min_speedup": 0.0, "repeats": 1})
+    assert result.rel_logit_error <= 1e-4 and result.same_greedy_tokens
     assert set(result.decode_tok_s) == {"dense", "sparse"} and set(result.decode_tok_s["dense"]) == {1, 2}
     assert result.weight_mib["sparse"] < result.weight_mib["dense"]
     assert "decode tokens/s, batch 2" in capsys.readouterr().out

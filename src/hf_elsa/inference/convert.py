@@ -258,6 +258,7 @@ def to_sparse_inference(
     prefill_tokens: int | None = 128,
     kernels: Sequence[str] | None = None,
     min_speedup: float = 1.1,
+    prefill_min_speedup: float | None = 1.0,
     repeats: int = 3,
     modules: Iterable[str] | None = None,
     index_dtype: torch.dtype | None = None,
@@ -272,11 +273,14 @@ def to_sparse_inference(
         tokens: token counts per call that decide (decode batch sizes): a layer is converted only if, at
             every one of them, its fastest sparse kernel beats the dense matmul by ``min_speedup``.
         prefill_tokens: a prompt length also measured, to pick the kernel for long calls (a dense rebuild
-            of the weight, ``densify``, is among the candidates); it does not decide the conversion.
+            of the weight, ``densify``, is among the candidates).
         kernels: names from ``hf_elsa.inference.KERNELS`` to consider (default: all that run here).
             Naming only kernels that cannot run here raises ``ValueError`` with the reasons.
         min_speedup: required speed-up of the sparse kernel over dense at each of ``tokens`` (1.1: a
             10% margin over timing noise, so that a converted layer is not slower than dense).
+        prefill_min_speedup: the same requirement at ``prefill_tokens`` (default 1.0: a converted layer
+            does not prefill slower than dense). None lets prefill be slower for the sake of decode (at
+            50-70% sparsity on one core that trades a slower prompt for faster tokens).
         repeats: timed passes per kernel and size (medians; one more warm-up pass).
         modules: Linear names to consider instead of the pruned ones found automatically.
         index_dtype: ``torch.int16`` or ``torch.int32`` column indices; default int16 where the layer has
@@ -346,19 +350,21 @@ def to_sparse_inference(
             choice.converted = True
             choice.plan = [(n, ok_kernels[0]) for n in sizes]
         else:
-            plan, wins = [], True
+            plan = []
             for n in sizes:
                 best = min(ok_kernels, key=lambda k: timings[n][k][i])
                 plan.append((n, best))
                 choice.dense_ms[n] = timings[n]["dense"][i] * 1e3
                 choice.best_ms[n] = timings[n][best][i] * 1e3
-                if n in tokens and timings[n][best][i] * min_speedup > timings[n]["dense"][i]:
-                    wins = False
+            required = {n: min_speedup for n in tokens}
+            if prefill_tokens and prefill_min_speedup is not None and prefill_tokens not in required:
+                required[prefill_tokens] = prefill_min_speedup
+            slower = [n for n, need in required.items() if choice.best_ms[n] * need > choice.dense_ms[n]]
             choice.plan = plan
-            choice.converted = wins
-            if not wins:
-                slower = [n for n in tokens if choice.best_ms[n] * min_speedup > choice.dense_ms[n]]
-                choice.reason = f"no kernel {min_speedup}x faster than dense at {slower} tokens"
+            choice.converted = not slower
+            if slower:
+                choice.reason = "no kernel fast enough at " + ", ".join(
+                    f"{n} tokens ({choice.dense_ms[n] / choice.best_ms[n]:.2f}x < {required[n]}x)" for n in slower)
         if choice.converted:
             layer.set_plan(choice.plan)
             layer._kernels = {k: v for k, v in layer._kernels.items() if k in {n for _, n in choice.plan}}
