@@ -258,7 +258,7 @@ def to_sparse_inference(
     prefill_tokens: int | None = 128,
     kernels: Sequence[str] | None = None,
     min_speedup: float = 1.1,
-    prefill_min_speedup: float | None = 1.0,
+    prefill_min_speedup: float | None = 1.1,
     repeats: int = 3,
     modules: Iterable[str] | None = None,
     index_dtype: torch.dtype | None = None,
@@ -278,8 +278,8 @@ def to_sparse_inference(
             Naming only kernels that cannot run here raises ``ValueError`` with the reasons.
         min_speedup: required speed-up of the sparse kernel over dense at each of ``tokens`` (1.1: a
             10% margin over timing noise, so that a converted layer is not slower than dense).
-        prefill_min_speedup: the same requirement at ``prefill_tokens`` (default 1.0: a converted layer
-            does not prefill slower than dense). None lets prefill be slower for the sake of decode (at
+        prefill_min_speedup: the same requirement at ``prefill_tokens`` (default 1.1, the same margin: a
+            converted layer does not prefill slower than dense). None lets prefill be slower for the sake of decode (at
             50-70% sparsity on one core that trades a slower prompt for faster tokens).
         repeats: timed passes per kernel and size (medians; one more warm-up pass).
         modules: Linear names to consider instead of the pruned ones found automatically.
