@@ -47,6 +47,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("col_indices", col_indices)
         self.bias = nn.Parameter(bias, requires_grad=bias.requires_grad) if bias is not None else None
         self._kernels: dict[str, Kernel] = {}
+        self._by_tokens: dict[int, Kernel] = {}
         self.set_plan(plan)
 
     @classmethod
@@ -74,6 +75,7 @@ class SparseLinear(nn.Module):
             if name not in KERNELS:
                 raise ValueError(f"unknown kernel {name!r}; registered: {sorted(KERNELS)}")
         self.plan = sorted((int(n), name) for n, name in plan)
+        self._by_tokens = {}
         # a call of t tokens uses the plan entry nearest in log scale: cut at the geometric means
         sizes = [n for n, _ in self.plan]
         self._cuts = [math.sqrt(a * b) for a, b in zip(sizes, sizes[1:])]
@@ -93,11 +95,11 @@ class SparseLinear(nn.Module):
     def __getstate__(self):  # copies and pickles rebuild the kernels' views of their own buffers
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
-        state["_kernels"] = {}
+        state["_kernels"], state["_by_tokens"] = {}, {}
         return state
 
     def _apply(self, fn, recurse=True):  # .to() / .cuda() move the buffers: views must be rebuilt
-        self._kernels = {}
+        self._kernels, self._by_tokens = {}, {}
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -106,7 +108,7 @@ class SparseLinear(nn.Module):
             key = prefix + name
             if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))
-        self._kernels = {}
+        self._kernels, self._by_tokens = {}, {}
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- compute ------------------------------------------------------------------------------------
@@ -123,11 +125,15 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.detach().reshape(-1, self.in_features)  # inference only: no gradient to the input
+        x2 = x.reshape(-1, self.in_features)
+        if x2.requires_grad:
+            x2 = x2.detach()  # inference only: no gradient to the input
         if x2.dtype != self.values.dtype:
             x2 = x2.to(self.values.dtype)
-        name = self.kernel_for(x2.shape[0])
-        kernel = self._kernels.get(name) or self.kernel(name)
+        tokens = x2.shape[0]
+        kernel = self._by_tokens.get(tokens)
+        if kernel is None:  # first call with this many tokens (a decode step is always the same few)
+            kernel = self._by_tokens[tokens] = self.kernel(self.kernel_for(tokens))
         y = kernel(self, x2)
         if self.bias is not None:
             y = y + self.bias
@@ -368,6 +374,7 @@ def to_sparse_inference(
         if choice.converted:
             layer.set_plan(choice.plan)
             layer._kernels = {k: v for k, v in layer._kernels.items() if k in {n for _, n in choice.plan}}
+            layer._by_tokens = {}
             _replace(model, lname, layer)
             choice.nbytes = layer.nbytes()
         report.layers[lname] = choice
