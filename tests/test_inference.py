@@ -250,3 +250,15 @@ def test_smollm2_90_percent():
         assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0), greedy)
     report = model.hf_elsa_inference
     assert report.nbytes / report.dense_nbytes <= 0.25
+
+
+def test_bench_command_line_on_a_folder(tmp_path, capsys):
+    from hf_elsa.inference.bench import main
+
+    _pruned("llama").save_pretrained(tmp_path / "tiny")  # a plain folder with exact zeros
+    results = main([str(tmp_path / "tiny"), "--out", str(tmp_path / "out"), "--repeats", "1", "--new-tokens", "2",
+                    "--prompt-tokens", "4", "--prefill-tokens", "8", "--batch-sizes", "1", "2", "--threads", "0"])
+    assert len(results) == 1 and abs(results[0].sparsity - 0.9) < 0.01
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"results.json", "results.md", "speedup.png"}
+    assert "decode tok/s b=2" in (tmp_path / "out" / "results.md").read_text()
+    assert "Linears converted" in capsys.readouterr().out
