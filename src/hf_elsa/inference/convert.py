@@ -171,6 +171,7 @@ class LayerChoice:
     dense_nbytes: int
     nbytes: int  # bytes of the weight as the layer now stores it
     reason: str = ""
+    speedup: dict[int, float] = field(default_factory=dict)  # token count -> dense / best kernel (median ratio)
 
 
 @dataclass
@@ -241,19 +242,33 @@ def _candidates(model: nn.Module, modules: Iterable[str] | None) -> list[tuple[s
 
 
 def _time_layers(fns, layers, repeats: int, sync) -> dict[str, list[float]]:
-    """Median seconds per layer for each fn, all layers in model order per pass (weights streamed from
-    memory, as in a forward pass), fns interleaved across ``repeats`` passes after one warm-up pass."""
-    samples = {name: [[] for _ in layers] for name in fns}
+    """Per layer and fn: the median time, and the median over passes of its ratio to the first fn's time.
+
+    One pass runs the layers in model order, so each layer's weights come from memory as in a forward
+    pass, and runs every fn on a layer back to back, so that a burst of load from elsewhere on the
+    machine hits the dense matmul and the kernels alike; the per-pass ratios cancel slower drifts.
+    The first pass is a warm-up.
+    """
+    names = list(fns)
+    samples = {name: [[] for _ in layers] for name in names}
     for rep in range(repeats + 1):
-        for name, fn in fns.items():
-            for i, layer in enumerate(layers):
+        order = names if rep % 2 else names[::-1]  # alternate which fn runs first on a layer
+        for i, layer in enumerate(layers):
+            for name in order:
                 sync()
                 start = time.perf_counter()
-                fn(layer)
+                fns[name](layer)
                 sync()
                 if rep:
                     samples[name][i].append(time.perf_counter() - start)
-    return {name: [statistics.median(s) for s in per_layer] for name, per_layer in samples.items()}
+    base = names[0]
+    times = {name: [statistics.median(s) for s in per_layer] for name, per_layer in samples.items()}
+    ratios = {
+        name: [statistics.median(a / max(b, 1e-12) for a, b in zip(samples[name][i], samples[base][i]))
+               for i in range(len(layers))]
+        for name in names
+    }
+    return {"times": times, "ratios": ratios}
 
 
 @torch.no_grad()
@@ -265,7 +280,7 @@ def to_sparse_inference(
     kernels: Sequence[str] | None = None,
     min_speedup: float = 1.1,
     prefill_min_speedup: float | None = 1.1,
-    repeats: int = 3,
+    repeats: int = 5,
     modules: Iterable[str] | None = None,
     index_dtype: torch.dtype | None = None,
     force: bool = False,
@@ -287,7 +302,9 @@ def to_sparse_inference(
         prefill_min_speedup: the same requirement at ``prefill_tokens`` (default 1.1, the same margin: a
             converted layer does not prefill slower than dense). None lets prefill be slower for the sake of decode (at
             50-70% sparsity on one core that trades a slower prompt for faster tokens).
-        repeats: timed passes per kernel and size (medians; one more warm-up pass).
+        repeats: timed passes per size (medians of the per-pass kernel/dense time ratios; one more
+            warm-up pass). Each pass runs the layers in model order and, on each layer, dense and every
+            kernel back to back.
         modules: Linear names to consider instead of the pruned ones found automatically.
         index_dtype: ``torch.int16`` or ``torch.int32`` column indices; default int16 where the layer has
             at most 32768 inputs (6 bytes per kept fp32 weight instead of 8). Kernels that need int32
@@ -342,7 +359,7 @@ def to_sparse_inference(
                     if accepts[(lname, k)][0]:
                         sparse[lname].kernel(k)(sparse[lname], inputs[linear.in_features])
                 fns[k] = run
-            timings[n] = _time_layers(fns, range(len(candidates)), repeats, sync)
+            timings[n] = _time_layers(fns, list(range(len(candidates))), repeats, sync)
 
     for i, (lname, linear) in enumerate(candidates):
         layer = sparse[lname]
@@ -356,21 +373,23 @@ def to_sparse_inference(
             choice.converted = True
             choice.plan = [(n, ok_kernels[0]) for n in sizes]
         else:
-            plan = []
+            plan, speedup = [], {}
             for n in sizes:
-                best = min(ok_kernels, key=lambda k: timings[n][k][i])
+                ratios = timings[n]["ratios"]  # kernel time / dense time, median over passes
+                best = min(ok_kernels, key=lambda k: ratios[k][i])
                 plan.append((n, best))
-                choice.dense_ms[n] = timings[n]["dense"][i] * 1e3
-                choice.best_ms[n] = timings[n][best][i] * 1e3
+                speedup[n] = 1.0 / max(ratios[best][i], 1e-12)
+                choice.dense_ms[n] = timings[n]["times"]["dense"][i] * 1e3
+                choice.best_ms[n] = timings[n]["times"][best][i] * 1e3
             required = {n: min_speedup for n in tokens}
             if prefill_tokens and prefill_min_speedup is not None and prefill_tokens not in required:
                 required[prefill_tokens] = prefill_min_speedup
-            slower = [n for n, need in required.items() if choice.best_ms[n] * need > choice.dense_ms[n]]
-            choice.plan = plan
+            slower = [n for n, need in required.items() if speedup[n] < need]
+            choice.plan, choice.speedup = plan, speedup
             choice.converted = not slower
             if slower:
                 choice.reason = "no kernel fast enough at " + ", ".join(
-                    f"{n} tokens ({choice.dense_ms[n] / choice.best_ms[n]:.2f}x < {required[n]}x)" for n in slower)
+                    f"{n} tokens ({speedup[n]:.2f}x < {required[n]}x)" for n in slower)
         if choice.converted:
             layer.set_plan(choice.plan)
             layer._kernels = {k: v for k, v in layer._kernels.items() if k in {n for _, n in choice.plan}}
