@@ -1,10 +1,11 @@
 """Dense vs sparse inference of one sparse folder, measured in one run (docs/deployment.md).
 
-``bench_inference(path)`` loads the folder twice (``load_sparse_model`` for an hf_elsa checkpoint, plain
-``from_pretrained`` otherwise), converts one copy with :func:`to_sparse_inference`, checks that both give
-the same logits and the same greedy tokens, then times, dense and sparse interleaved and repeated
-(medians): decode tokens/s of ``generate()`` with the KV cache at each batch size, the prefill of one
-prompt, and the weight memory of the pruned Linears.
+``bench_inference(path)`` loads the folder (``load_sparse_model`` for an hf_elsa checkpoint, plain
+``from_pretrained`` otherwise), converts a copy with :func:`to_sparse_inference`, checks that both give the
+same logits and the same ``generate()`` tokens, then times dense and sparse taking turns: greedy decode with
+the KV cache step by step (one forward per token, as ``generate()`` runs it) at each batch size, the prefill
+of one prompt, and the weight memory of the pruned Linears. Speed-ups are medians of per-step (per-run)
+ratios, tokens/s come from median step times, so load from other processes hits both sides alike.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ class BenchResult:
     new_tokens: int
     prefill_tokens: int = 0
     decode_tok_s: dict[str, dict[int, float]] = field(default_factory=dict)  # "dense"/"sparse" -> batch -> tok/s
+    decode_speedup: dict[int, float] = field(default_factory=dict)  # batch -> median per-step dense/sparse time
     prefill_s: dict[str, float] = field(default_factory=dict)
+    prefill_speedup: float = 1.0  # median per-run dense/sparse time
     weight_mib: dict[str, float] = field(default_factory=dict)  # pruned Linears only
     converted_layers: str = ""
     rel_logit_error: float = 0.0  # ||sparse - dense|| / ||dense|| over all logits of the batched prompt
@@ -40,7 +43,7 @@ class BenchResult:
     kernel_usage: dict[str, int] = field(default_factory=dict)
 
     def speedup(self, batch: int) -> float:
-        return self.decode_tok_s["sparse"][batch] / self.decode_tok_s["dense"][batch]
+        return self.decode_speedup[batch]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,22 +71,49 @@ def _pruned_sparsity(model) -> float | None:
     return sum(int(m.weight.eq(0).sum()) for m in layers) / total if total else None
 
 
-def _decode_seconds(model, ids, new_tokens: int) -> float:
-    """Seconds for ``new_tokens`` decode steps: generate(new_tokens + 1) minus generate(1) (the prefill)."""
-    mask = torch.ones_like(ids)
-    kwargs = {"attention_mask": mask, "do_sample": False, "pad_token_id": 0}
-    start = time.perf_counter()
-    model.generate(ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, **kwargs)
-    full = time.perf_counter() - start
-    start = time.perf_counter()
-    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
-    return max(full - (time.perf_counter() - start), 1e-9)
+def _interleaved_decode(models: dict, ids: torch.Tensor, new_tokens: int, repeats: int):
+    """Greedy decode with the KV cache, one forward per token as ``generate()`` does, the models taking
+    turns step by step (which goes first alternates), so that load from elsewhere on the machine hits them
+    alike. Returns ``({name: [seconds per step]}, [first model's step time / second's, per step])``."""
+    names = list(models)
+    steps = {name: [] for name in names}
+    ratios = []
+    for _ in range(repeats):
+        state = {}
+        for name, model in models.items():
+            mask = torch.ones_like(ids)
+            out = model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            state[name] = (out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True), mask)
+        for step in range(new_tokens):
+            seconds = {}
+            for name in names if step % 2 == 0 else names[::-1]:
+                cache, token, mask = state[name]
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                start = time.perf_counter()
+                out = models[name](token, past_key_values=cache, attention_mask=mask, use_cache=True,
+                                   logits_to_keep=1)
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+                seconds[name] = time.perf_counter() - start
+                state[name] = (out.past_key_values, token, mask)
+            for name in names:
+                steps[name].append(seconds[name])
+            ratios.append(seconds[names[0]] / seconds[names[1]])
+    return steps, ratios
 
 
-def _prefill_seconds(model, ids) -> float:
-    start = time.perf_counter()
-    model(ids, use_cache=True, logits_to_keep=1)
-    return time.perf_counter() - start
+def _interleaved_prefill(models: dict, ids: torch.Tensor, repeats: int):
+    names = list(models)
+    seconds = {name: [] for name in names}
+    ratios = []
+    for rep in range(repeats):
+        now = {}
+        for name in names if rep % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            models[name](ids, use_cache=True, logits_to_keep=1)
+            now[name] = time.perf_counter() - start
+            seconds[name].append(now[name])
+        ratios.append(now[names[0]] / now[names[1]])
+    return seconds, ratios
 
 
 @torch.no_grad()
@@ -138,18 +168,16 @@ def bench_inference(
                                                  sparse.generate(prompts[min(batch_sizes)], **greedy)))
 
     models = {"dense": dense, "sparse": sparse}
-    decode = {k: {b: [] for b in batch_sizes} for k in models}
-    prefill = {k: [] for k in models}
-    for key, m in models.items():  # warm-up (allocator, kernel libraries)
-        _prefill_seconds(m, long_prompt)
-        _decode_seconds(m, prompts[batch_sizes[0]], 2)
-    for _ in range(repeats):
-        for key, m in models.items():
-            prefill[key].append(_prefill_seconds(m, long_prompt))
-            for b in batch_sizes:
-                decode[key][b].append(b * new_tokens / _decode_seconds(m, prompts[b], new_tokens))
-    result.decode_tok_s = {k: {b: statistics.median(v) for b, v in d.items()} for k, d in decode.items()}
-    result.prefill_s = {k: statistics.median(v) for k, v in prefill.items()}
+    _interleaved_prefill(models, long_prompt, 1)  # warm-up (allocator, kernel libraries)
+    _interleaved_decode(models, prompts[batch_sizes[0]], 2, 1)
+    for b in batch_sizes:
+        steps, ratios = _interleaved_decode(models, prompts[b], new_tokens, repeats)
+        for key in models:
+            result.decode_tok_s.setdefault(key, {})[b] = b / statistics.median(steps[key])
+        result.decode_speedup[b] = statistics.median(ratios)
+    seconds, ratios = _interleaved_prefill(models, long_prompt, 2 * repeats + 1)
+    result.prefill_s = {k: statistics.median(v) for k, v in seconds.items()}
+    result.prefill_speedup = statistics.median(ratios)
     if verbose:
         print(format_result(result))
         print(f"  (conversion with measurement: {convert_s:.1f} s)")
@@ -165,9 +193,9 @@ def format_result(r: BenchResult) -> str:
     ]
     for b in r.decode_tok_s["dense"]:
         d, s = r.decode_tok_s["dense"][b], r.decode_tok_s["sparse"][b]
-        lines.append(f"| decode tokens/s, batch {b} | {d:.1f} | {s:.1f} | {s / d:.2f}x |")
+        lines.append(f"| decode tokens/s, batch {b} | {d:.1f} | {s:.1f} | {r.speedup(b):.2f}x |")
     d, s = r.prefill_s["dense"], r.prefill_s["sparse"]
-    lines.append(f"| prefill seconds, 1 x {r.prefill_tokens} tokens | {d:.3f} | {s:.3f} | {d / s:.2f}x |")
+    lines.append(f"| prefill seconds, 1 x {r.prefill_tokens} tokens | {d:.3f} | {s:.3f} | {r.prefill_speedup:.2f}x |")
     d, s = r.weight_mib["dense"], r.weight_mib["sparse"]
     lines.append(f"| pruned-Linear weight MiB | {d:.1f} | {s:.1f} | {s / d:.3f}x |")
     lines.append(f"relative logit error {r.rel_logit_error:.1e} (worst position {r.max_position_rel_error:.1e}); "
@@ -241,8 +269,8 @@ def write_table(results, path: Path) -> None:
         row = [r.name, f"{100 * r.sparsity:.1f}%" if r.sparsity is not None else "?", r.converted_layers]
         for b in batches:
             d, s = r.decode_tok_s["dense"][b], r.decode_tok_s["sparse"][b]
-            row.append(f"{d:.1f} / {s:.1f} ({s / d:.2f}x)")
-        row.append(f"{r.prefill_s['dense']:.3f} / {r.prefill_s['sparse']:.3f}")
+            row.append(f"{d:.1f} / {s:.1f} ({r.speedup(b):.2f}x)")
+        row.append(f"{r.prefill_s['dense']:.3f} / {r.prefill_s['sparse']:.3f} ({r.prefill_speedup:.2f}x)")
         wd, ws = r.weight_mib["dense"], r.weight_mib["sparse"]
         row.append(f"{wd:.0f} / {ws:.0f} ({ws / wd:.2f}x)")
         row.append(f"{r.rel_logit_error:.1e}")
@@ -268,7 +296,7 @@ def plot(results, path: Path) -> None:
                 ax.scatter([100 * r.sparsity], [r.speedup(b)], marker="x", s=60, color="k")
                 ax.annotate(f"2:4 b={b}", (100 * r.sparsity, r.speedup(b)), fontsize=7)
     ax.plot([100 * r.sparsity for r in unstructured],
-            [r.prefill_s["dense"] / r.prefill_s["sparse"] for r in unstructured], "--", color="gray",
+            [r.prefill_speedup for r in unstructured], "--", color="gray",
             label="prefill")
     ax.axhline(1.0, color="k", lw=0.6)
     ax.set_xlabel("sparsity of the pruned Linears (%)")
