@@ -94,3 +94,17 @@ def test_integer_scores_and_deterministic():
 def test_rejects_non_2d():
     with pytest.raises(ValueError, match="2-D"):
         prune_smallest(torch.zeros(3), 1)
+
+
+@pytest.mark.parametrize("n", [8, 1000, 1024, 4096, 100_000, 100_003])
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.05, 0.5, 1.0])
+def test_flat_nonzero(n, density):
+    from hf_elsa.selection import _count, _flat_nonzero
+
+    flags = torch.rand(n, generator=torch.Generator().manual_seed(n)) < density
+    expected = flags.nonzero().view(-1)
+    assert torch.equal(_flat_nonzero(flags), expected)
+    assert _count(flags) == expected.numel()
+    if n > 16:
+        view = flags[8:]  # a view at an offset of one word
+        assert torch.equal(_flat_nonzero(view), view.nonzero().view(-1))
