@@ -68,8 +68,10 @@ def main(argv=None) -> dict[str, float]:
     args = parser.parse_args(argv)
     result = run(args.sparsity, args.repeats, args.threads)
     base = result["elementwise pass (abs)"]
-    print(f"SmolLM2-135M prunable weights, sparsity {args.sparsity}, {args.threads} thread(s), "
-          f"median of {args.repeats} interleaved runs")
+    print(
+        f"SmolLM2-135M prunable weights, sparsity {args.sparsity}, {args.threads} thread(s), "
+        f"median of {args.repeats} interleaved runs"
+    )
     print("| what | seconds | x elementwise pass |")
     print("|---|---|---|")
     for name, seconds in result.items():

@@ -184,8 +184,10 @@ def test_unknown_kernel_and_module_names():
     model = _pruned("llama")
     with pytest.raises(ValueError, match="unknown kernel"):
         to_sparse_inference(model, kernels=["nope"])
-    with pytest.raises(ValueError, match="not an nn.Linear"):
+    with pytest.raises(TypeError, match="not an nn.Linear"):
         to_sparse_inference(model, modules=["model.norm"])
+    with pytest.raises(ValueError, match="no module"):
+        to_sparse_inference(model, modules=["model.nope"])
 
 
 def test_native_kernel_missing_falls_back(monkeypatch):
@@ -225,9 +227,17 @@ def test_a_new_kernel_is_one_class(monkeypatch):
 def test_bench_inference_smoke(capsys):
     from hf_elsa.inference.bench import bench_inference
 
-    result = bench_inference(model=_pruned("llama"), name="tiny", batch_sizes=(1, 2), prompt_tokens=4,
-                             prefill_tokens=8, new_tokens=2, repeats=1, threads=None,
-                             convert_kwargs={"min_speedup": 0.0, "prefill_min_speedup": 0.0, "repeats": 1})
+    result = bench_inference(
+        model=_pruned("llama"),
+        name="tiny",
+        batch_sizes=(1, 2),
+        prompt_tokens=4,
+        prefill_tokens=8,
+        new_tokens=2,
+        repeats=1,
+        threads=None,
+        convert_kwargs={"min_speedup": 0.0, "prefill_min_speedup": 0.0, "repeats": 1},
+    )
     assert result.rel_logit_error <= 1e-4 and result.same_greedy_tokens
     assert set(result.decode_tok_s) == {"dense", "sparse"} and set(result.decode_tok_s["dense"]) == {1, 2}
     assert result.weight_mib["sparse"] < result.weight_mib["dense"]
@@ -256,8 +266,26 @@ def test_bench_command_line_on_a_folder(tmp_path, capsys):
     from hf_elsa.inference.bench import main
 
     _pruned("llama").save_pretrained(tmp_path / "tiny")  # a plain folder with exact zeros
-    results = main([str(tmp_path / "tiny"), "--out", str(tmp_path / "out"), "--repeats", "1", "--new-tokens", "2",
-                    "--prompt-tokens", "4", "--prefill-tokens", "8", "--batch-sizes", "1", "2", "--threads", "0"])
+    results = main(
+        [
+            str(tmp_path / "tiny"),
+            "--out",
+            str(tmp_path / "out"),
+            "--repeats",
+            "1",
+            "--new-tokens",
+            "2",
+            "--prompt-tokens",
+            "4",
+            "--prefill-tokens",
+            "8",
+            "--batch-sizes",
+            "1",
+            "2",
+            "--threads",
+            "0",
+        ]
+    )
     assert len(results) == 1 and abs(results[0].sparsity - 0.9) < 0.01
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"results.json", "results.md", "speedup.png"}
     assert "decode tok/s b=2" in (tmp_path / "out" / "results.md").read_text()

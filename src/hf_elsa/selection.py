@@ -33,7 +33,7 @@ def prune_smallest_direct(score: torch.Tensor, k: int) -> torch.Tensor:
     NaN is treated as -inf. Linear time but with large constants; :func:`prune_smallest` uses it for
     small inputs and for the band.
     """
-    rows, cols = score.shape
+    cols = score.shape[1]
     if k <= 0:
         return torch.zeros_like(score, dtype=torch.bool)
     if k >= cols:

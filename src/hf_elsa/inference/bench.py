@@ -90,8 +90,7 @@ def _interleaved_decode(models: dict, ids: torch.Tensor, new_tokens: int, repeat
                 cache, token, mask = state[name]
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
                 start = time.perf_counter()
-                out = models[name](token, past_key_values=cache, attention_mask=mask, use_cache=True,
-                                   logits_to_keep=1)
+                out = models[name](token, past_key_values=cache, attention_mask=mask, use_cache=True, logits_to_keep=1)
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
                 seconds[name] = time.perf_counter() - start
                 state[name] = (out.past_key_values, token, mask)
@@ -148,8 +147,9 @@ def bench_inference(
     to_sparse_inference(sparse, **kwargs)
     convert_s = time.perf_counter() - start
     report = getattr(sparse, REPORT_ATTR)
-    result = BenchResult(name or str(path), _pruned_sparsity(dense), torch.get_num_threads(), prompt_tokens,
-                         new_tokens, prefill_tokens)
+    result = BenchResult(
+        name or str(path), _pruned_sparsity(dense), torch.get_num_threads(), prompt_tokens, new_tokens, prefill_tokens
+    )
     result.weight_mib = {"dense": report.dense_nbytes / 2**20, "sparse": report.nbytes / 2**20}
     converted = [c for c in report.layers.values() if c.converted]
     result.converted_layers = f"{len(converted)}/{len(report.layers)}"
@@ -164,8 +164,11 @@ def bench_inference(
     result.rel_logit_error = float((out - ref).norm() / ref.norm())
     result.max_position_rel_error = float(((out - ref).norm(dim=-1) / ref.norm(dim=-1)).max())
     greedy = {"do_sample": False, "max_new_tokens": 8, "pad_token_id": 0}
-    result.same_greedy_tokens = bool(torch.equal(dense.generate(prompts[min(batch_sizes)], **greedy),
-                                                 sparse.generate(prompts[min(batch_sizes)], **greedy)))
+    result.same_greedy_tokens = bool(
+        torch.equal(
+            dense.generate(prompts[min(batch_sizes)], **greedy), sparse.generate(prompts[min(batch_sizes)], **greedy)
+        )
+    )
 
     models = {"dense": dense, "sparse": sparse}
     _interleaved_prefill(models, long_prompt, 1)  # warm-up (allocator, kernel libraries)
@@ -198,8 +201,10 @@ def format_result(r: BenchResult) -> str:
     lines.append(f"| prefill seconds, 1 x {r.prefill_tokens} tokens | {d:.3f} | {s:.3f} | {r.prefill_speedup:.2f}x |")
     d, s = r.weight_mib["dense"], r.weight_mib["sparse"]
     lines.append(f"| pruned-Linear weight MiB | {d:.1f} | {s:.1f} | {s / d:.3f}x |")
-    lines.append(f"relative logit error {r.rel_logit_error:.1e} (worst position {r.max_position_rel_error:.1e}); "
-                 f"same greedy tokens: {r.same_greedy_tokens}")
+    lines.append(
+        f"relative logit error {r.rel_logit_error:.1e} (worst position {r.max_position_rel_error:.1e}); "
+        f"same greedy tokens: {r.same_greedy_tokens}"
+    )
     lines.append("kernels: " + ", ".join(f"{k} x{v}" for k, v in sorted(r.kernel_usage.items())))
     return "\n".join(lines)
 
@@ -286,18 +291,27 @@ def plot(results, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     batches = list(results[0].decode_tok_s["dense"]) if results else []
-    unstructured = sorted((r for r in results if "2:4" not in r.name and r.sparsity is not None),
-                          key=lambda r: r.sparsity)
+    unstructured = sorted(
+        (r for r in results if "2:4" not in r.name and r.sparsity is not None), key=lambda r: r.sparsity
+    )
     for b, marker in zip(batches, "os^v"):
-        ax.plot([100 * r.sparsity for r in unstructured], [r.speedup(b) for r in unstructured], marker=marker,
-                label=f"decode, batch {b} (unstructured)")
+        ax.plot(
+            [100 * r.sparsity for r in unstructured],
+            [r.speedup(b) for r in unstructured],
+            marker=marker,
+            label=f"decode, batch {b} (unstructured)",
+        )
         for r in results:
             if "2:4" in r.name:
                 ax.scatter([100 * r.sparsity], [r.speedup(b)], marker="x", s=60, color="k")
                 ax.annotate(f"2:4 b={b}", (100 * r.sparsity, r.speedup(b)), fontsize=7)
-    ax.plot([100 * r.sparsity for r in unstructured],
-            [r.prefill_speedup for r in unstructured], "--", color="gray",
-            label="prefill")
+    ax.plot(
+        [100 * r.sparsity for r in unstructured],
+        [r.prefill_speedup for r in unstructured],
+        "--",
+        color="gray",
+        label="prefill",
+    )
     ax.axhline(1.0, color="k", lw=0.6)
     ax.set_xlabel("sparsity of the pruned Linears (%)")
     ax.set_ylabel("speed-up over dense (end to end)")
@@ -309,8 +323,9 @@ def plot(results, path: Path) -> None:
 
 def main(argv=None, prog: str | None = None):
     """Command line: ``bench_inference.py DIR ...`` or ``--smollm2 0.9 2:4 --out FOLDER`` (also for ``hf-elsa``)."""
-    parser = argparse.ArgumentParser(prog=prog, description=USAGE.splitlines()[0], epilog=USAGE,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=USAGE.splitlines()[0], epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("paths", nargs="*", help="sparse model folders")
     parser.add_argument("--smollm2", nargs="*", default=[], help="build SmolLM2 folders: 0.5 0.7 0.9 2:4 ...")
     parser.add_argument("--out", help="write results.json, results.md and speedup.png here")
@@ -323,6 +338,14 @@ def main(argv=None, prog: str | None = None):
     args = parser.parse_args(argv)
     if not args.paths and not args.smollm2:
         parser.error("give sparse folders or --smollm2 SPEC ...")
-    return run(args.paths, args.smollm2, args.out, batch_sizes=tuple(args.batch_sizes), new_tokens=args.new_tokens,
-               prompt_tokens=args.prompt_tokens, prefill_tokens=args.prefill_tokens, repeats=args.repeats,
-               threads=args.threads)
+    return run(
+        args.paths,
+        args.smollm2,
+        args.out,
+        batch_sizes=tuple(args.batch_sizes),
+        new_tokens=args.new_tokens,
+        prompt_tokens=args.prompt_tokens,
+        prefill_tokens=args.prefill_tokens,
+        repeats=args.repeats,
+        threads=args.threads,
+    )

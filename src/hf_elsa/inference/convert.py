@@ -11,6 +11,7 @@ wins keep their dense weight, so the model is never slower than dense at the mea
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import statistics
 import time
@@ -37,9 +38,16 @@ class SparseLinear(nn.Module):
     Inference only (no gradient reaches the values).
     """
 
-    def __init__(self, in_features: int, out_features: int, values: torch.Tensor, crow_indices: torch.Tensor,
-                 col_indices: torch.Tensor, bias: torch.Tensor | None = None,
-                 plan: Sequence[tuple[int, str]] = ()):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        values: torch.Tensor,
+        crow_indices: torch.Tensor,
+        col_indices: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        plan: Sequence[tuple[int, str]] = (),
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("values", values)
@@ -51,8 +59,9 @@ class SparseLinear(nn.Module):
         self.set_plan(plan)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, plan: Sequence[tuple[int, str]] = (),
-                    index_dtype: torch.dtype | None = None) -> SparseLinear:
+    def from_linear(
+        cls, linear: nn.Linear, plan: Sequence[tuple[int, str]] = (), index_dtype: torch.dtype | None = None
+    ) -> SparseLinear:
         """CSR copy of ``linear``; column indices int16 when ``in_features <= 32768`` (default), else int32."""
         weight = linear.weight.detach()
         if index_dtype is None:
@@ -78,7 +87,7 @@ class SparseLinear(nn.Module):
         self._by_tokens = {}
         # a call of t tokens uses the plan entry nearest in log scale: cut at the geometric means
         sizes = [n for n, _ in self.plan]
-        self._cuts = [math.sqrt(a * b) for a, b in zip(sizes, sizes[1:])]
+        self._cuts = [math.sqrt(a * b) for a, b in itertools.pairwise(sizes)]
 
     def kernel(self, name: str) -> Kernel:
         if name not in self._kernels:
@@ -114,8 +123,7 @@ class SparseLinear(nn.Module):
     # -- compute ------------------------------------------------------------------------------------
     def dense_weight(self) -> torch.Tensor:
         """The dense ``(out, in)`` weight rebuilt from the buffers (exact, zeros where nothing is stored)."""
-        weight = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype,
-                             device=self.values.device)
+        weight = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
         rows = torch.repeat_interleave(
             torch.arange(self.out_features, device=self.values.device),
             (self.crow_indices[1:] - self.crow_indices[:-1]).long(),
@@ -150,8 +158,10 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         plan = ", ".join(f"{n}:{name}" for n, name in self.plan)
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"sparsity={self.sparsity:.3f}, bias={self.bias is not None}, plan=[{plan}]")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"sparsity={self.sparsity:.3f}, bias={self.bias is not None}, plan=[{plan}]"
+        )
 
 
 # -- the report -------------------------------------------------------------------------------------
@@ -194,9 +204,11 @@ class InferenceReport:
     def summary(self) -> str:
         converted = [c for c in self.layers.values() if c.converted]
         lines = [
-            f"{len(converted)} of {len(self.layers)} pruned Linears converted; weight memory of the pruned "
-            f"Linears {self.nbytes / 2**20:.1f} MiB (dense {self.dense_nbytes / 2**20:.1f} MiB, "
-            f"{self.nbytes / max(self.dense_nbytes, 1):.3f}x)",
+            (
+                f"{len(converted)} of {len(self.layers)} pruned Linears converted; weight memory of the pruned "
+                f"Linears {self.nbytes / 2**20:.1f} MiB (dense {self.dense_nbytes / 2**20:.1f} MiB, "
+                f"{self.nbytes / max(self.dense_nbytes, 1):.3f}x)"
+            ),
         ]
         usage: dict[str, int] = {}
         for c in converted:
@@ -223,16 +235,21 @@ def _candidates(model: nn.Module, modules: Iterable[str] | None) -> list[tuple[s
     if modules is not None:
         names = list(modules)
         for name in names:
-            if not isinstance(named.get(name), nn.Linear):
-                raise ValueError(f"to_sparse_inference: {name!r} is not an nn.Linear of the model")
+            if name not in named:
+                raise ValueError(f"to_sparse_inference: the model has no module {name!r}")
+            if not isinstance(named[name], nn.Linear):
+                raise TypeError(f"to_sparse_inference: {name!r} is a {type(named[name]).__name__}, not an nn.Linear")
     else:
         state = get_sparsity(model)
         if state is not None:
             names = [key[: -len(".weight")] for key in state.masks if key.endswith(".weight")]
             names = [n for n in names if isinstance(named.get(n), nn.Linear)]
         else:
-            names = [n for n, m in named.items() if isinstance(m, nn.Linear) and m is not head
-                     and bool(m.weight.detach().eq(0).any())]
+            names = [
+                n
+                for n, m in named.items()
+                if isinstance(m, nn.Linear) and m is not head and bool(m.weight.detach().eq(0).any())
+            ]
     # a weight shared with another module (tied) stays dense: replacing one side would untie it
     owners: dict[int, int] = {}
     for m in model.modules():
@@ -264,8 +281,10 @@ def _time_layers(fns, layers, repeats: int, sync) -> dict[str, list[float]]:
     base = names[0]
     times = {name: [statistics.median(s) for s in per_layer] for name, per_layer in samples.items()}
     ratios = {
-        name: [statistics.median(a / max(b, 1e-12) for a, b in zip(samples[name][i], samples[base][i]))
-               for i in range(len(layers))]
+        name: [
+            statistics.median(a / max(b, 1e-12) for a, b in zip(samples[name][i], samples[base][i]))
+            for i in range(len(layers))
+        ]
         for name in names
     }
     return {"times": times, "ratios": ratios}
@@ -337,8 +356,10 @@ def to_sparse_inference(
     if not usable:
         if kernels is not None:
             reasons = "; ".join(f"{k}: {report.kernels[k]}" for k in names)
-            raise ValueError(f"to_sparse_inference: none of the kernels {names} runs for {dtype} on {device} "
-                             f"({reasons}). Leave kernels=None to use whatever runs here.")
+            raise ValueError(
+                f"to_sparse_inference: none of the kernels {names} runs for {dtype} on {device} "
+                f"({reasons}). Leave kernels=None to use whatever runs here."
+            )
         return model
 
     sparse = {name: SparseLinear.from_linear(linear, index_dtype=index_dtype) for name, linear in candidates}
@@ -352,12 +373,18 @@ def to_sparse_inference(
             for _, linear in candidates:
                 if linear.in_features not in inputs:
                     inputs[linear.in_features] = torch.randn(n, linear.in_features, dtype=dtype, device=device)
-            fns = {"dense": lambda i: F.linear(inputs[candidates[i][1].in_features], candidates[i][1].weight)}
+            fns = {
+                "dense": lambda i, inputs=inputs: F.linear(
+                    inputs[candidates[i][1].in_features], candidates[i][1].weight
+                )
+            }
             for k in usable:
-                def run(i, k=k):
+
+                def run(i, k=k, inputs=inputs):
                     lname, linear = candidates[i]
                     if accepts[(lname, k)][0]:
                         sparse[lname].kernel(k)(sparse[lname], inputs[linear.in_features])
+
                 fns[k] = run
             timings[n] = _time_layers(fns, list(range(len(candidates))), repeats, sync)
 
@@ -365,8 +392,17 @@ def to_sparse_inference(
         layer = sparse[lname]
         ok_kernels = [k for k in usable if accepts[(lname, k)][0]]
         dense_nbytes = linear.weight.numel() * linear.weight.element_size()
-        choice = LayerChoice(lname, (linear.out_features, linear.in_features), layer.sparsity, False, [], {}, {},
-                             dense_nbytes, dense_nbytes)
+        choice = LayerChoice(
+            lname,
+            (linear.out_features, linear.in_features),
+            layer.sparsity,
+            False,
+            [],
+            {},
+            {},
+            dense_nbytes,
+            dense_nbytes,
+        )
         if not ok_kernels:
             choice.reason = "; ".join(f"{k}: {accepts[(lname, k)][1]}" for k in usable)
         elif force:
@@ -389,7 +425,8 @@ def to_sparse_inference(
             choice.converted = not slower
             if slower:
                 choice.reason = "no kernel fast enough at " + ", ".join(
-                    f"{n} tokens ({speedup[n]:.2f}x < {required[n]}x)" for n in slower)
+                    f"{n} tokens ({speedup[n]:.2f}x < {required[n]}x)" for n in slower
+                )
         if choice.converted:
             layer.set_plan(choice.plan)
             layer._kernels = {k: v for k, v in layer._kernels.items() if k in {n for _, n in choice.plan}}
@@ -416,8 +453,7 @@ def from_sparse_inference(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, SparseLinear):
             weight = module.dense_weight()
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                               device="meta")
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
             linear.weight = nn.Parameter(weight)
             if module.bias is not None:
                 linear.bias = module.bias

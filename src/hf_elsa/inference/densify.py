@@ -7,7 +7,6 @@ near dense speed. Chosen only where measured fastest.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from .kernels import Kernel, register_kernel

@@ -31,8 +31,12 @@ class TorchCsrKernel(Kernel):
     def _matrix(module):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            return torch.sparse_csr_tensor(module.crow_indices, module.col_indices.to(torch.int32), module.values,
-                                           (module.out_features, module.in_features))
+            return torch.sparse_csr_tensor(
+                module.crow_indices,
+                module.col_indices.to(torch.int32),
+                module.values,
+                (module.out_features, module.in_features),
+            )
 
     def __call__(self, module, x):
         matrix = self.matrix if self.matrix is not None else self._matrix(module)
