@@ -25,6 +25,8 @@ setup(
         "huggingface-hub>=0.30",
         "safetensors>=0.4",
         "pyyaml",  # hf-elsa prune --config run.yaml
+        # scipy: a CSR kernel of hf_elsa.inference (sparse inference on CPU)
+        "scipy>=1.10",
         "tqdm",
     ],
     extras_require={

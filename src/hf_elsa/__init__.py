@@ -10,6 +10,7 @@ from .config import ElsaConfig
 from .curvature import CurvatureEstimator
 from .evaluation import perplexity
 from .flatness import Sassha
+from .inference import to_sparse_inference
 from .lora import merge_and_unload
 from .memory import MemoryEstimate, estimate_memory
 from .patterns import SparsityPattern, sparsity_pattern
@@ -53,4 +54,5 @@ __all__ = [
     "record_evaluation",
     "sparsity_pattern",
     "sparsity_report",
+    "to_sparse_inference",
 ]

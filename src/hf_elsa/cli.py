@@ -233,6 +233,14 @@ def memory_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_inference_command(args: argparse.Namespace) -> int:
+    """Measure a sparse folder (or SmolLM2 pruned on the fly) dense vs sparse: hf-elsa bench-inference DIR ..."""
+    from .inference.bench import main as bench_main
+
+    result = bench_main(args.options, prog="hf-elsa bench-inference")
+    return result if isinstance(result, int) else 0
+
+
 # -- the command table ------------------------------------------------------------------------------
 
 
@@ -252,6 +260,9 @@ COMMANDS: dict[str, Command] = {
     "demo": Command(_demo_arguments, demo_command, "prune SmolLM2 on Wikipedia text and compare with baselines"),
     "memory": Command(
         None, memory_command, "predict the memory of an ELSA run (weights, grads, optimizer, ADMM state)"
+    ),
+    "bench-inference": Command(
+        None, bench_inference_command, "decode tokens/s, prefill and weight memory: dense vs to_sparse_inference"
     ),
 }
 

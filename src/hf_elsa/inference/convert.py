@@ -1,0 +1,467 @@
+"""Sparse inference: pruned Linears become CSR layers with a measured kernel choice, and back.
+
+:func:`to_sparse_inference` replaces each pruned ``nn.Linear`` of a model by a :class:`SparseLinear`
+holding only the kept weights (values, int16 or int32 column indices, int32 row pointers) whenever one of the
+registered kernels (``kernels.py``) is faster than the dense matmul *for that layer*, measured on this
+machine at the token counts that matter (decode batch sizes and a prefill length). Layers where no kernel
+wins keep their dense weight, so the model is never slower than dense at the measured sizes.
+:func:`from_sparse_inference` puts bit-identical ``nn.Linear`` layers back.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import densify, native, scipy_csr, semi_structured, torch_csr  # noqa: F401  (register the kernels)
+from .kernels import KERNELS, Kernel
+
+REPORT_ATTR = "hf_elsa_inference"
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` stored as CSR; the kernel is picked per call from the token count.
+
+    Buffers (in the state dict): ``values`` (kept weights, model dtype), ``col_indices`` (int16 up to
+    32768 input features, else int32),
+    ``crow_indices`` (int32, ``out_features + 1``); ``bias`` stays a parameter. ``plan`` maps measured
+    token counts to kernel names; a call with ``n`` tokens uses the entry nearest to ``n`` (log scale).
+    Inference only (no gradient reaches the values).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        values: torch.Tensor,
+        crow_indices: torch.Tensor,
+        col_indices: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        plan: Sequence[tuple[int, str]] = (),
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("values", values)
+        self.register_buffer("crow_indices", crow_indices)
+        self.register_buffer("col_indices", col_indices)
+        self.bias = nn.Parameter(bias, requires_grad=bias.requires_grad) if bias is not None else None
+        self._kernels: dict[str, Kernel] = {}
+        self._by_tokens: dict[int, Kernel] = {}
+        self.set_plan(plan)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, plan: Sequence[tuple[int, str]] = (), index_dtype: torch.dtype | None = None
+    ) -> SparseLinear:
+        """CSR copy of ``linear``; column indices int16 when ``in_features <= 32768`` (default), else int32."""
+        weight = linear.weight.detach()
+        if index_dtype is None:
+            index_dtype = torch.int16 if linear.in_features <= 2**15 else torch.int32
+        if index_dtype not in (torch.int16, torch.int32) or (index_dtype == torch.int16 and linear.in_features > 2**15):
+            raise ValueError(f"index_dtype {index_dtype} cannot index {linear.in_features} input features")
+        # -0.0 (what masking by multiplication leaves) counts as zero: it comes back as +0.0
+        stored = weight.ne(0)
+        counts = stored.sum(dim=1, dtype=torch.int32)
+        crow = torch.zeros(weight.shape[0] + 1, dtype=torch.int32, device=weight.device)
+        torch.cumsum(counts, 0, out=crow[1:])
+        col = stored.nonzero()[:, 1].to(index_dtype)
+        values = weight[stored].clone()
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return cls(linear.in_features, linear.out_features, values, crow, col, bias, plan)
+
+    # -- plan and kernels ---------------------------------------------------------------------------
+    def set_plan(self, plan: Sequence[tuple[int, str]]) -> None:
+        for _, name in plan:
+            if name not in KERNELS:
+                raise ValueError(f"unknown kernel {name!r}; registered: {sorted(KERNELS)}")
+        self.plan = sorted((int(n), name) for n, name in plan)
+        self._by_tokens = {}
+        # a call of t tokens uses the plan entry nearest in log scale: cut at the geometric means
+        sizes = [n for n, _ in self.plan]
+        self._cuts = [math.sqrt(a * b) for a, b in itertools.pairwise(sizes)]
+
+    def kernel(self, name: str) -> Kernel:
+        if name not in self._kernels:
+            kernel = KERNELS[name]()
+            kernel.bind(self)
+            self._kernels[name] = kernel
+        return self._kernels[name]
+
+    def kernel_for(self, tokens: int) -> str:
+        if not self.plan:
+            raise RuntimeError("SparseLinear has no kernel plan; build it with to_sparse_inference")
+        return self.plan[bisect.bisect_left(self._cuts, tokens)][1]
+
+    def __getstate__(self):  # copies and pickles rebuild the kernels' views of their own buffers
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_kernels"], state["_by_tokens"] = {}, {}
+        return state
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() move the buffers: views must be rebuilt
+        self._kernels, self._by_tokens = {}, {}
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint of the same layer may keep another number of weights: take its buffer sizes
+        for name in ("values", "col_indices", "crow_indices"):
+            key = prefix + name
+            if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))
+        self._kernels, self._by_tokens = {}, {}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # -- compute ------------------------------------------------------------------------------------
+    def dense_weight(self) -> torch.Tensor:
+        """The dense ``(out, in)`` weight rebuilt from the buffers (exact, zeros where nothing is stored)."""
+        weight = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
+        rows = torch.repeat_interleave(
+            torch.arange(self.out_features, device=self.values.device),
+            (self.crow_indices[1:] - self.crow_indices[:-1]).long(),
+        )
+        weight[rows, self.col_indices.long()] = self.values
+        return weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if x2.requires_grad:
+            x2 = x2.detach()  # inference only: no gradient to the input
+        if x2.dtype != self.values.dtype:
+            x2 = x2.to(self.values.dtype)
+        tokens = x2.shape[0]
+        kernel = self._by_tokens.get(tokens)
+        if kernel is None:  # first call with this many tokens (a decode step is always the same few)
+            kernel = self._by_tokens[tokens] = self.kernel(self.kernel_for(tokens))
+        y = kernel(self, x2)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def nbytes(self) -> int:
+        """Bytes of the stored weight (values and indices; bias excluded) and of the kernels' own copies."""
+        own = sum(t.numel() * t.element_size() for t in (self.values, self.crow_indices, self.col_indices))
+        return own + sum(k.extra_nbytes() for k in self._kernels.values())
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.values.numel() / max(self.in_features * self.out_features, 1)
+
+    def extra_repr(self) -> str:
+        plan = ", ".join(f"{n}:{name}" for n, name in self.plan)
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"sparsity={self.sparsity:.3f}, bias={self.bias is not None}, plan=[{plan}]"
+        )
+
+
+# -- the report -------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerChoice:
+    """What the conversion measured and decided for one Linear."""
+
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    converted: bool
+    plan: list[tuple[int, str]]
+    dense_ms: dict[int, float]  # token count -> median time of the dense matmul
+    best_ms: dict[int, float]  # token count -> median time of the chosen sparse kernel
+    dense_nbytes: int
+    nbytes: int  # bytes of the weight as the layer now stores it
+    reason: str = ""
+    speedup: dict[int, float] = field(default_factory=dict)  # token count -> dense / best kernel (median ratio)
+
+
+@dataclass
+class InferenceReport:
+    """Attached to the model as ``model.hf_elsa_inference`` by :func:`to_sparse_inference`."""
+
+    layers: dict[str, LayerChoice] = field(default_factory=dict)
+    tokens: tuple[int, ...] = ()
+    prefill_tokens: int | None = None
+    kernels: dict[str, str] = field(default_factory=dict)  # name -> "" (used) or why it was not available
+
+    @property
+    def dense_nbytes(self) -> int:
+        return sum(c.dense_nbytes for c in self.layers.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.layers.values())
+
+    def summary(self) -> str:
+        converted = [c for c in self.layers.values() if c.converted]
+        lines = [
+            (
+                f"{len(converted)} of {len(self.layers)} pruned Linears converted; weight memory of the pruned "
+                f"Linears {self.nbytes / 2**20:.1f} MiB (dense {self.dense_nbytes / 2**20:.1f} MiB, "
+                f"{self.nbytes / max(self.dense_nbytes, 1):.3f}x)"
+            ),
+        ]
+        usage: dict[str, int] = {}
+        for c in converted:
+            for n, name in c.plan:
+                usage[f"{n} tok: {name}"] = usage.get(f"{n} tok: {name}", 0) + 1
+        lines += [f"  {key}: {count} layers" for key, count in sorted(usage.items())]
+        kept = [c for c in self.layers.values() if not c.converted]
+        if kept:
+            lines.append(f"  kept dense: {len(kept)} ({kept[0].reason}{', ...' if len(kept) > 1 else ''})")
+        unavailable = {k: why for k, why in self.kernels.items() if why}
+        lines += [f"  kernel {k} not used: {why}" for k, why in unavailable.items()]
+        return "\n".join(lines)
+
+
+# -- conversion -------------------------------------------------------------------------------------
+
+
+def _candidates(model: nn.Module, modules: Iterable[str] | None) -> list[tuple[str, nn.Linear]]:
+    """The pruned Linears: those named by attached masks, else every Linear with an exact zero (LM head excluded)."""
+    from ..sparse_io import get_sparsity
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    named = dict(model.named_modules())
+    if modules is not None:
+        names = list(modules)
+        for name in names:
+            if name not in named:
+                raise ValueError(f"to_sparse_inference: the model has no module {name!r}")
+            if not isinstance(named[name], nn.Linear):
+                raise TypeError(f"to_sparse_inference: {name!r} is a {type(named[name]).__name__}, not an nn.Linear")
+    else:
+        state = get_sparsity(model)
+        if state is not None:
+            names = [key[: -len(".weight")] for key in state.masks if key.endswith(".weight")]
+            names = [n for n in names if isinstance(named.get(n), nn.Linear)]
+        else:
+            names = [
+                n
+                for n, m in named.items()
+                if isinstance(m, nn.Linear) and m is not head and bool(m.weight.detach().eq(0).any())
+            ]
+    # a weight shared with another module (tied) stays dense: replacing one side would untie it
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return [(n, named[n]) for n in names if named[n] is not head and owners.get(id(named[n].weight), 0) == 1]
+
+
+def _time_layers(fns, layers, repeats: int, sync) -> dict[str, list[float]]:
+    """Per layer and fn: the median time, and the median over passes of its ratio to the first fn's time.
+
+    One pass runs the layers in model order, so each layer's weights come from memory as in a forward
+    pass, and runs every fn on a layer back to back, so that a burst of load from elsewhere on the
+    machine hits the dense matmul and the kernels alike; the per-pass ratios cancel slower drifts.
+    The first pass is a warm-up.
+    """
+    names = list(fns)
+    samples = {name: [[] for _ in layers] for name in names}
+    for rep in range(repeats + 1):
+        order = names if rep % 2 else names[::-1]  # alternate which fn runs first on a layer
+        for i, layer in enumerate(layers):
+            for name in order:
+                sync()
+                start = time.perf_counter()
+                fns[name](layer)
+                sync()
+                if rep:
+                    samples[name][i].append(time.perf_counter() - start)
+    base = names[0]
+    times = {name: [statistics.median(s) for s in per_layer] for name, per_layer in samples.items()}
+    ratios = {
+        name: [
+            statistics.median(a / max(b, 1e-12) for a, b in zip(samples[name][i], samples[base][i]))
+            for i in range(len(layers))
+        ]
+        for name in names
+    }
+    return {"times": times, "ratios": ratios}
+
+
+@torch.no_grad()
+def to_sparse_inference(
+    model: nn.Module,
+    *,
+    tokens: Sequence[int] = (1, 8),
+    prefill_tokens: int | None = 128,
+    kernels: Sequence[str] | None = None,
+    min_speedup: float = 1.1,
+    prefill_min_speedup: float | None = 1.1,
+    repeats: int = 5,
+    modules: Iterable[str] | None = None,
+    index_dtype: torch.dtype | None = None,
+    force: bool = False,
+    verbose: bool = False,
+) -> nn.Module:
+    """Replace each pruned ``nn.Linear`` of ``model`` by a :class:`SparseLinear` where that is faster.
+
+    Args:
+        model: a sparse model (from ``ElsaTrainer``, ``load_sparse_model``, a one-shot pruner, or any model
+            whose pruned weights are exact zeros). Converted in place and returned.
+        tokens: token counts per call that decide (decode batch sizes): a layer is converted only if, at
+            every one of them, its fastest sparse kernel beats the dense matmul by ``min_speedup``.
+        prefill_tokens: a prompt length also measured, to pick the kernel for long calls (a dense rebuild
+            of the weight, ``densify``, is among the candidates).
+        kernels: names from ``hf_elsa.inference.KERNELS`` to consider (default: all that run here).
+            Naming only kernels that cannot run here raises ``ValueError`` with the reasons.
+        min_speedup: required speed-up of the sparse kernel over dense at each of ``tokens`` (1.1: a
+            10% margin over timing noise, so that a converted layer is not slower than dense).
+        prefill_min_speedup: the same requirement at ``prefill_tokens`` (default 1.1, the same margin: a
+            converted layer does not prefill slower than dense). None lets prefill be slower for the sake of decode (at
+            50-70% sparsity on one core that trades a slower prompt for faster tokens).
+        repeats: timed passes per size (medians of the per-pass kernel/dense time ratios; one more
+            warm-up pass). Each pass runs the layers in model order and, on each layer, dense and every
+            kernel back to back.
+        modules: Linear names to consider instead of the pruned ones found automatically.
+        index_dtype: ``torch.int16`` or ``torch.int32`` column indices; default int16 where the layer has
+            at most 32768 inputs (6 bytes per kept fp32 weight instead of 8). Kernels that need int32
+            (``torch_csr``, ``scipy_csr``) widen them per call rather than keeping a second copy.
+        force: convert every candidate layer with the first usable kernel of ``kernels`` without
+            measuring (tests, or a plan known to be right).
+        verbose: print :meth:`InferenceReport.summary`.
+
+    The dense weights of converted layers are freed; :func:`from_sparse_inference` rebuilds them (equal values;
+    a -0.0 comes back as +0.0).
+    The decisions are in ``model.hf_elsa_inference`` (:class:`InferenceReport`).
+    """
+    candidates = _candidates(model, modules)
+    report = InferenceReport(tokens=tuple(tokens), prefill_tokens=prefill_tokens)
+    setattr(model, REPORT_ATTR, report)
+    if not candidates:
+        return model
+    first = candidates[0][1].weight
+    dtype, device = first.dtype, first.device
+    names = list(KERNELS) if kernels is None else list(kernels)
+    for name in names:
+        if name not in KERNELS:
+            raise ValueError(f"unknown kernel {name!r}; registered: {sorted(KERNELS)}")
+    usable = []
+    for name in names:
+        ok, why = KERNELS[name].available(dtype, device)
+        report.kernels[name] = why
+        if ok:
+            usable.append(name)
+    if not usable:
+        if kernels is not None:
+            reasons = "; ".join(f"{k}: {report.kernels[k]}" for k in names)
+            raise ValueError(
+                f"to_sparse_inference: none of the kernels {names} runs for {dtype} on {device} "
+                f"({reasons}). Leave kernels=None to use whatever runs here."
+            )
+        return model
+
+    sparse = {name: SparseLinear.from_linear(linear, index_dtype=index_dtype) for name, linear in candidates}
+    accepts = {(lname, k): KERNELS[k].accepts(sparse[lname]) for lname, _ in candidates for k in usable}
+    sizes = sorted(set(tokens) | ({prefill_tokens} if prefill_tokens else set()))
+    timings: dict[int, dict[str, list[float]]] = {}
+    if not force:
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        for n in sizes:
+            inputs = {}
+            for _, linear in candidates:
+                if linear.in_features not in inputs:
+                    inputs[linear.in_features] = torch.randn(n, linear.in_features, dtype=dtype, device=device)
+            fns = {
+                "dense": lambda i, inputs=inputs: F.linear(
+                    inputs[candidates[i][1].in_features], candidates[i][1].weight
+                )
+            }
+            for k in usable:
+
+                def run(i, k=k, inputs=inputs):
+                    lname, linear = candidates[i]
+                    if accepts[(lname, k)][0]:
+                        sparse[lname].kernel(k)(sparse[lname], inputs[linear.in_features])
+
+                fns[k] = run
+            timings[n] = _time_layers(fns, list(range(len(candidates))), repeats, sync)
+
+    for i, (lname, linear) in enumerate(candidates):
+        layer = sparse[lname]
+        ok_kernels = [k for k in usable if accepts[(lname, k)][0]]
+        dense_nbytes = linear.weight.numel() * linear.weight.element_size()
+        choice = LayerChoice(
+            lname,
+            (linear.out_features, linear.in_features),
+            layer.sparsity,
+            False,
+            [],
+            {},
+            {},
+            dense_nbytes,
+            dense_nbytes,
+        )
+        if not ok_kernels:
+            choice.reason = "; ".join(f"{k}: {accepts[(lname, k)][1]}" for k in usable)
+        elif force:
+            choice.converted = True
+            choice.plan = [(n, ok_kernels[0]) for n in sizes]
+        else:
+            plan, speedup = [], {}
+            for n in sizes:
+                ratios = timings[n]["ratios"]  # kernel time / dense time, median over passes
+                best = min(ok_kernels, key=lambda k: ratios[k][i])
+                plan.append((n, best))
+                speedup[n] = 1.0 / max(ratios[best][i], 1e-12)
+                choice.dense_ms[n] = timings[n]["times"]["dense"][i] * 1e3
+                choice.best_ms[n] = timings[n]["times"][best][i] * 1e3
+            required = {n: min_speedup for n in tokens}
+            if prefill_tokens and prefill_min_speedup is not None and prefill_tokens not in required:
+                required[prefill_tokens] = prefill_min_speedup
+            slower = [n for n, need in required.items() if speedup[n] < need]
+            choice.plan, choice.speedup = plan, speedup
+            choice.converted = not slower
+            if slower:
+                choice.reason = "no kernel fast enough at " + ", ".join(
+                    f"{n} tokens ({speedup[n]:.2f}x < {required[n]}x)" for n in slower
+                )
+        if choice.converted:
+            layer.set_plan(choice.plan)
+            layer._kernels = {k: v for k, v in layer._kernels.items() if k in {n for _, n in choice.plan}}
+            layer._by_tokens = {}
+            _replace(model, lname, layer)
+            choice.nbytes = layer.nbytes()
+        report.layers[lname] = choice
+    if verbose:
+        print(report.summary())
+    return model
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+@torch.no_grad()
+def from_sparse_inference(model: nn.Module) -> nn.Module:
+    """Undo :func:`to_sparse_inference`: every :class:`SparseLinear` becomes an ``nn.Linear`` with the
+    same dense weight (every stored value bit for bit; zeros, including a former -0.0, as +0.0). In place;
+    returns the model."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SparseLinear):
+            weight = module.dense_weight()
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            linear.weight = nn.Parameter(weight)
+            if module.bias is not None:
+                linear.bias = module.bias
+            _replace(model, name, linear)
+    if hasattr(model, REPORT_ATTR):
+        delattr(model, REPORT_ATTR)
+    return model
+
+
+def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}

@@ -1,0 +1,292 @@
+"""Sparse inference (hf_elsa.inference) against the dense-zero model: logits, generate, state dicts, kernels."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_model
+from torch import nn
+
+from hf_elsa import to_sparse_inference
+from hf_elsa.inference import (
+    KERNELS,
+    SparseLinear,
+    available_kernels,
+    from_sparse_inference,
+    sparse_layers,
+)
+from hf_elsa.inference.kernels import Kernel
+from hf_elsa.oneshot import magnitude
+
+CPU_KERNELS = [k for k, why in available_kernels().items() if not why]
+PATTERNS = {"unstructured": 0.9, "row": 0.7, "2:4": 0.5}
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def _pruned(arch="llama", pattern="unstructured", seed=0, **overrides):
+    model = make_model(arch, seed=seed, **overrides).eval()
+    magnitude(model, PATTERNS[pattern], pattern)
+    return model
+
+
+def test_cpu_kernels_are_available_here():
+    assert {"torch_csr", "scipy_csr", "densify"} <= set(CPU_KERNELS)
+    assert "semi_structured_2:4" not in CPU_KERNELS
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@pytest.mark.parametrize("tokens", [1, 3, 8, 17, 40])
+def test_kernel_matches_dense(kernel, tokens, index_dtype):
+    gen = torch.Generator().manual_seed(tokens)
+    weight = torch.randn(37, 50, generator=gen)
+    weight[torch.rand(37, 50, generator=gen) < 0.8] = 0
+    weight[5] = 0  # an empty row
+    linear = nn.Linear(50, 37)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    layer = SparseLinear.from_linear(linear, [(1, kernel)], index_dtype=index_dtype)
+    assert layer.col_indices.dtype == index_dtype
+    x = torch.randn(2, tokens, 50, generator=gen)
+    torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer.dense_weight(), weight)
+
+
+def test_all_zero_weight_and_no_bias():
+    linear = nn.Linear(16, 8, bias=False)
+    with torch.no_grad():
+        linear.weight.zero_()
+    for kernel in CPU_KERNELS:
+        layer = SparseLinear.from_linear(linear, [(1, kernel)])
+        assert layer.values.numel() == 0
+        assert torch.equal(layer(torch.randn(3, 16)), torch.zeros(3, 8))
+
+
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+def test_model_logits_generate_and_round_trip(pattern, kernel):
+    model = _pruned("llama", pattern)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(3, 128, (3, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding in the batch
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        greedy = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+        ref_one = model.generate(ids[1:2], **greedy)
+        ref_batch = model.generate(ids, attention_mask=mask, **greedy)
+
+    assert to_sparse_inference(model, kernels=[kernel], force=True) is model
+    layers = sparse_layers(model)
+    assert len(layers) == 14  # every pruned Linear of the 2-layer llama, not the LM head
+    assert isinstance(model.lm_head, nn.Linear)
+    with torch.no_grad():
+        assert _rel(model(ids, attention_mask=mask).logits, ref) <= 1e-4
+        assert torch.equal(model.generate(ids[1:2], **greedy), ref_one)  # batch 1, KV cache
+        assert torch.equal(model.generate(ids, attention_mask=mask, **greedy), ref_batch)  # batched
+
+    # a deep copy (e.g. for a side-by-side comparison) computes the same with its own buffers
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(twin(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+
+    # the converted model's state dict loads into another converted copy
+    other = to_sparse_inference(_pruned("llama", pattern, seed=5), kernels=[kernel], force=True)
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert _rel(other(ids, attention_mask=mask).logits, ref) <= 1e-4
+
+    from_sparse_inference(model)
+    assert not sparse_layers(model)
+    restored = model.state_dict()
+    assert restored.keys() == original.keys()
+    assert all(torch.equal(restored[k], original[k]) for k in original)
+
+
+@pytest.mark.parametrize("index_dtype, per_weight", [(None, 6), (torch.int32, 8)])
+def test_memory_shrinks_with_sparsity(index_dtype, per_weight):
+    model = _pruned("llama", "unstructured")
+    to_sparse_inference(model, kernels=["torch_csr"], force=True, index_dtype=index_dtype)
+    report = model.hf_elsa_inference
+    # values (4 B) + int16 or int32 column for 10% of the weights, plus the int32 row pointers
+    assert report.nbytes / report.dense_nbytes < 0.25
+    for layer in sparse_layers(model).values():
+        assert layer.crow_indices.dtype == torch.int32
+        assert layer.col_indices.dtype == (index_dtype or torch.int16)
+        assert layer.nbytes() == per_weight * layer.values.numel() + 4 * (layer.out_features + 1)
+    with pytest.raises(ValueError, match="cannot index"):
+        SparseLinear.from_linear(nn.Linear(40000, 2), index_dtype=torch.int16)
+
+
+def test_bias_and_other_architecture():
+    model = _pruned("opt", "unstructured")  # OPT's Linears carry biases
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        to_sparse_inference(model, kernels=["scipy_csr"], force=True)
+        assert any(layer.bias is not None for layer in sparse_layers(model).values())
+        assert _rel(model(ids).logits, ref) <= 1e-4
+
+
+def test_measured_choice_keeps_dense_where_nothing_wins():
+    model = _pruned("llama", "unstructured")
+    ids = torch.randint(3, 128, (1, 8))
+    with torch.no_grad():
+        ref = model(ids).logits
+    # no kernel can be a million times faster: every layer stays a dense nn.Linear
+    to_sparse_inference(model, min_speedup=1e6, repeats=1, prefill_tokens=16)
+    report = model.hf_elsa_inference
+    assert not sparse_layers(model) and len(report.layers) == 14
+    assert all(not c.converted and c.reason and c.dense_ms for c in report.layers.values())
+    # with no margin required, whatever was measured faster is used, and outputs still match
+    to_sparse_inference(model, min_speedup=0.0, prefill_min_speedup=0.0, repeats=1, prefill_tokens=16)
+    assert len(sparse_layers(model)) == 14
+    for layer in sparse_layers(model).values():
+        assert [n for n, _ in layer.plan] == [1, 8, 16]
+        assert layer.kernel_for(1) == layer.plan[0][1] and layer.kernel_for(1000) == layer.plan[-1][1]
+    with torch.no_grad():
+        assert _rel(model(ids).logits, ref) <= 1e-4
+    assert "converted" in report.summary() or "converted" in model.hf_elsa_inference.summary()
+
+
+def test_candidates_from_attached_masks(tmp_path):
+    from hf_elsa.sparse_io import attach_sparsity, load_sparse_model
+
+    model = make_model("llama")
+    masks = magnitude(model, 0.8, "unstructured", exclude_modules=[r".*\.mlp\..*"])
+    attach_sparsity(model, masks, {"method": "magnitude", "sparsity": 0.8})
+    model.save_pretrained(tmp_path / "sparse")
+    loaded = load_sparse_model(tmp_path / "sparse")
+    to_sparse_inference(loaded, kernels=["torch_csr"], force=True)
+    assert set(sparse_layers(loaded)) == set(masks) and all("mlp" not in n for n in masks)
+    from_sparse_inference(loaded)
+    loaded.save_pretrained(tmp_path / "again")  # the sparse save checks still pass after the round trip
+
+
+def test_cuda_2_4_refuses_on_cpu():
+    ok, why = KERNELS["semi_structured_2:4"].available(torch.float16, torch.device("cpu"))
+    assert not ok and "CUDA" in why
+    model = _pruned("llama", "2:4")
+    with pytest.raises(ValueError, match="CUDA"):
+        to_sparse_inference(model, kernels=["semi_structured_2:4"])
+    assert not sparse_layers(model)  # nothing changed
+    to_sparse_inference(model, force=True)  # the default falls back to the kernels that run here
+    assert sparse_layers(model)
+    assert "CUDA" in model.hf_elsa_inference.kernels["semi_structured_2:4"]
+
+
+def test_unknown_kernel_and_module_names():
+    model = _pruned("llama")
+    with pytest.raises(ValueError, match="unknown kernel"):
+        to_sparse_inference(model, kernels=["nope"])
+    with pytest.raises(TypeError, match="not an nn.Linear"):
+        to_sparse_inference(model, modules=["model.norm"])
+    with pytest.raises(ValueError, match="no module"):
+        to_sparse_inference(model, modules=["model.nope"])
+
+
+def test_native_kernel_missing_falls_back(monkeypatch):
+    from hf_elsa.inference.native import NativeCsrKernel
+
+    monkeypatch.setattr(NativeCsrKernel, "available", classmethod(lambda cls, d, dev: (False, "no compiler")))
+    model = _pruned("llama")
+    to_sparse_inference(model, force=True)
+    assert all(layer.plan[0][1] != "native_csr" for layer in sparse_layers(model).values())
+    assert model.hf_elsa_inference.kernels["native_csr"] == "no compiler"
+
+
+def test_a_new_kernel_is_one_class(monkeypatch):
+    from hf_elsa.inference import kernels as registry
+
+    calls = []
+
+    class Twice(Kernel):
+        name = "test_dense_twice"
+
+        @classmethod
+        def available(cls, dtype, device):
+            return True, ""
+
+        def __call__(self, module, x):
+            calls.append(x.shape[0])
+            return torch.nn.functional.linear(x, module.dense_weight())
+
+    monkeypatch.setitem(registry.KERNELS, Twice.name, Twice)
+    model = _pruned("llama")
+    to_sparse_inference(model, kernels=[Twice.name], force=True)
+    with torch.no_grad():
+        model(torch.randint(3, 128, (1, 5)))
+    assert calls and set(calls) == {5}
+
+
+def test_bench_inference_smoke(capsys):
+    from hf_elsa.inference.bench import bench_inference
+
+    result = bench_inference(
+        model=_pruned("llama"),
+        name="tiny",
+        batch_sizes=(1, 2),
+        prompt_tokens=4,
+        prefill_tokens=8,
+        new_tokens=2,
+        repeats=1,
+        threads=None,
+        convert_kwargs={"min_speedup": 0.0, "prefill_min_speedup": 0.0, "repeats": 1},
+    )
+    assert result.rel_logit_error <= 1e-4 and result.same_greedy_tokens
+    assert set(result.decode_tok_s) == {"dense", "sparse"} and set(result.decode_tok_s["dense"]) == {1, 2}
+    assert result.weight_mib["sparse"] < result.weight_mib["dense"]
+    assert "decode tokens/s, batch 2" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_smollm2_90_percent():
+    from hf_elsa.showcase.demo import load_smollm2
+
+    model, _ = load_smollm2()
+    magnitude(model, 0.9, "unstructured")
+    ids = torch.randint(3, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        greedy = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        to_sparse_inference(model, repeats=1, prefill_tokens=None)
+        assert len(sparse_layers(model)) > 150  # at 90% nearly every layer wins on one core
+        assert _rel(model(ids).logits, ref) <= 1e-4
+        assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0), greedy)
+    report = model.hf_elsa_inference
+    assert report.nbytes / report.dense_nbytes <= 0.25
+
+
+def test_bench_command_line_on_a_folder(tmp_path, capsys):
+    from hf_elsa.inference.bench import main
+
+    _pruned("llama").save_pretrained(tmp_path / "tiny")  # a plain folder with exact zeros
+    results = main(
+        [
+            str(tmp_path / "tiny"),
+            "--out",
+            str(tmp_path / "out"),
+            "--repeats",
+            "1",
+            "--new-tokens",
+            "2",
+            "--prompt-tokens",
+            "4",
+            "--prefill-tokens",
+            "8",
+            "--batch-sizes",
+            "1",
+            "2",
+            "--threads",
+            "0",
+        ]
+    )
+    assert len(results) == 1 and abs(results[0].sparsity - 0.9) < 0.01
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"results.json", "results.md", "speedup.png"}
+    assert "decode tok/s b=2" in (tmp_path / "out" / "results.md").read_text()
+    assert "Linears converted" in capsys.readouterr().out
