@@ -98,7 +98,9 @@ def test_bytes_per_prunable_weight():
     assert fp32.mask == fp32.prunable_parameters
     weights = sum(p.numel() * 4 for p in model.parameters())
     assert fp32.weights == fp32.gradients == weights
-    assert fp32.total == fp32.weights + fp32.gradients + fp32.optimizer + fp32.admm
+    # the default recipe distils from a frozen copy of the weights
+    assert fp32.teacher == weights
+    assert fp32.total == fp32.weights + fp32.gradients + fp32.optimizer + fp32.admm + fp32.teacher
 
 
 def elsa_args_free(**overrides):

@@ -179,6 +179,9 @@ def tiny_args(tmp_path, **overrides) -> ElsaConfig:
         "logging_steps": 100,
         "seed": 0,
         "disable_tqdm": True,
+        # the default recipe's SparseGPT start and distillation are tested elsewhere (tests/test_runs.py)
+        "admm_init": "magnitude",
+        "distill_weight": 0.0,
     }
     defaults.update(overrides)
     return ElsaConfig(**defaults)
