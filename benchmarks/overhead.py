@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py                    # small Llama (~20M params), default interval
     python benchmarks/overhead.py --steps 40 --projection-only
+    python benchmarks/overhead.py --distillation --steps 12 --batch-size 4 --block-size 64   # SmolLM2
 
 Prints (1) seconds per optimizer step of ``transformers.Trainer`` and of ``ElsaTrainer`` on the same
 model, data and optimizer, and their ratio (target <= 1.15 with the default interval), measured in
@@ -49,15 +50,34 @@ def small_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def time_steps(elsa: bool, steps: int, data, common: dict) -> list[float]:
+def time_steps(elsa: bool, steps: int, data, common: dict, model=None, **fields) -> list[float]:
     timer = StepTimer()
-    model = small_llama()
+    model = model if model is not None else small_llama()
     if elsa:
-        trainer = ElsaTrainer(model=model, args=ElsaConfig(**common, sparsity=0.7), train_dataset=data, callbacks=[timer])
+        args = ElsaConfig(**common, sparsity=0.7, **fields)
+        trainer = ElsaTrainer(model=model, args=args, train_dataset=data, callbacks=[timer])
     else:
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, callbacks=[timer])
     trainer.train()
     return timer.times[2:]  # skip warm-up steps
+
+
+def distillation_overhead(steps: int, rounds: int, batch_size: int, block_size: int, common: dict) -> None:
+    """Seconds per step of the default recipe on SmolLM2 with and without distillation, in alternating rounds."""
+    from hf_elsa.showcase.demo import load_smollm2, wikipedia_split
+
+    model, tokenizer = load_smollm2()
+    data = token_blocks(wikipedia_split(0)[0], tokenizer, block_size=block_size)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    times = {0.0: [], 1.0: []}
+    for _ in range(rounds):
+        for weight in times:
+            model.load_state_dict(state)
+            times[weight] += time_steps(True, steps, data, common, model=model, distill_weight=weight, admm_init="magnitude")
+    plain, taught = statistics.median(times[0.0]), statistics.median(times[1.0])
+    print(f"SmolLM2-135M, batch {batch_size}x{block_size}, {steps} steps x {rounds} rounds, CPU threads {torch.get_num_threads()}")
+    print(f"ElsaTrainer without distillation {plain:.3f} s/step, with (w = 1) {taught:.3f} s/step (medians)")
+    print(f"ratio with / without distillation = {taught / plain:.3f}")
 
 
 def projection_time(sparsity: float = 0.7) -> float | None:
@@ -81,7 +101,13 @@ def main():
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--projection-only", action="store_true")
+    parser.add_argument("--distillation", action="store_true", help="SmolLM2 with vs without distillation only")
     args = parser.parse_args()
+    if args.distillation:
+        common = dict(output_dir="/tmp/hf_elsa_overhead", max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+                      use_cpu=True, save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=10**6)
+        distillation_overhead(args.steps, args.rounds, args.batch_size, args.block_size, common)
+        return
 
     if not args.projection_only:
         data = token_blocks(torch.randint(0, 4096, (args.steps * args.batch_size * args.block_size + 1,),
@@ -91,7 +117,8 @@ def main():
         plain, elsa = [], []
         for _ in range(args.rounds):  # alternate so load changes hit both
             plain += time_steps(False, args.steps, data, common)
-            elsa += time_steps(True, args.steps, data, common)
+            # the ADMM machinery itself: no SparseGPT start, no teacher (--distillation measures the teacher)
+            elsa += time_steps(True, args.steps, data, common, admm_init="magnitude", distill_weight=0.0)
         p, e = statistics.mean(plain), statistics.mean(elsa)
         print(f"model: Llama {sum(x.numel() for x in small_llama().parameters()) / 1e6:.1f}M params, "
               f"batch {args.batch_size}x{args.block_size}, {args.steps} steps x {args.rounds} rounds, CPU threads {torch.get_num_threads()}")
