@@ -25,23 +25,12 @@ from torch import nn
 
 from ._logging import get_logger
 from .sparse_io import attach_sparsity, get_sparsity
+from .sparse_io.metadata import TRAINING_HYPERPARAMETERS  # what a keep-mask run records, here for LoRA
 from .targets import PRUNABLE_TYPES
 
 logger = get_logger(__name__)
 
 PEFT_INSTALL = 'pip install "hf_elsa[peft]"  (or: pip install peft)'
-# training settings recorded with a LoRA fine-tuning run (as sparsity_metadata records a keep-mask run)
-_TRAINING_KEYS = (
-    "learning_rate",
-    "max_steps",
-    "num_train_epochs",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "weight_decay",
-    "lr_scheduler_type",
-    "warmup_steps",
-    "seed",
-)
 
 
 def _peft():
@@ -149,7 +138,7 @@ def prepare_peft_model(peft_model, args) -> LoraKeepMask:
     kept = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     base = peft_model.get_base_model()
-    training = {key: getattr(args, key, None) for key in _TRAINING_KEYS}
+    training = {key: getattr(args, key, None) for key in TRAINING_HYPERPARAMETERS}
     training = {key: getattr(value, "value", value) for key, value in training.items()}
     if (training.get("max_steps") or -1) > 0:
         training.pop("num_train_epochs")
