@@ -38,7 +38,7 @@ class Budget:
     max_steps: int = field(default_factory=lambda: 150 if torch.cuda.is_available() else 100)
     batch_size: int = 4
     block_size: int = field(default_factory=lambda: 256 if torch.cuda.is_available() else 64)
-    learning_rate: float = 1e-4
+    learning_rate: float | None = None  # None: the recipe's (ELSA's), given to masked fine-tuning too
     calibration_samples: int = 128
     eval_seqlen: int = 512
     eval_windows: int | None = field(default_factory=lambda: 64 if torch.cuda.is_available() else 16)
@@ -54,7 +54,8 @@ class Budget:
             if isinstance(value, bool):
                 parser.add_argument(f"--{name}", type=lambda v: v.lower() in ("1", "true", "yes"), default=value)
             elif name != "elsa_overrides":
-                parser.add_argument(f"--{name}", type=type(value) if value is not None else int, default=value)
+                kind = float if name == "learning_rate" else (type(value) if value is not None else int)
+                parser.add_argument(f"--{name}", type=kind, default=value)
 
     @classmethod
     def from_args(cls, args) -> Budget:
@@ -104,14 +105,19 @@ def _train(
     from ..config import ElsaConfig
     from ..trainer import ElsaTrainer
 
-    overrides = dict(budget.elsa_overrides) if method == "elsa" else {"admm_fraction": 0.0}
+    # masked fine-tuning: magnitude pruning at step 0, then the same steps, data and learning rate as ELSA
+    overrides = (
+        dict(budget.elsa_overrides)
+        if method == "elsa"
+        else {"admm_fraction": 0.0, "admm_init": "magnitude", "distill_weight": 0.0}
+    )
     args = ElsaConfig(
         output_dir=output_dir,
         sparsity=sparsity,
         sparsity_type=sparsity_type,
         max_steps=budget.max_steps,
         per_device_train_batch_size=budget.batch_size,
-        learning_rate=budget.learning_rate,
+        learning_rate=budget.learning_rate or ElsaConfig(output_dir=output_dir, **budget.elsa_overrides).learning_rate,
         bf16=budget.bf16,
         use_cpu=not torch.cuda.is_available(),
         save_strategy="no",
@@ -259,7 +265,7 @@ def markdown_table(results: Sequence[Result], budget: Budget) -> str:
     dense = next((r.perplexity for r in results if r.method == "dense"), None)
     lines = [
         f"Held-out perplexity ({budget.eval_seqlen}-token windows; training methods: {budget.max_steps} steps of "
-        f"{budget.batch_size}x{budget.block_size} tokens, lr {budget.learning_rate}).",
+        f"{budget.batch_size}x{budget.block_size} tokens, lr {budget.learning_rate or "of the recipe"}).",
         "",
     ]
     if dense is not None:
