@@ -349,3 +349,20 @@ def test_docstring_lists_every_setting_under_its_topic():
 
     for f in elsa_fields():
         assert f"        {f.name} (`" in ElsaConfig.__doc__, f.name
+
+
+@pytest.mark.parametrize(
+    "kwargs,expected",
+    [
+        ({"sparsity": 0.5}, 3e-4),
+        ({"sparsity": 0.3}, 3e-4),
+        ({"sparsity": 0.7}, 1e-3),
+        ({"sparsity": 0.95}, 1e-3),
+        ({"sparsity_type": "2:4"}, 1e-3),
+        ({"sparsity": 0.6}, (3e-4 * 1e-3) ** 0.5),
+        ({"sparsity": 0.9, "recipe": "paper"}, 1e-4),
+        ({"sparsity": 0.5, "learning_rate": 2e-3}, 2e-3),  # set explicitly: wins
+    ],
+)
+def test_the_recipe_learning_rate_follows_the_sparsity(kwargs, expected, tmp_path):
+    assert ElsaConfig(output_dir=str(tmp_path), **kwargs).learning_rate == pytest.approx(expected)
