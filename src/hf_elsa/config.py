@@ -26,7 +26,7 @@ class ElsaConfig(TrainingArguments, ElsaSettings):
     # learning_rate, adam_beta2 and logging_steps below change TrainingArguments' defaults (see the docstring).
     learning_rate: float | None = field(
         default=None,
-        metadata={"help": "The initial learning rate. Default from recipe (elsa: 1e-3 at >= 70% and N:M, 3e-4 at 50%; paper 1e-4)."},
+        metadata={"help": "The initial learning rate. Default from recipe (elsa: 1e-3 from 0.7 sparsity up and for N:M, 3e-4 at 0.5; paper 1e-4)."},
     )
     adam_beta2: float = field(default=0.95, metadata={"help": "Beta2 for AdamW."})
     logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})

@@ -37,7 +37,10 @@ pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "prune.py"
 DDP_CONFIG = ROOT / "examples" / "accelerate_configs" / "ddp.yaml"
-ATOL = 1e-6
+# 2 processes vs 1 differ only in float32 summation order (DDP's all-reduce). With distillation (the default
+# recipe) the first steps' gradients are a KL of nearly equal distributions, and Adam's normalisation turns their
+# rounding into updates of ~1e-6: measured up to 2.2e-6 on these weights (~0.05). Masks must still be identical.
+ATOL = 1e-5
 SPARSITY = 0.7
 RECIPES = {
     # default recipe: proximal pull, cubic ramp, activation-aware score (statistics all-reduced)
