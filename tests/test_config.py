@@ -366,3 +366,12 @@ def test_docstring_lists_every_setting_under_its_topic():
 )
 def test_the_recipe_learning_rate_follows_the_sparsity(kwargs, expected, tmp_path):
     assert ElsaConfig(output_dir=str(tmp_path), **kwargs).learning_rate == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "kwargs,expected",
+    [({"sparsity": 0.5}, 0.5), ({"sparsity": 0.6}, 0.75), ({"sparsity": 0.9}, 1.0), ({"sparsity_type": "2:4"}, 1.0),
+     ({"recipe": "paper"}, 0.0), ({"sparsity": 0.5, "distill_weight": 1.0}, 1.0)],
+)  # fmt: skip
+def test_the_recipe_distillation_weight_follows_the_sparsity(kwargs, expected, tmp_path):
+    assert ElsaConfig(output_dir=str(tmp_path), **kwargs).distill_weight == pytest.approx(expected)
