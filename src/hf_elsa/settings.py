@@ -197,8 +197,8 @@ class ElsaSettings:
         "(penalty through the gradient, constant lambda 0.01, interval 32, ADMM for the whole run, magnitude "
         "projection, learning rate 1e-4, no distillation). `\"elsa\"`: starts from SparseGPT's weights and mask, "
         "distils from the dense model, a decoupled proximal penalty (lambda 1), a cubic sparsity ramp for z, the "
-        "activation-aware projection (SAFE+), the mask fixed after 15% of the steps, then masked fine-tuning, "
-        "learning rate 1e-3; it converges within short budgets (docs/quality.md, docs/convergence.md).",
+        "activation-aware projection (SAFE+), the mask fixed after 15% of the steps, then masked fine-tuning; the "
+        "distillation weight and learning rate follow the sparsity (docs/quality.md, docs/convergence.md).",
         choices=RECIPES,
     )
     admm_penalty: str | None = _setting(
