@@ -156,14 +156,14 @@ def test_two_processes_match_one(launcher, recipe, text_file, tmp_path):
     losses = [h["loss"] for h in a["log_history"] if "loss" in h]
     assert len(losses) == len(ref_losses) == 6
     # with distillation the loss is a KL of nearly equal distributions (~1e-4): an absolute tolerance too
-    assert all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-7) for x, y in zip(losses, ref_losses)), (losses, ref_losses)
+    assert all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-6) for x, y in zip(losses, ref_losses)), (losses, ref_losses)
     for key in ("loss_ce", "loss_distill", "loss_hidden"):  # distillation's parts, averaged over the processes
         ref_parts = [h[key] for h in ref["log_history"] if key in h]
         parts = [h[key] for h in a["log_history"] if key in h]
         assert parts == [h[key] for h in b["log_history"] if key in h], key
         expected = 6 if recipe == "distill" or (recipe == "elsa" and key != "loss_hidden") else 0
         assert len(parts) == len(ref_parts) == expected, key
-        assert all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-7) for x, y in zip(parts, ref_parts)), key
+        assert all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-6) for x, y in zip(parts, ref_parts)), (key, parts, ref_parts)
 
 
 if __name__ == "__main__":  # pragma: no cover
