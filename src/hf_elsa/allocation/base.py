@@ -28,9 +28,13 @@ class SparsityAllocation:
     #: the allocation is computed once (from the first scores with statistics) and then kept
     fixed_once_computed: bool = False
 
-    def __init__(self, min_sparsity: float = 0.0, max_sparsity: float = 1.0, **options):
+    def __init__(self, min_sparsity: float = 0.0, max_sparsity: float = 1.0):
         self.min_sparsity = min_sparsity
         self.max_sparsity = max_sparsity
+
+    def bounds(self, sparsity: float) -> tuple[float, float]:
+        """Per-tensor sparsity bounds at mean ``sparsity`` (widened to include it, e.g. early in the ramp)."""
+        return min(self.min_sparsity, sparsity), max(self.max_sparsity, sparsity)
 
     def tensor_sparsities(
         self,

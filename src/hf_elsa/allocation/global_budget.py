@@ -69,7 +69,7 @@ class GlobalBudget(SparsityAllocation):
         reduce: Reduce = no_reduce,
     ) -> dict[str, float]:
         total = round(sum(numels.values()) * sparsity)
-        low, high = min(self.min_sparsity, sparsity), max(self.max_sparsity, sparsity)
+        low, high = self.bounds(sparsity)
         bits = {n: _bits(normalised(s, reduce, numels[n])) for n, s in scores.items()}
         fixed: dict[str, int] = {}
         while True:

@@ -75,6 +75,6 @@ class Owl(SparsityAllocation):
         sizes = {layer: sum(numels[n] for n in scores if layer_of(n) == layer) for layer in ratios}
         layer_sparsity = owl_layer_sparsities(ratios, sizes, sparsity, self.spread)
         wanted = {n: layer_sparsity[layer_of(n)] for n in scores}
-        low, high = min(self.min_sparsity, sparsity), max(self.max_sparsity, sparsity)
+        low, high = self.bounds(sparsity)
         counts = bounded_counts(wanted, numels, round(sum(numels.values()) * sparsity), low, high)
         return {n: counts[n] / numels[n] for n in counts}
