@@ -112,6 +112,18 @@ def test_distillation_only_with_a_teacher_equal_to_the_student_has_zero_kl_at_th
     assert abs(first["loss_distill"]) < 1e-6  # the dense copy equals the student before the first update
 
 
+@pytest.mark.parametrize("accumulation,sam_rho", [(1, 0.0), (2, 0.0), (1, 0.05)])
+def test_logged_parts_are_per_step_means_that_add_up_to_the_logged_loss(accumulation, sam_rho, tmp_path):
+    w = 0.25
+    args = elsa_args(tmp_path, distill_weight=w, max_steps=6, logging_steps=3, sam_rho=sam_rho,
+                     gradient_accumulation_steps=accumulation)
+    trainer = train_quietly(make_model("llama"), args)
+    logged = [h for h in trainer.state.log_history if "loss_distill" in h]
+    assert len(logged) == 2
+    for h in logged:
+        assert h["loss"] == pytest.approx((1 - w) * h["loss_ce"] + w * h["loss_distill"], rel=1e-3)
+
+
 def test_a_given_teacher_is_used(tmp_path):
     teacher = make_model("llama", seed=7)
     model = make_model("llama")

@@ -122,7 +122,10 @@ class ElsaTrainer(Trainer):
             )
         # the dense teacher of distillation: a frozen copy of the model as it enters train() unless given
         self.teacher_model = teacher_model
+        # distillation's loss parts, summed over the micro-batches of the optimizer steps since the last log
         self._distill_sums: dict[str, float] = {}
+        self._distill_steps = 0  # optimizer steps since the last log
+        self._replaying = False  # SAM's second pass: its loss is not the step's loss and is not logged
         tokenizer = kwargs.get("processing_class")
         if getattr(tokenizer, "pad_token", "") is None and getattr(tokenizer, "eos_token", None) is not None:
             tokenizer.pad_token = tokenizer.eos_token  # as TRL does: the padding collator needs one
@@ -183,6 +186,7 @@ class ElsaTrainer(Trainer):
 
     # -- training -------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None, **kwargs):
+        self._distill_steps += self.accelerator.sync_gradients  # the last micro-batch of an optimizer step
         if self.lora is not None:  # LoRA keep-mask mode: a plain step; the frozen base keeps its zeros
             return super().training_step(model, inputs, num_items_in_batch, **kwargs)
         # Initialise z0/u0 (or prune, for a run that starts with the mask fixed) before the first
@@ -236,10 +240,14 @@ class ElsaTrainer(Trainer):
         ``num_items_in_batch`` and ``current_gradient_accumulation_steps`` are those of the same window, so the
         Trainer normalises the loss exactly as it did; DDP syncs only at the last micro-batch, as in the loop.
         """
-        for i, (micro_batch, num_items_in_batch) in enumerate(window):
-            last = i == len(window) - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
-                super().training_step(model, micro_batch, num_items_in_batch)
+        self._replaying = True
+        try:
+            for i, (micro_batch, num_items_in_batch) in enumerate(window):
+                last = i == len(window) - 1
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                    super().training_step(model, micro_batch, num_items_in_batch)
+        finally:
+            self._replaying = False
 
     @contextlib.contextmanager
     def _activation_statistics_paused(self):
@@ -361,8 +369,9 @@ class ElsaTrainer(Trainer):
             squarehead = hidden_state_loss(outputs.hidden_states, taught.hidden_states, mask) * scale
             loss = loss + a.distill_hidden_weight * squarehead
             terms["loss_hidden"] = squarehead.detach()
-        for key, value in terms.items():
-            self._distill_sums[key] = self._distill_sums.get(key, 0.0) + float(value)
+        if not self._replaying:
+            for key, value in terms.items():
+                self._distill_sums[key] = self._distill_sums.get(key, 0.0) + float(value)
         return (loss, outputs) if return_outputs else loss
 
     def evaluation_loop(self, *args, **kwargs):
@@ -381,13 +390,13 @@ class ElsaTrainer(Trainer):
         if self.elsa_optimizer is not None and "loss" in logs:
             logs.update(self.elsa_optimizer.metrics)
         if "loss" in logs and self._distill_sums:
-            # summed over the micro-batches since the last log and averaged over processes, like the Trainer's loss
-            steps = max(self.state.global_step - self._globalstep_last_logged, 1)
+            # per optimizer step since the last log and averaged over processes, like the Trainer's loss
+            steps = max(self._distill_steps, 1)
             keys = sorted(self._distill_sums)
             sums = torch.tensor([self._distill_sums[k] for k in keys], device=self.args.device, dtype=torch.float64)
             sums = self.accelerator.reduce(sums, reduction="mean")
             logs.update({key: float(value) / steps for key, value in zip(keys, sums)})
-            self._distill_sums = {}
+            self._distill_sums, self._distill_steps = {}, 0
         super().log(logs, *args, **kwargs)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
@@ -403,6 +412,7 @@ class ElsaTrainer(Trainer):
                 f"cannot resume from it at step {self._elsa_resume_step}. Start a new run from the model saved in it."
             )
         self._sam_window = []  # nothing left over from an interrupted run
+        self._distill_sums, self._distill_steps = {}, 0
         self._prepare_teacher()
         try:
             output = super().train(resume_from_checkpoint, *args, **kwargs)
