@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import make_model
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from hf_elsa import to_sparse_inference
 from hf_elsa.inference import (
@@ -95,9 +96,13 @@ def test_model_logits_generate_and_round_trip(pattern, kernel):
     with torch.no_grad():
         assert torch.equal(twin(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
 
-    # the converted model's state dict loads into another converted copy
+    # the converted model's state dict is the original one (nn.Linear's layout, the same zeros) ...
+    converted = model.state_dict()
+    assert converted.keys() == original.keys()
+    assert all(torch.equal(converted[k], original[k]) for k in original)
+    # ... and loads into another converted copy with other weights and another number of kept weights
     other = to_sparse_inference(_pruned("llama", pattern, seed=5), kernels=[kernel], force=True)
-    other.load_state_dict(model.state_dict())
+    other.load_state_dict(converted)
     with torch.no_grad():
         assert _rel(other(ids, attention_mask=mask).logits, ref) <= 1e-4
 
@@ -166,6 +171,29 @@ def test_candidates_from_attached_masks(tmp_path):
     assert set(sparse_layers(loaded)) == set(masks) and all("mlp" not in n for n in masks)
     from_sparse_inference(loaded)
     loaded.save_pretrained(tmp_path / "again")  # the sparse save checks still pass after the round trip
+
+
+def test_a_converted_model_saves_the_model_it_computes(tmp_path):
+    from hf_elsa.sparse_io import attach_sparsity, load_sparse_model
+
+    model = _pruned("llama", "unstructured")
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    twin = copy.deepcopy(model)
+    to_sparse_inference(model, kernels=["torch_csr"], force=True)
+    assert sparse_layers(model)
+    model.save_pretrained(tmp_path / "plain")  # transformers' own save: a standard folder
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    # a model loaded with its masks (load_sparse_model attaches them), then converted, saves sparse
+    masks = {name: m.weight.ne(0) for name, m in twin.named_modules() if name in sparse_layers(model)}
+    attach_sparsity(twin, masks, {"method": "magnitude", "sparsity": 0.8})
+    to_sparse_inference(twin, kernels=["torch_csr"], force=True)
+    twin.save_pretrained(tmp_path / "sparse", compressed=True)  # the sparse save checks the zeros against the masks
+    sparse = load_sparse_model(tmp_path / "sparse")
+    for loaded in (plain, sparse):
+        state = loaded.state_dict()
+        assert state.keys() == original.keys() and all(torch.equal(state[k], original[k]) for k in original)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        model.load_state_dict({**model.state_dict(), "model.layers.0.mlp.up_proj.weight": torch.zeros(3, 3)})
 
 
 def test_cuda_2_4_refuses_on_cpu():

@@ -31,7 +31,7 @@ REPORT_ATTR = "hf_elsa_inference"
 class SparseLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` stored as CSR; the kernel is picked per call from the token count.
 
-    Buffers (in the state dict): ``values`` (kept weights, model dtype), ``col_indices`` (int16 up to
+    Buffers: ``values`` (kept weights, model dtype), ``col_indices`` (int16 up to
     32768 input features, else int32),
     ``crow_indices`` (int32, ``out_features + 1``); ``bias`` stays a parameter. ``plan`` maps measured
     token counts to kernel names; a call with ``n`` tokens uses the entry nearest to ``n`` (log scale).
@@ -50,9 +50,10 @@ class SparseLinear(nn.Module):
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("values", values)
-        self.register_buffer("crow_indices", crow_indices)
-        self.register_buffer("col_indices", col_indices)
+        # not in the state dict, which holds the dense layout (see _save_to_state_dict)
+        self.register_buffer("values", values, persistent=False)
+        self.register_buffer("crow_indices", crow_indices, persistent=False)
+        self.register_buffer("col_indices", col_indices, persistent=False)
         self.bias = nn.Parameter(bias, requires_grad=bias.requires_grad) if bias is not None else None
         self._kernels: dict[str, Kernel] = {}
         self._by_tokens: dict[int, Kernel] = {}
@@ -68,13 +69,7 @@ class SparseLinear(nn.Module):
             index_dtype = torch.int16 if linear.in_features <= 2**15 else torch.int32
         if index_dtype not in (torch.int16, torch.int32) or (index_dtype == torch.int16 and linear.in_features > 2**15):
             raise ValueError(f"index_dtype {index_dtype} cannot index {linear.in_features} input features")
-        # -0.0 (what masking by multiplication leaves) counts as zero: it comes back as +0.0
-        stored = weight.ne(0)
-        counts = stored.sum(dim=1, dtype=torch.int32)
-        crow = torch.zeros(weight.shape[0] + 1, dtype=torch.int32, device=weight.device)
-        torch.cumsum(counts, 0, out=crow[1:])
-        col = stored.nonzero()[:, 1].to(index_dtype)
-        values = weight[stored].clone()
+        values, crow, col = _csr(weight, index_dtype)
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls(linear.in_features, linear.out_features, values, crow, col, bias, plan)
 
@@ -111,14 +106,31 @@ class SparseLinear(nn.Module):
         self._kernels, self._by_tokens = {}, {}
         return super()._apply(fn, recurse)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # a checkpoint of the same layer may keep another number of weights: take its buffer sizes
-        for name in ("values", "col_indices", "crow_indices"):
-            key = prefix + name
-            if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
-                setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))
-        self._kernels, self._by_tokens = {}, {}
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    # The state dict has nn.Linear's layout (``weight`` with its zeros, ``bias``): save_pretrained, push_to_hub,
+    # the sparse save and load_state_dict of the original architecture see what they expect, and a saved
+    # converted model is the dense-zero model it computes. Saving materialises the dense weights.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.dense_weight()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "weight"
+        if key in state_dict:
+            weight = state_dict[key]
+            if tuple(weight.shape) != (self.out_features, self.in_features):
+                error_msgs.append(
+                    f"size mismatch for {key}: copying a param with shape {tuple(weight.shape)}, the layer has "
+                    f"{(self.out_features, self.in_features)}"
+                )
+            else:  # the kept weights may differ in number and place: new buffers, kernels rebuilt on next call
+                csr = _csr(weight.detach().to(self.values.device, self.values.dtype), self.col_indices.dtype)
+                self.values, self.crow_indices, self.col_indices = csr
+                self._kernels, self._by_tokens = {}, {}
+        elif strict:
+            missing_keys.append(key)
+        rest = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     # -- compute ------------------------------------------------------------------------------------
     def dense_weight(self) -> torch.Tensor:
@@ -162,6 +174,15 @@ class SparseLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"sparsity={self.sparsity:.3f}, bias={self.bias is not None}, plan=[{plan}]"
         )
+
+
+def _csr(weight: torch.Tensor, index_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(values, crow_indices int32, col_indices index_dtype)`` of the non-zeros of a 2-D weight."""
+    # -0.0 (what masking by multiplication leaves) counts as zero: it comes back as +0.0
+    stored = weight.ne(0)
+    crow = torch.zeros(weight.shape[0] + 1, dtype=torch.int32, device=weight.device)
+    torch.cumsum(stored.sum(dim=1, dtype=torch.int32), 0, out=crow[1:])
+    return weight[stored].clone(), crow, stored.nonzero()[:, 1].to(index_dtype)
 
 
 # -- the report -------------------------------------------------------------------------------------
