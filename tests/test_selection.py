@@ -42,6 +42,11 @@ def _cases(rows, cols, seed):
     special[torch.rand(rows, cols, generator=gen) < 0.05] = -float("inf")
     yield "nan_zeros_inf", special
     yield "all_nan", torch.full((rows, cols), float("nan"))
+    # no NaN, so several rows take numpy's introselect path: infinities, zeros of both signs and ties
+    infinite = x.round(decimals=1)
+    infinite[torch.rand(rows, cols, generator=gen) < 0.1] = float("inf")
+    infinite[torch.rand(rows, cols, generator=gen) < 0.1] = -0.0
+    yield "inf_no_nan", infinite
     yield "signed_zeros", torch.where(torch.rand(rows, cols, generator=gen) < 0.5, 0.0, -0.0)
 
 

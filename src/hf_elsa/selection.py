@@ -10,7 +10,9 @@ pruned (``< lo``), certainly kept (``> hi``) and a small band in between; the ex
 to the band alone, with k reduced by the count below ``lo``. The bracket only decides how much work the
 band costs, never the result: a row whose bracket misses the k-th value (probability ~1e-6 per row with
 the margins below) is selected by the direct method instead, so the mask is exact whatever the sample.
-Several rows (the per-row projection) use the direct method, :func:`prune_smallest_direct`.
+Several rows (the per-row projection, and short single rows) take each row's k-th smallest value from
+numpy's per-row introselect (``np.partition``) on the CPU, then the same tie rule as
+:func:`prune_smallest_direct` (the ``kthvalue`` reference, used on other devices and for NaN scores).
 """
 
 from __future__ import annotations
@@ -73,8 +75,14 @@ def prune_smallest(score: torch.Tensor, k: int) -> torch.Tensor:
     score = score.contiguous()
     if rows > 1 or cols <= SAMPLE:
         # Several rows: a per-row sample small enough to be cheap brackets too loosely (measured slower
-        # than the direct method on SmolLM2's rows of 576 and 1536 columns), so rows go the direct way,
-        # which skips the cumsum for rows without a split tie.
+        # than the direct method on SmolLM2's rows of 576 and 1536 columns); numpy's per-row introselect
+        # finds the thresholds ~6x faster than kthvalue on the CPU.
+        if score.device.type == "cpu" and score.dtype in (torch.float32, torch.float64):
+            values = score.numpy()
+            with np.errstate(invalid="ignore", over="ignore"):
+                total = values.sum()
+            if not np.isnan(total):  # numpy orders NaN last, the rule here first (+inf - inf: direct too)
+                return torch.from_numpy(_prune_rows_numpy(values, k))
         return prune_smallest_direct(score, k)
 
     # 1. bracket the k-th smallest value between two sampled values
@@ -103,6 +111,19 @@ def prune_smallest(score: torch.Tensor, k: int) -> torch.Tensor:
         chosen = prune_smallest_direct(vals.view(1, -1), need).view(-1)
         pruned[index[chosen]] = True
     return pruned.view(rows, cols)
+
+
+def _prune_rows_numpy(values: np.ndarray, k: int) -> np.ndarray:
+    """The rule on NaN-free rows: each row's k-th smallest by introselect, then ``<=`` it, ties fixed left to right."""
+    threshold = np.partition(values, k - 1, axis=1)[:, k - 1 : k]
+    pruned = values <= threshold
+    over = np.flatnonzero(np.count_nonzero(pruned, axis=1) > k)  # rows whose ties at the threshold must split
+    if over.size:
+        rows, limit = values[over], threshold[over]
+        ties = rows == limit
+        missing = k - np.count_nonzero(rows < limit, axis=1, keepdims=True)
+        pruned[over] = (rows < limit) | (ties & (np.cumsum(ties, axis=1) <= missing))
+    return pruned
 
 
 def _count(flags: torch.Tensor) -> int:
