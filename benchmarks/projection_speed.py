@@ -5,8 +5,10 @@
 For every prunable weight of SmolLM2-135M (the 210 Linear weights, 106M entries) it times, interleaved
 and repeated (medians reported): one elementwise pass (``score.abs()``, a fresh output like any
 elementwise op), the old selection (``selection.prune_smallest_direct``: kthvalue + cumsum) and the new one
-(``selection.prune_smallest``), per tensor ("unstructured") and per output row ("row"), and prints each
-as a multiple of the elementwise pass. The masks of old and new are checked equal.
+(``selection.prune_smallest``), per tensor ("unstructured") and per output row ("row"), and the global
+allocation's exact threshold over all tensors (``GlobalBudget``: with its sampled bracket, and without one,
+the plain bisection over every entry it replaced), and prints each as a multiple of the elementwise pass.
+The masks (and allocations) of old and new are checked equal.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def _weights():
 
 def run(sparsity: float = 0.9, repeats: int = 5, threads: int = 1, scores=None) -> dict[str, float]:
     from hf_elsa.selection import prune_smallest_direct as _prune_smallest
+    from hf_elsa.allocation import GlobalBudget, global_budget
     from hf_elsa.selection import prune_smallest
 
     torch.set_num_threads(threads)
@@ -44,12 +47,27 @@ def run(sparsity: float = 0.9, repeats: int = 5, threads: int = 1, scores=None) 
     for a, b in zip(row(_prune_smallest), row(prune_smallest)):
         assert torch.equal(a, b), "old and new row masks differ"
 
+    named = {str(i): s for i, s in enumerate(scores)}
+    numels = {n: s.numel() for n, s in named.items()}
+
+    def allocation(bracket: bool):
+        margin = global_budget.MARGIN_SD
+        global_budget.MARGIN_SD = margin if bracket else -1.0  # an empty bracket: bisection over every entry
+        try:
+            return GlobalBudget().tensor_sparsities(named, numels, sparsity)
+        finally:
+            global_budget.MARGIN_SD = margin
+
+    assert allocation(True) == allocation(False), "global allocations with and without the bracket differ"
+
     cases = {
         "elementwise pass (abs)": lambda: [s.abs() for s in scores],
         "unstructured, old": lambda: unstructured(_prune_smallest),
         "unstructured, new": lambda: unstructured(prune_smallest),
         "row, old": lambda: row(_prune_smallest),
         "row, new": lambda: row(prune_smallest),
+        "global allocation, old (bisection over all)": lambda: allocation(False),
+        "global allocation, new (sampled bracket)": lambda: allocation(True),
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):

@@ -117,3 +117,57 @@ def test_owl_mean_is_the_target_with_unequal_layers():
     assert sum(layer[k] * sizes[k] for k in sizes) / 450 == pytest.approx(0.7)
     assert max(layer.values()) - min(layer.values()) == pytest.approx(0.16)
     assert layer["1"] == min(layer.values())  # the most outliers -> the least sparsity
+
+
+@pytest.mark.parametrize("sample,margin", [(65536, 5.0), (16, 0.0), (8, -4.0)])  # default / tight / always missing
+def test_global_search_is_exact_whatever_the_sampled_bracket(monkeypatch, sample, margin):
+    from hf_elsa.allocation import global_budget
+
+    monkeypatch.setattr(global_budget, "SAMPLE", sample)
+    monkeypatch.setattr(global_budget, "MARGIN_SD", margin)
+    ranges = []
+    bisect = global_budget._bisect
+    monkeypatch.setattr(global_budget, "_bisect", lambda b, k, r, lo, hi: ranges.append((lo, hi)) or bisect(b, k, r, lo, hi))
+    for seed in range(4):
+        scores = _scores(seed, shapes=((40, 30), (25, 20), (30, 64)))
+        scores["t0"][:5] = 0.5  # ties across the threshold
+        numels = {n: s.numel() for n, s in scores.items()}
+        for sparsity in (0.3, 0.7, 0.95):
+            got = GlobalBudget(0.0, 1.0).tensor_sparsities(scores, numels, sparsity)
+            assert {n: round(got[n] * numels[n]) for n in got} == _brute_force_global(scores, sparsity)
+    full = global_budget._FULL_RANGE
+    if margin == 5.0:
+        assert full not in ranges  # the default bracket holds: the bisection only ran over its band
+    if margin < 0:
+        assert ranges and all(r == full for r in ranges)  # an empty bracket: every search over all entries
+
+
+def test_global_allocation_over_shards_equals_the_whole(monkeypatch):
+    """Two 'processes' (threads) holding halves of every tensor, counts summed by a barrier all-reduce."""
+    import threading
+
+    scores = _scores(3, shapes=((40, 30), (24, 20), (30, 64)))
+    numels = {n: s.numel() for n, s in scores.items()}
+    whole = GlobalBudget(0.6, 0.8).tensor_sparsities(scores, numels, 0.7)
+    barrier, slots, results = threading.Barrier(2), [None, None], [None, None]
+
+    def make_reduce(rank):
+        def reduce(t):
+            slots[rank] = t.clone()
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+
+        return reduce
+
+    def process(rank):
+        shards = {n: s.chunk(2)[rank] for n, s in scores.items()}  # as FSDP2 shards rows
+        results[rank] = GlobalBudget(0.6, 0.8).tensor_sparsities(shards, numels, 0.7, reduce=make_reduce(rank))
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[0] == results[1] == whole

@@ -113,3 +113,18 @@ def test_flat_nonzero(n, density):
     if n > 16:
         view = flags[8:]  # a view at an offset of one word
         assert torch.equal(_flat_nonzero(view), view.nonzero().view(-1))
+
+
+def test_projection_speed_benchmark_runs_on_small_tensors():
+    """benchmarks/projection_speed.py: every case runs and old/new masks and allocations agree (its own checks)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "projection_speed.py"
+    spec = importlib.util.spec_from_file_location("projection_speed", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    gen = torch.Generator().manual_seed(0)
+    scores = [torch.rand(shape, generator=gen) for shape in ((64, 48), (16, 9000), (128, 32))]
+    result = script.run(sparsity=0.8, repeats=1, scores=scores)
+    assert len(result) == 7 and all(seconds > 0 for seconds in result.values())

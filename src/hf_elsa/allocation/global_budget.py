@@ -4,8 +4,8 @@ The ``round(N * sparsity)`` lowest normalised scores over all N prunable weights
 tensor's scores are divided by their mean (so a tensor's scale alone does not decide), and every tensor's
 sparsity is kept within ``[min_sparsity, max_sparsity]``: a tensor that would leave its bounds is fixed at
 the bound and the rest of the budget is spread over the others again (water filling), so no layer is
-emptied. The threshold is found by bisection on the float bits with counts summed over processes, so a
-sharded model needs no gather.
+emptied. The threshold is found by bisection on the float bits, over the entries inside a sampled bracket,
+with counts summed over processes, so a sharded model needs no gather.
 """
 
 from __future__ import annotations
@@ -25,14 +25,62 @@ def normalised(score: torch.Tensor, reduce: Reduce, numel: int) -> torch.Tensor:
     return score.float() / mean if mean > 0 else score.float()
 
 
-def _bits(score: torch.Tensor) -> torch.Tensor:
-    # non-negative floats order like their int32 bit patterns (NaN treated as the least important)
-    return torch.nan_to_num(score, nan=0.0).clamp_min(0.0).view(torch.int32)
+def _bits(score: torch.Tensor, reduce: Reduce, numel: int) -> torch.Tensor:
+    """Normalised scores as int32 bit patterns: non-negative floats order like them (NaN = least important)."""
+    x = normalised(score, reduce, numel)
+    if x.data_ptr() == score.data_ptr():
+        x = x.clone()  # the in-place clean-up below must not touch the caller's scores
+    return x.nan_to_num_(nan=0.0).clamp_min_(0.0).view(torch.int32)
+
+
+# entries sampled (over all tensors) to bracket the k-th smallest value, and the bracket's margin in binomial
+# standard deviations of the sampled rank: the bracket only decides how much work the search costs
+SAMPLE = 65536
+MARGIN_SD = 5.0
+_SEED = 0x610BA1
+_FULL_RANGE = (0, 0x7F800000)  # +0.0 .. +inf
 
 
 def kth_smallest_bits(bits: list[torch.Tensor], k: int, reduce: Reduce) -> int:
-    """Bit pattern of the k-th smallest value (1-based) over all ``bits`` tensors and processes."""
-    low, high = 0, 0x7F800000  # +0.0 .. +inf
+    """Bit pattern of the k-th smallest value (1-based) over all ``bits`` tensors and processes.
+
+    A fixed-seed sample brackets the value; two counting passes check the bracket (summed over processes, so
+    every process takes the same branch) and collect this process's entries inside it, and a bisection on
+    the bit patterns then runs over those few entries only. If the bracket misses, over all entries.
+    """
+    lo, hi = _sampled_bracket(bits, k, reduce)
+    below, upto = reduce(torch.stack([sum((b < lo).sum() for b in bits), sum((b <= hi).sum() for b in bits)]).double())
+    if below < k <= upto:
+        band = torch.cat([b[(b >= lo) & (b <= hi)] for b in bits])
+        return _bisect([band], k - int(below), reduce, lo, hi)
+    return _bisect(bits, k, reduce, *_FULL_RANGE)
+
+
+def _sampled_bracket(bits: list[torch.Tensor], k: int, reduce: Reduce) -> tuple[int, int]:
+    local = sum(b.numel() for b in bits)
+    total, processes = (float(v) for v in reduce(torch.tensor([float(local), 1.0], dtype=torch.float64)))
+    gen = torch.Generator(device="cpu").manual_seed(_SEED)
+    sample = torch.cat(
+        [
+            b.view(-1)[torch.randint(0, b.numel(), (math.ceil(SAMPLE * b.numel() / local),), generator=gen).to(b.device)]
+            for b in bits
+            if b.numel()
+        ]
+        or [torch.zeros(0, dtype=torch.int32)]
+    ).sort().values
+    size = sample.numel()
+    q = min(k / max(total, 1.0), 1.0)
+    spread = MARGIN_SD * math.sqrt(size * q * (1.0 - q)) + 1.0
+    i_lo, i_hi = math.floor(q * size - spread), math.ceil(q * size + spread)
+    lo = int(sample[i_lo]) if 0 <= i_lo < size else _FULL_RANGE[0]
+    hi = int(sample[i_hi]) if 0 <= i_hi < size else _FULL_RANGE[1]
+    # one bracket for all processes (the mean of theirs): the counts above then mean the same everywhere
+    lo_sum, hi_sum = (float(v) for v in reduce(torch.tensor([float(lo), float(hi)], dtype=torch.float64)))
+    return math.floor(lo_sum / processes), math.ceil(hi_sum / processes)
+
+
+def _bisect(bits: list[torch.Tensor], k: int, reduce: Reduce, low: int, high: int) -> int:
+    """The smallest pattern ``t`` in ``[low, high]`` with at least ``k`` entries ``<= t`` over all processes."""
     while low < high:
         mid = (low + high) // 2
         count = reduce(torch.stack([(b <= mid).sum() for b in bits]).sum().reshape(1).double())[0]
@@ -70,7 +118,7 @@ class GlobalBudget(SparsityAllocation):
     ) -> dict[str, float]:
         total = round(sum(numels.values()) * sparsity)
         low, high = self.bounds(sparsity)
-        bits = {n: _bits(normalised(s, reduce, numels[n])) for n, s in scores.items()}
+        bits = {n: _bits(s, reduce, numels[n]) for n, s in scores.items()}
         fixed: dict[str, int] = {}
         while True:
             free = {n: b for n, b in bits.items() if n not in fixed}
