@@ -68,10 +68,14 @@ def test_all_zero_weight_and_no_bias():
         assert torch.equal(layer(torch.randn(3, 16)), torch.zeros(3, 8))
 
 
-@pytest.mark.parametrize("pattern", list(PATTERNS))
-@pytest.mark.parametrize("kernel", CPU_KERNELS)
-def test_model_logits_generate_and_round_trip(pattern, kernel):
-    model = _pruned("llama", pattern)
+@pytest.mark.parametrize(
+    "arch,pattern,kernel",
+    [("llama", p, k) for p in PATTERNS for k in CPU_KERNELS] + [("gpt2", p, "torch_csr") for p in PATTERNS],
+)
+def test_model_logits_generate_and_round_trip(arch, pattern, kernel):
+    """gpt2: its Conv1D layers (weights stored (in, out)) convert, save and come back as Conv1D."""
+    model = _pruned(arch, pattern)
+    kinds = {n: type(m) for n, m in model.named_modules()}
     original = {k: v.clone() for k, v in model.state_dict().items()}
     ids = torch.randint(3, 128, (3, 12), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
@@ -84,7 +88,7 @@ def test_model_logits_generate_and_round_trip(pattern, kernel):
 
     assert to_sparse_inference(model, kernels=[kernel], force=True) is model
     layers = sparse_layers(model)
-    assert len(layers) == 14  # every pruned Linear of the 2-layer llama, not the LM head
+    assert len(layers) == {"llama": 14, "gpt2": 8}[arch]  # every pruned layer of the 2-layer model, not the LM head
     assert isinstance(model.lm_head, nn.Linear)
     with torch.no_grad():
         assert _rel(model(ids, attention_mask=mask).logits, ref) <= 1e-4
@@ -101,13 +105,13 @@ def test_model_logits_generate_and_round_trip(pattern, kernel):
     assert converted.keys() == original.keys()
     assert all(torch.equal(converted[k], original[k]) for k in original)
     # ... and loads into another converted copy with other weights and another number of kept weights
-    other = to_sparse_inference(_pruned("llama", pattern, seed=5), kernels=[kernel], force=True)
+    other = to_sparse_inference(_pruned(arch, pattern, seed=5), kernels=[kernel], force=True)
     other.load_state_dict(converted)
     with torch.no_grad():
         assert _rel(other(ids, attention_mask=mask).logits, ref) <= 1e-4
 
     from_sparse_inference(model)
-    assert not sparse_layers(model)
+    assert not sparse_layers(model) and {n: type(m) for n, m in model.named_modules()} == kinds
     restored = model.state_dict()
     assert restored.keys() == original.keys()
     assert all(torch.equal(restored[k], original[k]) for k in original)

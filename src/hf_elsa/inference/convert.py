@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import densify, native, scipy_csr, semi_structured, torch_csr  # noqa: F401  (register the kernels)
+from transformers.pytorch_utils import Conv1D
+
+from ..targets import PRUNABLE_TYPES, is_transposed
 from .kernels import KERNELS, Kernel
 
 REPORT_ATTR = "hf_elsa_inference"
@@ -47,9 +50,11 @@ class SparseLinear(nn.Module):
         col_indices: torch.Tensor,
         bias: torch.Tensor | None = None,
         plan: Sequence[tuple[int, str]] = (),
+        conv1d: bool = False,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.conv1d = conv1d  # replaces a GPT-2 Conv1D: its state dict weight is (in, out)
         # not in the state dict, which holds the dense layout (see _save_to_state_dict)
         self.register_buffer("values", values, persistent=False)
         self.register_buffer("crow_indices", crow_indices, persistent=False)
@@ -61,9 +66,13 @@ class SparseLinear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, plan: Sequence[tuple[int, str]] = (), index_dtype: torch.dtype | None = None
+        cls, linear: nn.Module, plan: Sequence[tuple[int, str]] = (), index_dtype: torch.dtype | None = None
     ) -> SparseLinear:
-        """CSR copy of ``linear``; column indices int16 when ``in_features <= 32768`` (default), else int32."""
+        """CSR copy of an ``nn.Linear`` (or GPT-2 ``Conv1D``); column indices int16 when ``in_features <= 32768``
+        (default), else int32."""
+        conv1d = is_transposed(linear)
+        if conv1d:
+            linear = _as_linear(linear)
         weight = linear.weight.detach()
         if index_dtype is None:
             index_dtype = torch.int16 if linear.in_features <= 2**15 else torch.int32
@@ -71,7 +80,7 @@ class SparseLinear(nn.Module):
             raise ValueError(f"index_dtype {index_dtype} cannot index {linear.in_features} input features")
         values, crow, col = _csr(weight, index_dtype)
         bias = linear.bias.detach() if linear.bias is not None else None
-        return cls(linear.in_features, linear.out_features, values, crow, col, bias, plan)
+        return cls(linear.in_features, linear.out_features, values, crow, col, bias, plan, conv1d)
 
     # -- plan and kernels ---------------------------------------------------------------------------
     def set_plan(self, plan: Sequence[tuple[int, str]]) -> None:
@@ -110,18 +119,20 @@ class SparseLinear(nn.Module):
     # the sparse save and load_state_dict of the original architecture see what they expect, and a saved
     # converted model is the dense-zero model it computes. Saving materialises the dense weights.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.dense_weight()
+        weight = self.dense_weight()
+        destination[prefix + "weight"] = weight.T.contiguous() if self.conv1d else weight
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         key = prefix + "weight"
         if key in state_dict:
-            weight = state_dict[key]
+            weight = state_dict[key].T if self.conv1d else state_dict[key]
             if tuple(weight.shape) != (self.out_features, self.in_features):
+                expected = (self.out_features, self.in_features)[:: -1 if self.conv1d else 1]
                 error_msgs.append(
-                    f"size mismatch for {key}: copying a param with shape {tuple(weight.shape)}, the layer has "
-                    f"{(self.out_features, self.in_features)}"
+                    f"size mismatch for {key}: copying a param with shape {tuple(state_dict[key].shape)}, the layer "
+                    f"has {expected}"
                 )
             else:  # the kept weights may differ in number and place: new buffers, kernels rebuilt on next call
                 csr = _csr(weight.detach().to(self.values.device, self.values.dtype), self.col_indices.dtype)
@@ -247,8 +258,19 @@ class InferenceReport:
 # -- conversion -------------------------------------------------------------------------------------
 
 
+def _as_linear(conv: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` sharing a GPT-2 ``Conv1D``'s storage (its weight is the transposed view): timed and
+    converted like any Linear."""
+    linear = nn.Linear(conv.weight.shape[0], conv.weight.shape[1], bias=conv.bias is not None, device="meta")
+    linear.weight = nn.Parameter(conv.weight.detach().T, requires_grad=False)
+    if conv.bias is not None:
+        linear.bias = conv.bias
+    return linear
+
+
 def _candidates(model: nn.Module, modules: Iterable[str] | None) -> list[tuple[str, nn.Linear]]:
-    """The pruned Linears: those named by attached masks, else every Linear with an exact zero (LM head excluded)."""
+    """The pruned Linears (GPT-2 ``Conv1D`` as Linear views): those named by attached masks, else every
+    Linear with an exact zero (LM head excluded)."""
     from ..sparse_io import get_sparsity
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -264,19 +286,20 @@ def _candidates(model: nn.Module, modules: Iterable[str] | None) -> list[tuple[s
         state = get_sparsity(model)
         if state is not None:
             names = [key[: -len(".weight")] for key in state.masks if key.endswith(".weight")]
-            names = [n for n in names if isinstance(named.get(n), nn.Linear)]
+            names = [n for n in names if isinstance(named.get(n), PRUNABLE_TYPES)]
         else:
             names = [
                 n
                 for n, m in named.items()
-                if isinstance(m, nn.Linear) and m is not head and bool(m.weight.detach().eq(0).any())
+                if isinstance(m, PRUNABLE_TYPES) and m is not head and bool(m.weight.detach().eq(0).any())
             ]
     # a weight shared with another module (tied) stays dense: replacing one side would untie it
     owners: dict[int, int] = {}
     for m in model.modules():
         for p in m.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
-    return [(n, named[n]) for n in names if named[n] is not head and owners.get(id(named[n].weight), 0) == 1]
+    kept = [n for n in names if named[n] is not head and owners.get(id(named[n].weight), 0) == 1]
+    return [(n, _as_linear(named[n]) if is_transposed(named[n]) else named[n]) for n in kept]
 
 
 def _time_layers(fns, layers, repeats: int, sync) -> dict[str, list[float]]:
@@ -383,7 +406,8 @@ def to_sparse_inference(
             )
         return model
 
-    sparse = {name: SparseLinear.from_linear(linear, index_dtype=index_dtype) for name, linear in candidates}
+    modules_by_name = dict(model.named_modules())
+    sparse = {name: SparseLinear.from_linear(modules_by_name[name], index_dtype=index_dtype) for name, _ in candidates}
     accepts = {(lname, k): KERNELS[k].accepts(sparse[lname]) for lname, _ in candidates for k in usable}
     sizes = sorted(set(tokens) | ({prefill_tokens} if prefill_tokens else set()))
     timings: dict[int, dict[str, list[float]]] = {}
@@ -474,8 +498,13 @@ def from_sparse_inference(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, SparseLinear):
             weight = module.dense_weight()
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-            linear.weight = nn.Parameter(weight)
+            if module.conv1d:
+                with torch.device("meta"):
+                    linear = Conv1D(module.out_features, module.in_features)
+                linear.weight = nn.Parameter(weight.T.contiguous())
+            else:
+                linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+                linear.weight = nn.Parameter(weight)
             if module.bias is not None:
                 linear.bias = module.bias
             _replace(model, name, linear)
