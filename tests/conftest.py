@@ -29,12 +29,12 @@ SEQ = 16
 # ---------------------------------------------------------------------------------------------------
 # tiny models
 # ---------------------------------------------------------------------------------------------------
-def _llama_config(hidden=32, intermediate=64, heads=4, kv_heads=2, tie=True):
+def _llama_config(hidden=32, intermediate=64, heads=4, kv_heads=2, tie=True, num_hidden_layers=2):
     return transformers.LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=hidden,
         intermediate_size=intermediate,
-        num_hidden_layers=2,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         max_position_embeddings=64,

@@ -1,6 +1,6 @@
 """Shared factories and checks of the sparse_io tests.
 
-Tiny fp32 models built from configs (Llama, GPT-2, OPT, Qwen2), seeded, offline; a "wide" Llama (256-wide
+Tiny fp32 models from tests/conftest.py (Llama, GPT-2, OPT, Qwen2), seeded, offline; a "wide" Llama (256-wide
 Linears) where the size of the coded masks matters.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
+from conftest import VOCAB, make_model
 
 from hf_elsa import ElsaConfig, sparse_io
 from hf_elsa.data import token_blocks
@@ -21,65 +21,17 @@ from hf_elsa.sparse_io import COMPRESSED_NAME, ELSA_CONFIG_NAME, MASKS_NAME, att
 from hf_elsa.sparse_io.files import sha256
 from hf_elsa.targets import find_prunable_modules
 
-VOCAB = 128
-
-
-CONFIGS = {
-    "llama": lambda: LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    ),
-    "gpt2": lambda: GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
-    ),
-    "opt": lambda: OPTConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        ffn_dim=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        word_embed_proj_dim=32,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=1,
-    ),
-    "qwen2": lambda: Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    ),
-}
-
-
-ARCHS = sorted(CONFIGS)
-
-
-# one layer of 256x256 (q, o), 128x256 (k, v) and 512x256 / 256x512 (MLP) weights: masks of 4-16 KB, so the
-# size of their coded stream, not zlib's fixed overhead, decides the ratios
-WIDE = lambda: LlamaConfig(
-    vocab_size=VOCAB,
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=1,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
+# the tiny configs of tests/conftest.py (seeded, eager attention); the sparse_io tests run on four of them
+ARCHS = ["gpt2", "llama", "opt", "qwen2"]
 
 
 def tiny_model(arch: str = "llama", seed: int = 0):
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config({**CONFIGS, "wide": WIDE}[arch]()).eval()
+    """A tiny model of ``arch``, or "wide": one Llama layer of 256x256 (q, o), 128x256 (k, v) and 512x256 /
+    256x512 (MLP) weights, where masks of 4-16 KB make the size of their coded stream, not zlib's fixed
+    overhead, decide the ratios."""
+    if arch == "wide":
+        return make_model("llama", seed, hidden=256, intermediate=512, num_hidden_layers=1).eval()
+    return make_model(arch, seed).eval()
 
 
 @torch.no_grad()
