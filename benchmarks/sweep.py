@@ -4,6 +4,7 @@
     python benchmarks/sweep.py --max_steps 40 --sparsities 0.7 0.9 --methods magnitude masked_ft elsa
     python benchmarks/sweep.py --output_dir docs/benchmark       # what docs/benchmarks.md shows
     python benchmarks/sweep.py --merge part1 part2 --output_dir all   # combine runs made in parallel
+    python benchmarks/sweep.py --merge new old --output_dir all       # new training rows + old one-shot rows
 
 Writes results.json, results.md and perplexity.png to --output_dir. Runs on GPU when one is present.
 """

@@ -78,9 +78,25 @@ def test_merge_reports_combines_parallel_parts_and_rejects_mixed_budgets(tmp_pat
     ]
     table = (tmp_path / "all" / "results.md").read_text()
     assert "| ELSA | 30.0 | 300.0 | 10 |" in table and "Dense: 20.00" in table
-    write_reports(part2, Budget(max_steps=4, bf16=False), str(tmp_path / "b"))
-    with pytest.raises(ValueError, match="different budget"):
+    write_reports(part2, Budget(max_steps=3, eval_windows=4, bf16=False), str(tmp_path / "b"))
+    with pytest.raises(ValueError, match="different budget"):  # another evaluation: nothing comparable
         merge_reports([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "all"))
+    # only the training rows were re-run with a new training budget: the old run's untrained rows are reused
+    old = [
+        dense,
+        Result("sparsegpt", "unstructured", 0.9, 900.0, 9.0, 0.9),
+        Result("elsa", "unstructured", 0.9, 1.0, 1.0, 0.9),
+    ]
+    (tmp_path / "old").mkdir()
+    write_reports(old, Budget(max_steps=99, learning_rate=1e-4, bf16=False), str(tmp_path / "old"))
+    merged = merge_reports([str(tmp_path / "a"), str(tmp_path / "old")], str(tmp_path / "all"))
+    assert [(r.method, r.sparsity, r.perplexity) for r in merged] == [
+        ("dense", 0.0, 20.0),
+        ("magnitude", 0.5, 90.0),
+        ("sparsegpt", 0.9, 900.0),
+        ("elsa", 0.5, 30.0),  # the old budget's ELSA row at 0.9 is not mixed in
+    ]
+    assert json.loads((tmp_path / "all" / "results.json").read_text())["budget"]["max_steps"] == 3
 
 
 def test_table_columns_are_sparsities_ascending_then_nm_patterns():

@@ -19,6 +19,9 @@ from ..evaluation import perplexity
 from ..sparse_io import sparsity_report
 
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "masked_ft", "elsa")
+TRAINED = ("masked_ft", "elsa")
+# what only the training methods spend: a budget change here leaves the dense and one-shot rows valid
+TRAINING_FIELDS = ("max_steps", "batch_size", "learning_rate", "elsa_overrides")
 LABELS = {
     "dense": "dense",
     "magnitude": "magnitude (one-shot)",
@@ -220,19 +223,27 @@ def run_benchmark(
 def merge_reports(input_dirs: Sequence[str], output_dir: str) -> list[Result]:
     """Combine the ``results.json`` of runs made in parallel (e.g. one process per sparsity subset).
 
-    The runs must share one budget; results are ordered by method, a method/setting measured twice
-    (dense in every part) is kept once. Writes the combined reports to ``output_dir``.
+    The runs share the first run's budget; results are ordered by method, and a method/setting measured
+    twice (dense in every part) is kept from the first run that has it. A later run whose budget differs
+    only in what training spends (``TRAINING_FIELDS``) contributes its untrained rows (dense and the
+    one-shot pruners, which that does not change), e.g. when only the training rows were re-run.
+    Writes the combined reports to ``output_dir``.
     """
     budget, merged = None, {}
     for directory in input_dirs:
         with open(os.path.join(directory, "results.json")) as f:
             data = json.load(f)
+        rows = data["results"]
         if budget is not None and data["budget"] != budget:
-            raise ValueError(
-                f"merge_reports: {directory} was run with a different budget: {data['budget']} vs {budget}"
-            )
-        budget = data["budget"]
-        for r in data["results"]:
+            differ = {k for k in budget.keys() | data["budget"].keys() if budget.get(k) != data["budget"].get(k)}
+            if not differ <= set(TRAINING_FIELDS):
+                raise ValueError(
+                    f"merge_reports: {directory} was run with a different budget ({sorted(differ)}): "
+                    f"{data['budget']} vs {budget}"
+                )
+            rows = [r for r in rows if r["method"] not in TRAINED]
+        budget = budget or data["budget"]
+        for r in rows:
             merged.setdefault((r["method"], r["sparsity_type"], r["sparsity"]), Result(**r))
     if budget is None:
         raise ValueError("merge_reports: no input directories given.")
