@@ -322,3 +322,15 @@ def test_bench_command_line_on_a_folder(tmp_path, capsys):
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"results.json", "results.md", "speedup.png"}
     assert "decode tok/s b=2" in (tmp_path / "out" / "results.md").read_text()
     assert "Linears converted" in capsys.readouterr().out
+
+
+def test_a_converted_model_is_refused_for_training(tmp_path):
+    from conftest import elsa_args
+
+    from hf_elsa import ElsaTrainer
+
+    model = to_sparse_inference(_pruned("llama"), kernels=["torch_csr"], force=True)
+    with pytest.raises(ValueError, match="from_sparse_inference"):
+        ElsaTrainer(model=model, args=elsa_args(tmp_path))
+    from_sparse_inference(model)
+    ElsaTrainer(model=model, args=elsa_args(tmp_path))  # back to nn.Linear: trains

@@ -43,6 +43,7 @@ from .curvature import (
 )
 from .distillation import chunked_kl, hidden_state_loss, next_token_mask
 from .flatness import Sassha, perturbed, sam_perturbation
+from .inference import sparse_layers
 from .lora import is_peft_model, prepare_peft_model
 from .sparse_io import (
     attach_sparsity,
@@ -91,6 +92,13 @@ class ElsaTrainer(Trainer):
         # TRL's habits: a model id or folder, peft_config=, text/chat datasets (hf_elsa.trainer_inputs)
         model = prepare_trainer_inputs(model, args, kwargs)
         follow_log_level(args)
+        converted = list(sparse_layers(model)) if isinstance(model, nn.Module) else []
+        if converted:
+            raise ValueError(
+                f"ElsaTrainer: {len(converted)} layers of the model (e.g. {converted[0]!r}) were converted by "
+                "hf_elsa.to_sparse_inference for inference and cannot train; call "
+                "hf_elsa.from_sparse_inference(model) first."
+            )
         # A PEFT model: its LoRA adapters train on the frozen sparse base, no ADMM; the masks are re-applied
         # when the adapters are merged (hf_elsa.lora.merge_and_unload).
         self.lora = prepare_peft_model(model, args) if is_peft_model(model) else None
