@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -258,3 +259,16 @@ def test_evaluate_results_reach_the_saved_metadata_and_card(tmp_path):
     assert meta["evaluation"]["results"]["perplexity"] == pytest.approx(metrics["eval_perplexity"])
     card = (tmp_path / "saved" / "README.md").read_text()
     assert "model-index" in card and f"{metrics['eval_perplexity']:.2f}"[:4] in card
+
+
+@pytest.mark.parametrize("recipe,fraction,warns", [("paper", 1.0, True), ("elsa", 0.0, False)])
+def test_the_unconverged_warning_is_about_admm(recipe, fraction, warns, tmp_path):
+    """The paper's recipe in 8 steps has not converged when the mask is fixed; masked fine-tuning (no ADMM
+    phase) prunes by projection at step 0 by design and must not be told to raise admm_lambda."""
+    args = elsa_args(tmp_path, recipe=recipe, admm_fraction=fraction, max_steps=8, sparsity=0.9)
+    trainer = ElsaTrainer(model=make_model("llama"), args=args, train_dataset=lm_dataset(48))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert trainer.elsa_optimizer.final_removed > 0.1  # both projections remove much: only one is ADMM's fault
+    assert any("had not converged" in str(w.message) for w in caught) == warns

@@ -451,7 +451,8 @@ class ElsaTrainer(Trainer):
             return
         report = sparsity_report(self.model)  # over the masks attached by train()
         logger.info("hf_elsa: %d pruned tensors, sparsity %.4f", len(report.tensors), report.sparsity)
-        if opt.final_removed is not None and opt.final_removed > UNCONVERGED_WARNING:
+        # with no ADMM phase (admm_fraction=0, masked fine-tuning) the projection is the one-shot pruning itself
+        if opt.admm_steps > 0 and opt.final_removed is not None and opt.final_removed > UNCONVERGED_WARNING:
             warnings.warn(
                 f"ADMM had not converged when the mask was fixed: the hard projection removed "
                 f"{100 * opt.final_removed:.1f}% of the prunable weights' norm, which usually costs a lot of "
