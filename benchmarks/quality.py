@@ -5,9 +5,11 @@ cells (in parallel processes if you like, ``OMP_NUM_THREADS=1`` each), then tabu
 
     python benchmarks/quality.py run TAG [convergence.py options...] > logs/TAG.log
     python benchmarks/quality.py table logs/*.log --output_dir docs/quality
+    python benchmarks/quality.py table docs/quality/results.json new_logs/*.log --output_dir docs/quality   # add cells
 
 ``run`` adds the budget (100 steps of 4 x 64 tokens, 16 held-out windows of 512 tokens, fp32 on the CPU) to
-the options; ``table`` reads the ``RESULT`` line of every log and writes ``results.json`` and ``results.md``.
+the options and logs its command; ``table`` reads the ``RESULT`` and ``COMMAND`` lines of every log (and the cells
+of earlier ``results.json`` files) and writes ``results.json`` and ``results.md``.
 """
 
 from __future__ import annotations
@@ -30,17 +32,34 @@ def run(tag: str, options: list[str]) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     import convergence
 
+    print("COMMAND " + " ".join(["OMP_NUM_THREADS=1 python benchmarks/quality.py run", tag, *options]), flush=True)
+
     convergence.main(["--method", "elsa", *BUDGET, "--output_dir", f"/tmp/quality_{tag}", "--tag", tag, *options])
 
 
 def read_results(paths: list[str]) -> list[dict]:
+    """The cells of run logs (their RESULT and COMMAND lines) and of earlier ``results.json`` tables."""
     results = []
     for path in paths:
-        lines = [line for line in Path(path).read_text().splitlines() if line.startswith("RESULT ")]
-        if not lines:
+        if path.endswith(".json"):
+            results += json.loads(Path(path).read_text())
+            continue
+        lines = Path(path).read_text().splitlines()
+        found = [line for line in lines if line.startswith("RESULT ")]
+        if not found:
             raise ValueError(f"{path}: no RESULT line (the run did not finish)")
-        results.append(json.loads(lines[-1][len("RESULT ") :]))
+        result = json.loads(found[-1][len("RESULT ") :])
+        commands = [line[len("COMMAND ") :] for line in lines if line.startswith("COMMAND ")]
+        if commands:
+            result["command"] = commands[-1]
+        results.append(result)
     return results
+
+
+def _options(r: dict) -> str:
+    """The cell's options beyond its tag (what tells it apart), from its command."""
+    command = r.get("command", "")
+    return command.split(f" {r['tag']}", 1)[1].strip() if f" {r['tag']}" in command else "-"
 
 
 def _pattern(r: dict) -> str:
@@ -49,12 +68,12 @@ def _pattern(r: dict) -> str:
 
 
 def table(results: list[dict]) -> str:
-    header = ["pattern", *COLUMNS, "perplexity", "s/step", "tag"]
+    header = ["pattern", *COLUMNS, "perplexity", "s/step", "tag", "options"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     order = sorted(results, key=lambda r: (":" in _pattern(r), r["sparsity"], r["ppl"]))
     for r in order:
         cells = [_pattern(r)] + [str(r["config"].get(c)) for c in COLUMNS]
-        cells += [f"{r['ppl']:.1f}", f"{r['step_s']:.2f}" if r.get("step_s") else "-", r["tag"]]
+        cells += [f"{r['ppl']:.1f}", f"{r['step_s']:.2f}" if r.get("step_s") else "-", r["tag"], f"`{_options(r)}`"]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 
@@ -65,7 +84,7 @@ def main(argv=None) -> None:
     r = sub.add_parser("run", help="one cell: TAG then convergence.py options")
     r.add_argument("tag")
     t = sub.add_parser("table", help="tabulate the logs of finished cells")
-    t.add_argument("logs", nargs="+")
+    t.add_argument("logs", nargs="+", help="run logs and/or earlier results.json files")
     t.add_argument("--output_dir", default="quality")
     args, rest = parser.parse_known_args(argv)
     if args.command == "run":

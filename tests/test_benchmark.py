@@ -152,3 +152,29 @@ def test_benchmark_prints_no_trainer_logs_and_demo_silences_loading_bars(tmp_pat
         AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert "Loading weights" not in capsys.readouterr().err
     assert hf_logging.is_progress_bar_enabled() == before
+
+
+def test_quality_table_reads_logs_and_earlier_tables(tmp_path):
+    """benchmarks/quality.py table: RESULT + COMMAND lines of logs, plus the cells of an earlier results.json."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+    spec = importlib.util.spec_from_file_location("quality", path)
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    config = {c: None for c in quality.COLUMNS}
+    cell = {"tag": "T1", "sparsity": 0.7, "sparsity_type": "unstructured", "ppl": 70.04, "step_s": 5.0, "config": config}
+    log = tmp_path / "T1.log"
+    log.write_text("COMMAND OMP_NUM_THREADS=1 python benchmarks/quality.py run T1 --sparsity 0.7 --warmup_steps 10\n"
+                   "noise\nRESULT " + json.dumps(cell) + "\n")
+    earlier = tmp_path / "results.json"
+    earlier.write_text(json.dumps([{**cell, "tag": "T0", "ppl": 80.0, "sparsity_type": "2:4", "command": "x run T0 --a"}]))
+    (tmp_path / "unfinished.log").write_text("COMMAND x\n")
+    with pytest.raises(ValueError, match="no RESULT line"):
+        quality.read_results([str(tmp_path / "unfinished.log")])
+    quality.main(["table", str(earlier), str(log), "--output_dir", str(tmp_path / "out")])
+    rows = (tmp_path / "out" / "results.md").read_text().splitlines()[2:]
+    assert len(rows) == 2 and "| 70% |" in rows[0] and "70.0" in rows[0] and "`--sparsity 0.7 --warmup_steps 10`" in rows[0]
+    assert "| 2:4 |" in rows[1] and "`--a`" in rows[1]
+    assert len(json.loads((tmp_path / "out" / "results.json").read_text())) == 2
