@@ -38,6 +38,7 @@ def _pruned(arch="llama", pattern="unstructured", seed=0, **overrides):
 def test_cpu_kernels_are_available_here():
     assert {"torch_csr", "scipy_csr", "densify"} <= set(CPU_KERNELS)
     assert "semi_structured_2:4" not in CPU_KERNELS
+    assert {"native_csr", "densify"} == set(BF16_KERNELS)  # the C kernel reads bf16 weights too (cc is here)
 
 
 @pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
@@ -56,6 +57,44 @@ def test_kernel_matches_dense(kernel, tokens, index_dtype):
     x = torch.randn(2, tokens, 50, generator=gen)
     torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
     assert torch.equal(layer.dense_weight(), weight)
+
+
+BF16_KERNELS = [k for k, why in available_kernels(torch.bfloat16).items() if not why]
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
+@pytest.mark.parametrize("tokens", [1, 8, 17])
+def test_bf16_weights_match_an_fp32_sum_of_the_same_values(tokens, index_dtype):
+    """bf16 layers: the kernel sums in fp32, so it equals the fp32 product of the bf16 values up to two roundings
+    to bf16 (the product, then the bias added in bf16, as nn.Linear's bf16 path also rounds)."""
+    if "native_csr" not in BF16_KERNELS:
+        pytest.skip(f"native kernel not built here: {available_kernels(torch.bfloat16)['native_csr']}")
+    gen = torch.Generator().manual_seed(tokens)
+    linear = nn.Linear(50, 37).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight[torch.rand(37, 50, generator=gen) < 0.8] = 0
+    layer = SparseLinear.from_linear(linear, [(1, "native_csr")], index_dtype=index_dtype)
+    x = torch.randn(tokens, 50, generator=gen).to(torch.bfloat16)
+    exact = torch.nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float())
+    got = layer(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), exact, rtol=2**-7, atol=1e-3)
+    assert torch.equal(layer.dense_weight(), linear.weight.detach())
+
+
+def test_a_bf16_model_converts_and_generates():
+    if "native_csr" not in BF16_KERNELS:
+        pytest.skip(f"native kernel not built here: {available_kernels(torch.bfloat16)['native_csr']}")
+    model = _pruned("llama").to(torch.bfloat16)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model.float()(ids).logits
+        model.to(torch.bfloat16)
+        to_sparse_inference(model, kernels=["native_csr"], force=True)
+        assert len(sparse_layers(model)) == 14
+        assert _rel(model(ids).logits.float(), ref) <= 2e-2  # bf16 activations between the layers
+        out = model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 16)
 
 
 def test_all_zero_weight_and_no_bias():
@@ -334,3 +373,16 @@ def test_a_converted_model_is_refused_for_training(tmp_path):
         ElsaTrainer(model=model, args=elsa_args(tmp_path))
     from_sparse_inference(model)
     ElsaTrainer(model=model, args=elsa_args(tmp_path))  # back to nn.Linear: trains
+
+
+def test_kernel_layer_benchmark_runs():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_layer.py"
+    spec = importlib.util.spec_from_file_location("kernel_layer", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = script.run(shape=(24, 16), tokens=(1, 3), repeats=1, calls=2)
+    assert {(r["dtype"], r["tokens"]) for r in rows} == {(d, n) for d in ("float32", "bfloat16") for n in (1, 3)}
+    assert all(r["speedup"] > 0 for r in rows)

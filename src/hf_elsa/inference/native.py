@@ -1,4 +1,4 @@
-"""A small C CSR kernel (fp32, int16 or int32 column indices), compiled on first use with the system C compiler.
+"""A small C CSR kernel (fp32 or bf16 weights, int16 or int32 column indices), compiled on first use with the system C compiler.
 
 Why: on one CPU core the generic kernels leave speed on the table for decode. SciPy's matrix-matrix loop
 is scalar, and MKL (behind ``torch_csr``) is tuned for larger right-hand sides. This kernel transposes
@@ -33,32 +33,38 @@ logger = logging.getLogger(__name__)
 SOURCE = r"""
 #include <stdint.h>
 /* y (n, out) = x (n, in) @ W^T with W in CSR: rowptr (out + 1), col (nnz), val (nnz); xt: (in, n) scratch.
-   Two copies: int16 column indices (in_features <= 32768, 6 bytes per stored weight) and int32. */
+   x, xt and y are fp32; the stored values are fp32 or bf16 (LOADV widens them: a bf16 is the top half of an
+   fp32). Four copies: int16 column indices (in_features <= 32768) or int32, times fp32 or bf16 values. */
+static inline float hf_elsa_bf16(uint16_t h) {
+  union { uint32_t u; float f; } c;
+  c.u = (uint32_t)h << 16;
+  return c.f;
+}
 #define ROWS(W)                                                                       \
   for (int64_t r = 0; r < out; r++) {                                                 \
     float acc[W];                                                                     \
     for (int q = 0; q < W; q++) acc[q] = 0.f;                                         \
     const int32_t s = rowptr[r], e = rowptr[r + 1];                                   \
     for (int32_t k = s; k < e; k++) {                                                 \
-      const float v = val[k];                                                         \
+      const float v = LOADV(k);                                                       \
       const float *xr = xt + (int64_t)col[k] * n + c0;                                \
       _Pragma("omp simd") for (int q = 0; q < W; q++) acc[q] += v * xr[q];            \
     }                                                                                 \
     for (int q = 0; q < W; q++) y[(c0 + q) * out + r] = acc[q];                       \
   }
-#define KERNELS(SUFFIX, IDX)                                                                          \
-void hf_elsa_csr_mv_##SUFFIX(int64_t out, const int32_t *rowptr, const IDX *col, const float *val,    \
+#define KERNELS(SUFFIX, IDX, VT)                                                                      \
+void hf_elsa_csr_mv_##SUFFIX(int64_t out, const int32_t *rowptr, const IDX *col, const VT *val,       \
                              const float *x, float *y) {                                              \
   for (int64_t r = 0; r < out; r++) {                                                                 \
     float acc = 0.f;                                                                                  \
     const int32_t s = rowptr[r], e = rowptr[r + 1];                                                   \
     _Pragma("omp simd reduction(+:acc)")                                                              \
-    for (int32_t k = s; k < e; k++) acc += val[k] * x[col[k]];                                        \
+    for (int32_t k = s; k < e; k++) acc += LOADV(k) * x[col[k]];                                      \
     y[r] = acc;                                                                                       \
   }                                                                                                   \
 }                                                                                                     \
 void hf_elsa_csr_mm_##SUFFIX(int64_t n, int64_t in, int64_t out, const int32_t *rowptr,               \
-                             const IDX *col, const float *val, const float *x, float *xt, float *y) { \
+                             const IDX *col, const VT *val, const float *x, float *xt, float *y) {    \
   for (int64_t i = 0; i < n; i++)                                                                     \
     for (int64_t j = 0; j < in; j++) xt[j * n + i] = x[i * in + j];                                   \
   int64_t c0 = 0;                                                                                     \
@@ -67,8 +73,13 @@ void hf_elsa_csr_mm_##SUFFIX(int64_t n, int64_t in, int64_t out, const int32_t *
   for (; c0 + 4 <= n; c0 += 4) { ROWS(4) }                                                            \
   for (; c0 < n; c0 += 1) { ROWS(1) }                                                                 \
 }
-KERNELS(i16, uint16_t)
-KERNELS(i32, int32_t)
+#define LOADV(k) val[k]
+KERNELS(i16, uint16_t, float)
+KERNELS(i32, int32_t, float)
+#undef LOADV
+#define LOADV(k) hf_elsa_bf16(val[k])
+KERNELS(bf16_i16, uint16_t, uint16_t)
+KERNELS(bf16_i32, int32_t, uint16_t)
 """
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared"]
 _LIB: ctypes.CDLL | None = None
@@ -135,7 +146,7 @@ def load_library() -> ctypes.CDLL | None:
         logger.info("hf_elsa native CSR kernel unavailable: %s", _ERROR)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    for suffix in ("i16", "i32"):
+    for suffix in ("i16", "i32", "bf16_i16", "bf16_i32"):
         getattr(lib, f"hf_elsa_csr_mv_{suffix}").argtypes = [i64, ptr, ptr, ptr, ptr, ptr]
         getattr(lib, f"hf_elsa_csr_mv_{suffix}").restype = None
         getattr(lib, f"hf_elsa_csr_mm_{suffix}").argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
@@ -152,14 +163,14 @@ def unavailable_reason() -> str | None:
 @register_kernel
 class NativeCsrKernel(Kernel):
     name = "native_csr"
-    description = "hf_elsa's C CSR kernel (fp32, int16/int32 indices, vectorised over tokens)"
+    description = "hf_elsa's C CSR kernel (fp32 or bf16 weights, fp32 sums, int16/int32 indices, vectorised over tokens)"
 
     @classmethod
     def available(cls, dtype, device):
         if device.type != "cpu":
             return False, "CPU only"
-        if dtype != torch.float32:
-            return False, f"fp32 only, the weight is {dtype}"
+        if dtype not in (torch.float32, torch.bfloat16):
+            return False, f"fp32 or bf16 only, the weight is {dtype}"
         if load_library() is None:
             return False, _ERROR or "unavailable"
         return True, ""
@@ -167,14 +178,16 @@ class NativeCsrKernel(Kernel):
     def bind(self, module) -> None:
         lib = load_library()
         suffix = {torch.int16: "i16", torch.int32: "i32"}[module.col_indices.dtype]
+        if module.values.dtype == torch.bfloat16:
+            suffix = "bf16_" + suffix
         self.mv, self.mm = getattr(lib, f"hf_elsa_csr_mv_{suffix}"), getattr(lib, f"hf_elsa_csr_mm_{suffix}")
         self.ptrs = (module.crow_indices.data_ptr(), module.col_indices.data_ptr(), module.values.data_ptr())
         self.module_buffers = (module.crow_indices, module.col_indices, module.values)  # keep them alive
 
     def __call__(self, module, x):
-        # SparseLinear hands over x in the weight's dtype, which available() restricted to fp32
-        if not x.is_contiguous():
-            x = x.contiguous()
+        # SparseLinear hands over x in the weight's dtype (fp32 or bf16); the kernel reads and sums in fp32
+        dtype = x.dtype
+        x = x.float().contiguous()
         n, out = x.shape[0], module.out_features
         y = torch.empty(n, out, dtype=torch.float32)
         rowptr, col, val = self.ptrs
@@ -183,4 +196,4 @@ class NativeCsrKernel(Kernel):
         else:
             xt = torch.empty(module.in_features, n, dtype=torch.float32)
             self.mm(n, module.in_features, out, rowptr, col, val, x.data_ptr(), xt.data_ptr(), y.data_ptr())
-        return y
+        return y.to(dtype)
