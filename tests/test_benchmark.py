@@ -178,3 +178,25 @@ def test_quality_table_reads_logs_and_earlier_tables(tmp_path):
     assert len(rows) == 2 and "| 70% |" in rows[0] and "70.0" in rows[0] and "`--sparsity 0.7 --warmup_steps 10`" in rows[0]
     assert "| 2:4 |" in rows[1] and "`--a`" in rows[1]
     assert len(json.loads((tmp_path / "out" / "results.json").read_text())) == 2
+
+
+@pytest.mark.parametrize("budget_lr", [None, 5e-4])
+def test_training_rows_get_the_recipe_learning_rate_of_their_own_sparsity(budget_lr, tmp_path, monkeypatch):
+    """learning_rate=None: each training row resolves the recipe's rate at its own sparsity (3e-4 at 50%, 1e-3
+    from 70% and for N:M), for ELSA and masked fine-tuning alike; a given rate is used everywhere."""
+    from hf_elsa import ElsaTrainer
+
+    seen = []
+    monkeypatch.setattr(ElsaTrainer, "train", lambda self, *a, **k: seen.append((self.args.sparsity_type,
+                        self.args.sparsity, self.args.admm_init, self.args.learning_rate)))  # fmt: skip
+    tokenizer = make_char_tokenizer()
+    budget = Budget(max_steps=2, batch_size=2, block_size=16, eval_seqlen=16, eval_windows=1, bf16=False,
+                    learning_rate=budget_lr)  # fmt: skip
+    run_benchmark(lambda: (make_model("llama"), tokenizer), DOCS[:10], DOCS[10:], sparsities=(0.5, 0.7),
+                  nm_patterns=("2:4",), methods=("masked_ft", "elsa"), budget=budget, output_dir=str(tmp_path),
+                  log=lambda line: None)  # fmt: skip
+    expected = {0.5: 3e-4, 0.7: 1e-3}
+    assert len(seen) == 6
+    for kind, sparsity, _, lr in seen:
+        want = budget_lr or (1e-3 if kind == "2:4" else expected[sparsity])
+        assert lr == pytest.approx(want), (kind, sparsity, lr)

@@ -114,13 +114,14 @@ def _train(
         if method == "elsa"
         else {"admm_fraction": 0.0, "admm_init": "magnitude", "distill_weight": 0.0}
     )
+    if budget.learning_rate is not None:  # else the recipe's, resolved by ElsaConfig at this sparsity
+        overrides["learning_rate"] = budget.learning_rate
     args = ElsaConfig(
         output_dir=output_dir,
         sparsity=sparsity,
         sparsity_type=sparsity_type,
         max_steps=budget.max_steps,
         per_device_train_batch_size=budget.batch_size,
-        learning_rate=budget.learning_rate or ElsaConfig(output_dir=output_dir, **budget.elsa_overrides).learning_rate,
         bf16=budget.bf16,
         use_cpu=not torch.cuda.is_available(),
         save_strategy="no",
