@@ -20,17 +20,15 @@ from .base import Reduce, SparsityAllocation, bounded_counts, no_reduce
 
 def normalised(score: torch.Tensor, reduce: Reduce, numel: int) -> torch.Tensor:
     """``score / mean(score)`` over the whole tensor (its shards' sums reduced); all-zero scores stay zero."""
-    total = reduce(score.double().sum().reshape(1))[0]
+    total = reduce(score.sum(dtype=torch.float64).reshape(1))[0]
     mean = float(total) / max(numel, 1)
     return score.float() / mean if mean > 0 else score.float()
 
 
 def _bits(score: torch.Tensor, reduce: Reduce, numel: int) -> torch.Tensor:
-    """Normalised scores as int32 bit patterns: non-negative floats order like them (NaN = least important)."""
+    """Normalised scores as int32 bit patterns: positive floats order like them (NaN, -0.0 and below: +0.0)."""
     x = normalised(score, reduce, numel)
-    if x.data_ptr() == score.data_ptr():
-        x = x.clone()  # the in-place clean-up below must not touch the caller's scores
-    return x.nan_to_num_(nan=0.0).clamp_min_(0.0).view(torch.int32)
+    return torch.where(x > 0, x, 0.0).view(torch.int32)  # a new tensor: the caller's scores stay as they are
 
 
 # entries sampled (over all tensors) to bracket the k-th smallest value, and the bracket's margin in binomial
@@ -41,19 +39,31 @@ _SEED = 0x610BA1
 _FULL_RANGE = (0, 0x7F800000)  # +0.0 .. +inf
 
 
-def kth_smallest_bits(bits: list[torch.Tensor], k: int, reduce: Reduce) -> int:
-    """Bit pattern of the k-th smallest value (1-based) over all ``bits`` tensors and processes.
+def threshold_stats(bits: list[torch.Tensor], k: int, reduce: Reduce) -> torch.Tensor:
+    """``[len(bits), 2]``: per tensor, the entries below ``t`` and equal to ``t`` (summed over processes), where
+    ``t`` is the k-th smallest value (1-based) over all ``bits`` tensors and processes.
 
-    A fixed-seed sample brackets the value; two counting passes check the bracket (summed over processes, so
-    every process takes the same branch) and collect this process's entries inside it, and a bisection on
-    the bit patterns then runs over those few entries only. If the bracket misses, over all entries.
+    A fixed-seed sample brackets ``t`` in ``[lo, hi]``; one pass per tensor counts the entries below ``lo`` and
+    keeps those inside the bracket (a few percent). If the counts, summed over processes (so every process takes
+    the same branch), put ``t`` inside, a bisection on the bit patterns runs over the kept entries alone and the
+    statistics come from them; if the bracket missed, over all entries.
     """
     lo, hi = _sampled_bracket(bits, k, reduce)
-    below, upto = reduce(torch.stack([sum((b < lo).sum() for b in bits), sum((b <= hi).sum() for b in bits)]).double())
-    if below < k <= upto:
-        band = torch.cat([b[(b >= lo) & (b <= hi)] for b in bits])
-        return _bisect([band], k - int(below), reduce, lo, hi)
-    return _bisect(bits, k, reduce, *_FULL_RANGE)
+    below, bands = [], []
+    for b in bits:
+        under = b < lo
+        below.append(under.sum())
+        bands.append(b[(b <= hi).logical_xor_(under)])  # lo <= b <= hi (what is below lo is below hi too)
+    below_total, band_total = reduce(
+        torch.stack([torch.stack(below).sum().double(), torch.tensor(float(sum(x.numel() for x in bands)))])
+    )
+    if below_total < k <= below_total + band_total:
+        t = _bisect(bands, k - int(below_total), reduce, lo, hi)
+        stats = [torch.stack([n + (x < t).sum(), (x == t).sum()]) for n, x in zip(below, bands)]
+    else:
+        t = _bisect(bits, k, reduce, *_FULL_RANGE)
+        stats = [torch.stack([(b < t).sum(), (b == t).sum()]) for b in bits]
+    return reduce(torch.stack(stats).double())
 
 
 def _sampled_bracket(bits: list[torch.Tensor], k: int, reduce: Reduce) -> tuple[int, int]:
@@ -96,8 +106,7 @@ def threshold_counts(bits: Mapping[str, torch.Tensor], k: int, reduce: Reduce) -
     names = sorted(bits)
     if k <= 0:
         return {n: 0 for n in names}
-    t = kth_smallest_bits([bits[n] for n in names], k, reduce)
-    stats = reduce(torch.stack([torch.stack([(bits[n] < t).sum(), (bits[n] == t).sum()]) for n in names]).double())
+    stats = threshold_stats([bits[n] for n in names], k, reduce)
     counts, missing = {}, k - int(stats[:, 0].sum())
     for i, n in enumerate(names):
         ties = min(int(stats[i, 1]), missing)
