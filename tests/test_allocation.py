@@ -171,3 +171,42 @@ def test_global_allocation_over_shards_equals_the_whole(monkeypatch):
     for t in threads:
         t.join()
     assert results[0] == results[1] == whole
+
+
+def _tricky_scores(seed):
+    gen = torch.Generator().manual_seed(seed)
+    scores = _scores(seed, shapes=((40, 30), (25, 20), (30, 64)))
+    scores["t0"] = scores["t0"].round(decimals=1)  # many exact ties, also at the threshold
+    scores["t1"][:3] = 0.0
+    scores["t1"][3] = -0.0
+    scores["t1"][4, :5] = -1.0  # negative scores count as zero
+    scores["t2"] = scores["t2"] * 3.0 ** torch.randint(-3, 4, scores["t2"].shape, generator=gen)  # wide range
+    return scores
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_global_raw_comparisons_equal_the_fully_normalised_path(sparsity, seed, monkeypatch):
+    """Only entries near the bracket are normalised; the counts equal those of normalising everything."""
+    from hf_elsa.allocation import global_budget
+
+    scores = _tricky_scores(seed)
+    numels = {n: s.numel() for n, s in scores.items()}
+    made = []
+    original = global_budget.NormalisedScores.__init__
+    monkeypatch.setattr(global_budget.NormalisedScores, "__init__",
+                        lambda self, *a: original(self, *a) or made.append(self))  # fmt: skip
+    fast = GlobalBudget(0.0, 1.0).tensor_sparsities(scores, numels, sparsity)
+    assert made and all(m._bits is None for m in made)  # the raw comparisons decided: nothing fully normalised
+    monkeypatch.setattr(global_budget.NormalisedScores, "__init__",
+                        lambda self, *a: original(self, *a) or setattr(self, "raw_comparable", False))  # fmt: skip
+    assert GlobalBudget(0.0, 1.0).tensor_sparsities(scores, numels, sparsity) == fast
+
+
+def test_global_with_nan_and_inf_scores_takes_the_full_pass():
+    scores = _scores(4, shapes=((20, 20), (10, 30)))
+    scores["t0"][0, :3] = float("nan")  # NaN counts as the least important
+    scores["t1"][0, 0] = float("inf")
+    numels = {n: s.numel() for n, s in scores.items()}
+    got = GlobalBudget(0.0, 1.0).tensor_sparsities(scores, numels, 0.5)
+    assert sum(round(got[n] * numels[n]) for n in got) == round(sum(numels.values()) * 0.5)
