@@ -2,11 +2,12 @@
 
 transformers ships weekly; each touch point below is one function with the versions it was checked
 against, so an upstream change breaks here, in one file, with a test that names it.
-Checked: transformers 5.x (5.0-5.3), torch 2.13 (2026-11).
+Checked: transformers 5.x (5.0-5.24), torch 2.13 (2026-11).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 
@@ -27,6 +28,17 @@ def checkpoint_step(checkpoint: str | None) -> int | None:
     except (OSError, ValueError, AttributeError) as error:
         raise ValueError(f"{path}: not a readable Trainer state ({error}); the checkpoint is damaged.") from None
     return step if isinstance(step, int) else None
+
+
+def cached_forward(model, input_ids: torch.Tensor, cache, **kwargs):
+    """One forward with a KV cache; returns ``(output, the updated cache)``.
+
+    2026-11, transformers 5.24 renamed the forward's ``past_key_values`` to ``cache`` (the old name warns and is
+    to be removed in 5.40); earlier 5.x only know ``past_key_values``. The output carries it under the same name.
+    """
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids, **({name: cache} if cache is not None else {}), use_cache=True, **kwargs)
+    return out, out[name]
 
 
 def attention_implementation(model) -> str | None:

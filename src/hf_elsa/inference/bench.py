@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ..compat import cached_forward
+
 
 @dataclass
 class BenchResult:
@@ -82,18 +84,18 @@ def _interleaved_decode(models: dict, ids: torch.Tensor, new_tokens: int, repeat
         state = {}
         for name, model in models.items():
             mask = torch.ones_like(ids)
-            out = model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
-            state[name] = (out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True), mask)
+            out, cache = cached_forward(model, ids, None, attention_mask=mask, logits_to_keep=1)
+            state[name] = (cache, out.logits[:, -1].argmax(-1, keepdim=True), mask)
         for step in range(new_tokens):
             seconds = {}
             for name in names if step % 2 == 0 else names[::-1]:
                 cache, token, mask = state[name]
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
                 start = time.perf_counter()
-                out = models[name](token, past_key_values=cache, attention_mask=mask, use_cache=True, logits_to_keep=1)
+                out, cache = cached_forward(models[name], token, cache, attention_mask=mask, logits_to_keep=1)
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
                 seconds[name] = time.perf_counter() - start
-                state[name] = (out.past_key_values, token, mask)
+                state[name] = (cache, token, mask)
             for name in names:
                 steps[name].append(seconds[name])
             ratios.append(seconds[names[0]] / seconds[names[1]])
