@@ -7,6 +7,7 @@ Checked: transformers 5.x (5.0-5.24), torch 2.13 (2026-11).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -36,9 +37,15 @@ def cached_forward(model, input_ids: torch.Tensor, cache, **kwargs):
     2026-11, transformers 5.24 renamed the forward's ``past_key_values`` to ``cache`` (the old name warns and is
     to be removed in 5.40); earlier 5.x only know ``past_key_values``. The output carries it under the same name.
     """
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    name = _cache_keyword(type(model))
     out = model(input_ids, **({name: cache} if cache is not None else {}), use_cache=True, **kwargs)
     return out, out[name]
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    # once per class: cached_forward runs inside timed decode steps
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def attention_implementation(model) -> str | None:

@@ -406,8 +406,8 @@ def to_sparse_inference(
             )
         return model
 
-    modules_by_name = dict(model.named_modules())
-    sparse = {name: SparseLinear.from_linear(modules_by_name[name], index_dtype=index_dtype) for name, _ in candidates}
+    # from the model's own module (a Conv1D is remembered as one), not the Linear view used for timing
+    sparse = {name: SparseLinear.from_linear(model.get_submodule(name), index_dtype=index_dtype) for name, _ in candidates}
     accepts = {(lname, k): KERNELS[k].accepts(sparse[lname]) for lname, _ in candidates for k in usable}
     sizes = sorted(set(tokens) | ({prefill_tokens} if prefill_tokens else set()))
     timings: dict[int, dict[str, list[float]]] = {}
