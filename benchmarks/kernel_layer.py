@@ -32,7 +32,8 @@ def run(shape=(1536, 576), sparsity=0.9, tokens=(1, 8), threads=1, repeats=7, ca
         layers = {k: SparseLinear.from_linear(linear, [(1, k)]) for k in kernels}
         for n in tokens:
             x = torch.randn(n, shape[1], generator=gen).to(dtype)
-            fns = {"dense": lambda: linear(x), **{k: (lambda layer=layer: layer(x)) for k, layer in layers.items()}}
+            fns = {"dense": lambda linear=linear, x=x: linear(x)}
+            fns.update({k: (lambda layer=layer, x=x: layer(x)) for k, layer in layers.items()})
             times = {name: [] for name in fns}
             with torch.no_grad():
                 for _ in range(repeats):

@@ -29,9 +29,9 @@ def _weights():
 
 
 def run(sparsity: float = 0.9, repeats: int = 5, threads: int = 1, scores=None) -> dict[str, float]:
-    from hf_elsa.selection import prune_smallest_direct as _prune_smallest
     from hf_elsa.allocation import GlobalBudget, global_budget
     from hf_elsa.selection import prune_smallest
+    from hf_elsa.selection import prune_smallest_direct as _prune_smallest
 
     torch.set_num_threads(threads)
     scores = _weights() if scores is None else scores

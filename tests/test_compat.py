@@ -25,6 +25,6 @@ def test_cached_forward_uses_past_key_values_where_the_model_only_knows_it():
         def forward(self, input_ids, past_key_values=None, use_cache=False):
             return {"past_key_values": (past_key_values or 0) + 1}
 
-    out, cache = cached_forward(Old(), torch.zeros(1, 1), None)
-    out, cache = cached_forward(Old(), torch.zeros(1, 1), cache)
+    _, cache = cached_forward(Old(), torch.zeros(1, 1), None)
+    _, cache = cached_forward(Old(), torch.zeros(1, 1), cache)
     assert cache == 2

@@ -15,8 +15,6 @@ from transformers import TrainerCallback
 from hf_elsa import ElsaConfig, ElsaTrainer
 
 
-
-
 def _zeros(model):
     return {n: int((w == 0).sum()) for n, w in prunable_weights(model).items()}
 

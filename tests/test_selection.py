@@ -11,8 +11,8 @@ import torch
 from conftest import _prune_group
 
 from hf_elsa import selection
-from hf_elsa.selection import prune_smallest_direct as _prune_smallest
 from hf_elsa.selection import prune_smallest, prune_smallest_direct
+from hf_elsa.selection import prune_smallest_direct as _prune_smallest
 
 
 def _old(score, k):

@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 
 import torch
+from conftest import VOCAB, make_model
 from safetensors import safe_open
 from safetensors.torch import save_file
-from conftest import VOCAB, make_model
 
 from hf_elsa import ElsaConfig, sparse_io
 from hf_elsa.data import token_blocks
