@@ -370,7 +370,7 @@ def test_the_recipe_learning_rate_follows_the_sparsity(kwargs, expected, tmp_pat
 
 @pytest.mark.parametrize(
     "kwargs,expected",
-    [({"sparsity": 0.5}, 0.5), ({"sparsity": 0.6}, 0.75), ({"sparsity": 0.9}, 1.0), ({"sparsity_type": "2:4"}, 1.0),
+    [({"sparsity": 0.5}, 0.5), ({"sparsity": 0.6}, 0.625), ({"sparsity": 0.9}, 0.75), ({"sparsity_type": "2:4"}, 0.75),
      ({"recipe": "paper"}, 0.0), ({"sparsity": 0.5, "distill_weight": 1.0}, 1.0)],
 )  # fmt: skip
 def test_the_recipe_distillation_weight_follows_the_sparsity(kwargs, expected, tmp_path):
