@@ -22,8 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from hf_elsa import load_sparse_model, sparsity_report
-from hf_elsa.showcase.demo import load_smollm2
 from hf_elsa.projection import project
+from hf_elsa.showcase.demo import load_smollm2
 from hf_elsa.sparse_io import MASKS_NAME, attach_sparsity, detach_sparsity, read_masks
 from hf_elsa.targets import find_prunable_modules
 

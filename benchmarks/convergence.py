@@ -23,8 +23,8 @@ from transformers import HfArgumentParser
 
 from hf_elsa import ElsaConfig, ElsaTrainer, perplexity, sparsity_report
 from hf_elsa.data import token_blocks, tokenize_documents
-from hf_elsa.showcase.demo import load_smollm2, wikipedia_split
 from hf_elsa.projection import project
+from hf_elsa.showcase.demo import load_smollm2, wikipedia_split
 from hf_elsa.targets import find_prunable_modules
 
 

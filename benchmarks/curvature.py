@@ -25,8 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from hf_elsa import ElsaConfig, ElsaTrainer, perplexity, sparsity_report
-from hf_elsa.showcase.benchmark import Budget
 from hf_elsa.curvature import ESTIMATORS
+from hf_elsa.showcase.benchmark import Budget
 
 IMPORTANCES = tuple(ESTIMATORS)
 from hf_elsa.data import token_blocks, tokenize_documents

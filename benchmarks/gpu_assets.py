@@ -82,8 +82,7 @@ def assemble_gguf(root: Path, manifest: dict, folder: Path) -> Path:
         raise FileNotFoundError(f"GGUF part(s) not on this machine: {', '.join(missing)} (see docs/scaling.md)")
     folder.mkdir(parents=True, exist_ok=True)
     with open(target, "wb") as out:
-        for part in parts:
-            out.write(part.read_bytes())
+        out.writelines(part.read_bytes() for part in parts)
     if _sha256(target) != gguf["sha256"]:
         target.unlink()
         raise ValueError("the joined GGUF file's sha256 differs from the manifest's: parts from another prepare?")

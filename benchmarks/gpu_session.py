@@ -806,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
     record = {
         "schema": SCHEMA, "mode": "dry-run" if args.dry_run else "gpu",
-        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "finished": None,
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "finished": None,
         "budget_s": args.minutes * 60, "elapsed_s": 0.0,
         "command": shlex.join(["bash", "benchmarks/gpu_session.sh", *argv]), "plan": asdict(plan),
         "environment": environment(carried), "model": None, "steps": [],
@@ -821,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         session.run(ctx)
     finally:
-        record["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        record["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         record["elapsed_s"] = round(time.monotonic() - start, 1)
         write(record)
         shutil.rmtree(work, ignore_errors=True)

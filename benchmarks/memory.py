@@ -56,8 +56,8 @@ def run_one(name: str, steps: int, batch_size: int, block_size: int) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from hf_elsa import ElsaConfig, ElsaTrainer, estimate_memory
-    from hf_elsa.showcase.demo import load_smollm2
     from hf_elsa.memory import measure_state_bytes, optimizer_state_bytes
+    from hf_elsa.showcase.demo import load_smollm2
 
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import gpu_assets  # noqa: E402
-import gpu_session  # noqa: E402
+import gpu_assets
+import gpu_session
 
 STEP_KEYS = {"name", "status", "reason", "allotted_s", "seconds", "result"}
 

@@ -9,8 +9,7 @@ import torch
 
 from hf_elsa import ElsaConfig, ElsaTrainer, load_sparse_model, perplexity, sparsity_report
 from hf_elsa.data import split_documents, token_blocks, tokenize_documents
-from hf_elsa.showcase.demo import wikipedia_sample
-from hf_elsa.showcase.demo import load_smollm2
+from hf_elsa.showcase.demo import load_smollm2, wikipedia_sample
 from hf_elsa.targets import find_prunable_modules
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,6 @@ import torch
 from datasets import Dataset
 
 
-
 def split_documents(documents: Sequence[str], eval_fraction: float = 0.1, seed: int = 0):
     """Split documents (not tokens) into train and held-back eval lists, seeded."""
     order = list(range(len(documents)))

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .states import bytes_per_element
 from .curvature import get_estimator
+from .states import bytes_per_element
 from .targets import find_prunable_modules, is_transposed
 
 # TrainingArguments.optim values whose state layout estimate_memory knows

@@ -30,7 +30,17 @@ from ..compat import is_dcp_state_init_call
 from ..curvature import get_estimator
 from ..patterns import sparsity_pattern
 from ..projection import importance_score
-from .distributed import ShardSums, count_reducer, full_tensor, is_sharded, like, local, rows_whole, shard_of, vector_shard
+from .distributed import (
+    ShardSums,
+    count_reducer,
+    full_tensor,
+    is_sharded,
+    like,
+    local,
+    rows_whole,
+    shard_of,
+    vector_shard,
+)
 from .schedules import lambda_at, sparsity_at
 from .storage import ADMM_ONLY_KEYS, ADMM_STEPS, LAMBDA, MASK, PATTERN, STEP, TARGET, Z, ZUStorage
 

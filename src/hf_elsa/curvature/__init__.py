@@ -7,7 +7,15 @@ estimator (``get_estimator(name)``) instead of comparing strings. Costs and limi
 
 from __future__ import annotations
 
-from .activation import ACT_NEW_SUM, ACT_NEW_TOKENS, ACT_SUM, ACT_TOKENS, Activation, ActivationStatistics, merge_statistics
+from .activation import (
+    ACT_NEW_SUM,
+    ACT_NEW_TOKENS,
+    ACT_SUM,
+    ACT_TOKENS,
+    Activation,
+    ActivationStatistics,
+    merge_statistics,
+)
 from .adam import Adam
 from .base import CurvatureEstimator, accumulation_dtype, update_running_mean
 from .fisher import FISHER, FISHER_COUNT, Fisher, update_fisher

@@ -231,8 +231,8 @@ sparse runs are interleaved in one process (medians of ``--repeats``), one threa
 
 def make_smollm2_folder(spec: str, folder: str) -> str:
     """SmolLM2-135M pruned by magnitude to ``spec`` ("0.9" unstructured per tensor, or "2:4"), saved with masks."""
-    from ..showcase.demo import load_smollm2
     from ..oneshot import magnitude
+    from ..showcase.demo import load_smollm2
     from ..sparse_io import attach_sparsity
 
     model, tokenizer = load_smollm2()
