@@ -18,7 +18,7 @@ import torch
 import transformers
 from datasets import Dataset
 
-import hf_elsa
+import hf_elsa  # configures the hf_elsa logger, which the next line opens to caplog
 
 logging.getLogger("hf_elsa").propagate = True  # pytest's caplog listens at the root logger, in CI and locally
 
