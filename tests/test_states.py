@@ -274,6 +274,7 @@ sharded, sharded_scale = states.pack(distribute_tensor(full, init_device_mesh("c
 result.update({"sharded_scale": sharded_scale, "sharded_dtype": sharded.dtype,
                "sharded_value": states.unpack(sharded, sharded_scale).full_tensor()})
 torch.save(result, f"{out}/{rank}.pt")
+dist.barrier()  # neither rank tears gloo down while the other still talks to it (one rank aborted without this)
 dist.destroy_process_group()
 """
 

