@@ -18,7 +18,7 @@ import torch
 import transformers
 from datasets import Dataset
 
-import hf_elsa  # configures the hf_elsa logger, which the next line opens to caplog
+import hf_elsa  # noqa: F401  (configures the hf_elsa logger, which the next line opens to caplog)
 
 logging.getLogger("hf_elsa").propagate = True  # pytest's caplog listens at the root logger, in CI and locally
 
@@ -291,3 +291,4 @@ def train_quietly(model, args, dataset=None, resume=None, **kwargs):
         warnings.simplefilter("ignore", UserWarning)
         trainer.train(resume_from_checkpoint=resume)
     return trainer
+

@@ -89,7 +89,7 @@ def inspect_command(args: argparse.Namespace) -> int:
                 meta = json.load(f)
             if not isinstance(meta, dict):
                 raise ValueError(f"{config_path} does not hold a JSON object.")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a malformed folder is a user error: one line, no traceback
         print(f"hf-elsa inspect: error: {args.folder}: {exc}".splitlines()[0], file=sys.stderr)
         return 1
     if args.json:

@@ -86,7 +86,7 @@ def rewrite_recorded_hash(folder: Path, name: str) -> None:
 def read_masks_raw(folder: Path):
     """The tensors of the masks file as stored (zlib streams or raw packed bits) and its metadata."""
     with safe_open(folder / MASKS_NAME, "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
 
 
 def downgrade_to_format_1(folder: Path) -> None:
@@ -100,7 +100,7 @@ def downgrade_to_format_1(folder: Path) -> None:
     rewrite_recorded_hash(folder, MASKS_NAME)
     if (folder / COMPRESSED_NAME).exists():  # same layout in format 1; only the version differs
         with safe_open(folder / COMPRESSED_NAME, "pt") as f:
-            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
         save_file(tensors, folder / COMPRESSED_NAME, metadata={**meta, "elsa_format_version": "1"})
         rewrite_recorded_hash(folder, COMPRESSED_NAME)
     data = json.loads((folder / "config.json").read_text())

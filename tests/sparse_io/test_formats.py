@@ -133,7 +133,7 @@ def test_a_third_format_is_one_class_and_one_registration(monkeypatch, tmp_path)
             for name in weight_files:
                 if name.endswith(".safetensors"):
                     with safe_open(folder / name, "pt") as f:
-                        tensors.update({k: f.get_tensor(k) for k in f.keys()})
+                        tensors.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
                 (folder / name).unlink()
             save_file(tensors, folder / "elsa_flat.safetensors", metadata={"format": "pt", "save_id": save_id})
             return ["elsa_flat.safetensors"]
@@ -144,7 +144,7 @@ def test_a_third_format_is_one_class_and_one_registration(monkeypatch, tmp_path)
         def load(self, folder, masks, save_id, kwargs):
             config = formats._model_config(folder, False)
             with safe_open(folder / "elsa_flat.safetensors", "pt") as f:
-                state_dict = {k: f.get_tensor(k) for k in f.keys()}
+                state_dict = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
             return formats._from_state_dict(folder, config, state_dict, kwargs)
 
         def stored_tensors(self, folder, masks, count):

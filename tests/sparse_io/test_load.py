@@ -223,7 +223,7 @@ def test_config_json_is_checksummed(tmp_path):
 def _poison(folder: Path, name: str, key: str, value: float) -> None:
     """Write ``value`` into the first kept entry of ``key`` in weight file ``name``; re-record its checksum."""
     with safe_open(folder / name, "pt") as f:
-        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
     flat = tensors[key].view(-1)
     flat[flat.nonzero()[0]] = value
     save_file(tensors, folder / name, metadata=meta)

@@ -24,7 +24,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..targets import PRUNABLE_TYPES, is_transposed
-from . import densify, native, scipy_csr, semi_structured, torch_csr
+from . import densify, native, scipy_csr, semi_structured, torch_csr  # noqa: F401  (register the kernels)
 from .kernels import KERNELS, Kernel
 
 REPORT_ATTR = "hf_elsa_inference"

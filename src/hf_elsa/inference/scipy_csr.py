@@ -19,7 +19,7 @@ class ScipyCsrKernel(Kernel):
         if dtype not in (torch.float32, torch.float64):
             return False, f"no SciPy path for {dtype}"
         try:
-            import scipy.sparse
+            import scipy.sparse  # noqa: F401
         except ImportError:  # pragma: no cover - scipy is a dependency
             return False, "scipy is not installed"
         return True, ""

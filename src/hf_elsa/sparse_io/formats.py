@@ -184,7 +184,7 @@ class DenseFormat(SaveFormat):
         for name in saved_weight_files(folder):
             if name.endswith(".safetensors"):
                 with open_safetensors(folder / name) as f:
-                    shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+                    shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})  # noqa: SIM118
         return shapes, "the weight files' safetensors headers"
 
     def load(self, folder: Path, masks, save_id, kwargs: dict):
@@ -232,7 +232,7 @@ class CompressedFormat(SaveFormat):
             if not name.endswith(".safetensors"):
                 continue
             with open_safetensors(folder / name) as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                     tensor = f.get_tensor(key)
                     # kept values in row-major order: exactly the True positions of the packed mask
                     tensors[key] = tensor[masks[key].unpack()].contiguous() if key in masks else tensor
@@ -264,7 +264,7 @@ class CompressedFormat(SaveFormat):
 
     def stored_tensors(self, folder: Path, masks, count) -> Iterator[StoredTensor]:
         with open_safetensors(folder / COMPRESSED_NAME) as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 packed = masks.get(key)
                 if packed is None:
                     yield from _dense_tensors(f, [key], count)
@@ -293,7 +293,7 @@ def read_compressed_state_dict(path, masks: Mapping[str, PackedMask], save_id: s
     with open_safetensors(path) as f:
         if save_id is not None and (f.metadata() or {}).get("save_id") != save_id:
             raise ValueError(f"{path} comes from another save than {ELSA_CONFIG_NAME}.")
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
             try:
                 tensor = f.get_tensor(key)
             except SafetensorError as exc:

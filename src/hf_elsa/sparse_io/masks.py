@@ -190,7 +190,7 @@ def read_masks(
         if save_id is not None and meta.get("save_id") != save_id:
             raise ValueError(f"{path} comes from another save than {ELSA_CONFIG_NAME} (save_id {meta.get('save_id')}).")
         masks = {}
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
             if key not in shapes or key not in kept or (version >= 2 and key not in codecs):
                 raise ValueError(f"{path}: mask {key!r} has no recorded shape/count/codec; the file is corrupted.")
             shape = shapes[key]
