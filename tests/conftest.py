@@ -292,3 +292,14 @@ def train_quietly(model, args, dataset=None, resume=None, **kwargs):
         trainer.train(resume_from_checkpoint=resume)
     return trainer
 
+
+def load_script(relative_path: str):
+    """A script of the repository (e.g. ``"benchmarks/quality.py"``) imported as a module, for its functions."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

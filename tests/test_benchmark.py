@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_char_tokenizer, make_model
+from conftest import load_script, make_char_tokenizer, make_model
 
 from hf_elsa.showcase.benchmark import Budget, run_benchmark
 
@@ -156,13 +156,7 @@ def test_benchmark_prints_no_trainer_logs_and_demo_silences_loading_bars(tmp_pat
 
 def test_quality_table_reads_logs_and_earlier_tables(tmp_path):
     """benchmarks/quality.py table: RESULT + COMMAND lines of logs, plus the cells of an earlier results.json."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
-    spec = importlib.util.spec_from_file_location("quality", path)
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = load_script("benchmarks/quality.py")
     config = {c: None for c in quality.COLUMNS}
     cell = {"tag": "T1", "sparsity": 0.7, "sparsity_type": "unstructured", "ppl": 70.04, "step_s": 5.0, "config": config}
     log = tmp_path / "T1.log"

@@ -1,23 +1,17 @@
 """benchmarks/curvature.py on a tiny model: every cell of the grid runs and lands in the JSON and the table."""
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
-from conftest import make_char_tokenizer, make_model
+from conftest import load_script, make_char_tokenizer, make_model
 
 from hf_elsa.showcase.benchmark import Budget
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "curvature.py"
 DOCS = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * 20 for i in range(8)]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("curvature_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/curvature.py")
 
 
 def test_grid_writes_json_and_table(tmp_path):

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import load_script, make_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -376,13 +376,7 @@ def test_a_converted_model_is_refused_for_training(tmp_path):
 
 
 def test_kernel_layer_benchmark_runs():
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_layer.py"
-    spec = importlib.util.spec_from_file_location("kernel_layer", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("benchmarks/kernel_layer.py")
     rows = script.run(shape=(24, 16), tokens=(1, 3), repeats=1, calls=2)
     assert {(r["dtype"], r["tokens"]) for r in rows} == {(d, n) for d in ("float32", "bfloat16") for n in (1, 3)}
     assert all(r["speedup"] > 0 for r in rows)

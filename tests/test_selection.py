@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import _prune_group
+from conftest import _prune_group, load_script
 
 from hf_elsa import selection
 from hf_elsa.selection import prune_smallest, prune_smallest_direct
@@ -117,13 +117,7 @@ def test_flat_nonzero(n, density):
 
 def test_projection_speed_benchmark_runs_on_small_tensors():
     """benchmarks/projection_speed.py: every case runs and old/new masks and allocations agree (its own checks)."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "projection_speed.py"
-    spec = importlib.util.spec_from_file_location("projection_speed", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("benchmarks/projection_speed.py")
     gen = torch.Generator().manual_seed(0)
     scores = [torch.rand(shape, generator=gen) for shape in ((64, 48), (16, 9000), (128, 32))]
     result = script.run(sparsity=0.8, repeats=1, scores=scores)
