@@ -23,20 +23,19 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from .data import TextSplit, check_eval_fraction, token_blocks
+# the loading helpers live below the trainer (hf_elsa.loading); re-exported here, where they used to be
+from .loading import (  # noqa: F401
+    TOKENIZER_FILES,
+    check_model_source,
+    check_tokenizer_source,
+    load_model,
+    load_tokenizer,
+    looks_like_path,
+)
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 METHODS = ("elsa", "magnitude", "wanda", "sparsegpt")
 ONESHOT_METHODS = METHODS[1:]
-# files that make a folder a tokenizer folder (fast, slow/sentencepiece, BPE vocabularies)
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "vocab.json",
-    "vocab.txt",
-)
 TRAINING_GROUP = "training options (transformers.TrainingArguments)"
 EMBEDDED = "SmolLM2-135M-Instruct (embedded)"
 
@@ -265,63 +264,6 @@ class ElsaArgumentParser(HfArgumentParser):
 
 
 # -- model ------------------------------------------------------------------------------------------
-
-
-def looks_like_path(name: str) -> bool:
-    """A name that can only be a local path (a Hub id is ``name`` or ``org/name``)."""
-    return (
-        name.startswith((".", "/", "~"))
-        or os.path.isabs(name)
-        or "\\" in name
-        or name.count("/") > 1
-        or name.endswith("/")
-    )
-
-
-def check_model_source(name: str, flag: str = "--model_name_or_path") -> None:
-    """A missing local folder says so (transformers would complain about the form of a repo id)."""
-    expanded = os.path.expanduser(name)
-    if os.path.isfile(expanded):
-        raise ValueError(f"{flag} {name}: is a file; pass the folder that holds config.json.")
-    if looks_like_path(name) and not os.path.isdir(expanded):
-        raise FileNotFoundError(f"{flag} {name}: folder not found.")
-    if os.path.isdir(expanded) and not os.path.isfile(os.path.join(expanded, "config.json")):
-        raise ValueError(f"{flag} {name}: the folder has no config.json, so it is not a saved model.")
-
-
-def check_tokenizer_source(name: str, flag: str = "--model_name_or_path") -> None:
-    """A local folder without tokenizer files says so (transformers would ask for sentencepiece)."""
-    expanded = os.path.expanduser(name)
-    if os.path.isdir(expanded) and not any(os.path.isfile(os.path.join(expanded, f)) for f in TOKENIZER_FILES):
-        raise ValueError(
-            f"{flag} {name}: the folder has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...): save it "
-            "next to the model with tokenizer.save_pretrained(folder), or pass --tokenizer_name_or_path."
-        )
-
-
-def load_model(name: str, **from_pretrained_kwargs):
-    """A causal LM from a folder or Hub id: sparse hf_elsa folders keep their masks (``load_sparse_model``)."""
-    from transformers import AutoModelForCausalLM
-
-    from .sparse_io import ELSA_CONFIG_NAME, load_sparse_model
-
-    check_model_source(name)
-    expanded = os.path.expanduser(name)
-    if os.path.isfile(os.path.join(expanded, ELSA_CONFIG_NAME)):
-        return load_sparse_model(expanded, **from_pretrained_kwargs)
-    try:
-        return AutoModelForCausalLM.from_pretrained(expanded, **from_pretrained_kwargs)
-    except OSError as exc:
-        if os.path.isdir(expanded):
-            raise
-        raise OSError(f"--model_name_or_path {name}: not a local folder, and as a Hub id: {exc}") from exc
-
-
-def load_tokenizer(name: str, flag: str = "--model_name_or_path", **kwargs):
-    from transformers import AutoTokenizer
-
-    check_tokenizer_source(name, flag)
-    return AutoTokenizer.from_pretrained(os.path.expanduser(name), **kwargs)
 
 
 def load_model_and_tokenizer(model_args: ModelArguments):

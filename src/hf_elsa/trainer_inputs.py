@@ -40,7 +40,7 @@ def _option(kwargs: dict, args, name: str, default=None):
 
 def load_model_from_id(model_id: str, model_init_kwargs: dict | None = None):
     """A causal LM from a Hub id or folder, float32 unless ``model_init_kwargs["dtype"]`` is set."""
-    from .scripts import load_model
+    from .loading import load_model
 
     kwargs = dict(model_init_kwargs or {})
     dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", "float32"))
@@ -61,7 +61,7 @@ def prepare_trainer_inputs(model, args, kwargs: dict):
         model_id = os.fspath(model)
         model = load_model_from_id(model_id, model_init_kwargs)
         if kwargs.get("processing_class") is None:
-            from .scripts import load_tokenizer
+            from .loading import load_tokenizer
 
             kwargs["processing_class"] = load_tokenizer(model_id, "model")
     elif model_init_kwargs:
