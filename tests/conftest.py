@@ -198,24 +198,30 @@ def dataset_factory():
     return lm_dataset
 
 
+# Settings a test of the bare ADMM mechanics overrides, each saying why: the magnitude start (z0 = Proj(W), no
+# one-shot pruning) and no teacher (the next-token loss alone), so that a test can predict the state exactly.
+BARE_ADMM = {"admm_init": "magnitude", "distill_weight": 0.0}
+
+
 def elsa_args(tmp_path, **overrides):
-    """A small, fast, CPU-only ElsaConfig for tiny-model tests."""
+    """A small, fast, CPU-only ElsaConfig for tiny-model tests, on the default recipe users get.
+
+    The recipe's own fields (SparseGPT start, distillation from the dense model, its learning rate) are left at
+    their defaults; only the run's size is small: 12 steps, and 16 calibration blocks for the warm start
+    (tiny models and 48-block datasets). A test of other mechanics overrides with ``**BARE_ADMM`` and says why.
+    """
     from hf_elsa import ElsaConfig
 
     kwargs = {
         "output_dir": str(tmp_path / "out"),
         "max_steps": 12,
         "per_device_train_batch_size": 4,
-        "learning_rate": 1e-3,
         "use_cpu": True,
         "report_to": "none",
         "save_strategy": "no",
         "logging_steps": 1,
         "admm_interval": 2,
-        # the ADMM mechanics under test start from the model itself and learn from the text alone; the default
-        # recipe's SparseGPT start and distillation have their own tests (test_runs.py, test_distillation.py)
-        "admm_init": "magnitude",
-        "distill_weight": 0.0,
+        "admm_init_samples": 16,
         "seed": 0,
         "data_seed": 0,
         "disable_tqdm": True,

@@ -414,9 +414,9 @@ def test_elsa_l_resume_continues_exactly(tmp_path):
                 st = trainer.optimizer.state[next(iter(trainer.elsa_optimizer.prunable.values()))]
                 self.seen.update({k: (st[k].dtype, st[SCALE_KEYS[k]]) for k in (Z, U)})
 
-    def train(model, args, resume=None, callbacks=()):
+    def train(model, args, resume=None, callbacks=(), **kwargs):
         nonlocal trainer
-        trainer = ElsaTrainer(model=model, args=args, train_dataset=dataset, callbacks=list(callbacks))
+        trainer = ElsaTrainer(model=model, args=args, train_dataset=dataset, callbacks=list(callbacks), **kwargs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             trainer.train(resume_from_checkpoint=resume)
@@ -431,7 +431,9 @@ def test_elsa_l_resume_continues_exactly(tmp_path):
     )
     resumed = make_model("llama", seed=1, **tiny)
     record = RecordState()
-    train(resumed, elsa_args(tmp_path / "c", **common), str(tmp_path / "b" / "out" / f"checkpoint-{n // 2}"), [record])
+    # the student from the checkpoint, the dense teacher given (checkpoints never hold it)
+    train(resumed, elsa_args(tmp_path / "c", **common), str(tmp_path / "b" / "out" / f"checkpoint-{n // 2}"), [record],
+          teacher_model=make_model("llama", seed=0, **tiny))
     assert trainer.state.global_step == n
     # load_state_dict's cast to the parameter dtype was undone, and the scales came back
     assert record.seen[Z][0] == torch.float8_e4m3fn and record.seen[U][0] == torch.float8_e5m2

@@ -242,7 +242,8 @@ def test_epoch_based_run_knows_its_length(make_args):
 def test_admm_fraction_zero_is_magnitude_then_masked_finetune(make_args):
     model = make_model("llama")
     initial = {n: w.clone() for n, w in prunable_weights(model).items()}
-    _train(model, make_args(admm_fraction=0.0, max_steps=6))
+    # the magnitude start (the bare mechanics): with no ADMM phase, the mask is the projection of W at step 0
+    _train(model, make_args(admm_fraction=0.0, max_steps=6, admm_init="magnitude"))
     for name, w in prunable_weights(model).items():
         expected_zeros = ref_project(initial[name], 0.7) == 0
         assert torch.equal(w == 0, expected_zeros), name
@@ -351,7 +352,10 @@ def test_resume_continues_exactly(recipe, extra, tmp_path):
     assert ckpt.is_dir()
 
     resumed = make_model("llama", seed=1)  # different init: everything must come from the checkpoint
-    trainer = ElsaTrainer(model=resumed, args=elsa_args(tmp_path / "c", **common), train_dataset=dataset)
+    args_c = elsa_args(tmp_path / "c", **common)
+    # but the teacher: checkpoints never hold it, so the run gets the dense model it distilled from
+    teacher = {"teacher_model": make_model("llama", seed=0)} if args_c.distills else {}
+    trainer = ElsaTrainer(model=resumed, args=args_c, train_dataset=dataset, **teacher)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         trainer.train(resume_from_checkpoint=str(ckpt))

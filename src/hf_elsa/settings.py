@@ -98,13 +98,16 @@ ELSA_L_STORAGE = {"admm_z_dtype": "float8_e4m3fn", "admm_u_dtype": "bfloat16"}
 _DETAILS: dict[int, dict[str, Any]] = {}
 
 
-def _setting(default, topic: str, help: str, doc: str | None = None, choices=None, bounds=None, example=None):
-    """A field of the table. ``bounds``: ``(low, high, low_inclusive, high_inclusive)``, ``None`` = unbounded."""
+def _setting(
+    default, topic: str, help: str, doc: str | None = None, choices=None, bounds=None, example=None, why=None
+):
+    """A field of the table. ``bounds``: ``(low, high, low_inclusive, high_inclusive)``, ``None`` = unbounded;
+    ``why``: the reason for bounds that are not obvious, added to the refusal."""
     metadata = {"help": help}
     if choices is not None:
         metadata["choices"] = tuple(choices)
     made = field(default=default, metadata=metadata)
-    _DETAILS[id(made)] = {"topic": topic, "doc": doc or help, "bounds": bounds, "example": example}
+    _DETAILS[id(made)] = {"topic": topic, "doc": doc or help, "bounds": bounds, "example": example, "why": why}
     return made
 
 
@@ -348,10 +351,13 @@ class ElsaSettings:
     distill_temperature: float = _setting(
         1.0,
         "distillation",
-        "Temperature T of the distillation KL, > 0.",
-        "Temperature `T > 0` of both distributions in the distillation KL (the loss is multiplied by `T^2`).",
-        bounds=(0.0, None, False, False),
+        "Temperature T of the distillation KL, 0.1 <= T <= 100.",
+        "Temperature `0.1 <= T <= 100` of both distributions in the distillation KL (the loss is multiplied by "
+        "`T^2`).",
+        bounds=(0.1, 100.0, True, True),
         example=1.0,
+        why="below 0.1 both softmaxes are one-hot in float32 and the T^2-scaled KL vanishes (the run would train on a "
+        "zero distillation loss); above 100 both are uniform and it carries no signal",
     )
     distill_hidden_weight: float = _setting(
         0.0,
@@ -553,7 +559,8 @@ def _check_field(owner: str, f, value) -> None:
             lo = "-inf" if low is None else low
             hi = "inf" if high is None else high
             interval = f"{'[' if low_inclusive else '('}{lo}, {hi}{']' if high_inclusive else ')'}"
-            raise ValueError(f"{where} must be in {interval} (e.g. {meta.get('example')}).")
+            why = f": {meta['why']}" if meta.get("why") else ""
+            raise ValueError(f"{where} must be in {interval} (e.g. {meta.get('example')}){why}.")
     if "choices" in meta and value not in meta["choices"]:
         raise ValueError(f"{where}: use one of {tuple(meta['choices'])}.")
     if f.name in ("target_modules", "exclude_modules") and (

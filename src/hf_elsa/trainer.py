@@ -3,7 +3,9 @@
 Thin glue over public Trainer hooks. The algorithm lives in :class:`hf_elsa.admm.ElsaOptimizer`,
 which wraps whatever optimizer the Trainer builds; this class only
 
-- picks the prunable weights and validates them before any expensive work (``__init__``),
+- picks the prunable weights and validates them and the teacher before any expensive work (``__init__``),
+- at ``train()`` entry takes the dense teacher (``hf_elsa.teacher``) and runs the one-shot warm start once,
+  split over the processes, before the Trainer's loop and its progress bar,
 - wraps the optimizer (``create_optimizer``) and tells it the run length (``create_scheduler``),
 - zeroes pruned gradients before clipping in the fixed-mask phase (``training_step``),
 - at the last micro-batch of each accumulation window: refreshes the Hutchinson curvature, and for SAM
@@ -15,9 +17,9 @@ which wraps whatever optimizer the Trainer builds; this class only
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
+import time
 import warnings
 
 import torch
@@ -42,6 +44,8 @@ from .curvature import (
     update_running_mean,
 )
 from .distillation import chunked_kl, hidden_state_loss, next_token_mask
+from .teacher import Teacher, check_finite, check_teacher, dense_copy, describe, fingerprint, same_fingerprint
+from .teacher import sparse_reason
 from .flatness import Sassha, perturbed, sam_perturbation
 from .inference import sparse_layers
 from .lora import is_peft_model, prepare_peft_model
@@ -113,6 +117,12 @@ class ElsaTrainer(Trainer):
             warn_short_budget(args, kwargs.get("train_dataset"))
         if args.keep_mask and not any(bool((m.weight == 0).any()) for m in self.prunable_modules.values()):
             raise ValueError("ElsaConfig.keep_mask=True but the model has no zero weights to keep: prune it first.")
+        if args.load_best_model_at_end and self.lora is None and not args.keep_mask and args.admm_fraction >= 1:
+            raise ValueError(
+                f"ElsaConfig.load_best_model_at_end=True with admm_fraction={args.admm_fraction}: the mask is fixed only "
+                "after the last step, so every earlier checkpoint is a dense mid-ADMM one and none can be the best "
+                "sparse model. Use admm_fraction < 1 (recipe='elsa'), or load_best_model_at_end=False."
+            )
         if get_estimator(args.importance).needs_double_backward:
             check_double_backward(model, f"ElsaConfig.importance={args.importance!r}")
         if args.base_optimizer == "sassha":
@@ -123,18 +133,24 @@ class ElsaTrainer(Trainer):
                     "ElsaConfig.base_optimizer='sassha' builds the optimizer itself: do not pass optimizers= or "
                     "optimizer_cls_and_kwargs= to ElsaTrainer (or keep base_optimizer='trainer' to use yours)."
                 )
-        if args.distills and args.fsdp:
+        tokenizer = kwargs.get("processing_class")
+        if teacher_model is not None and not args.distills:
             raise ValueError(
-                "ElsaConfig.distill_weight / distill_hidden_weight need the dense teacher next to the student, which "
-                "hf_elsa does not shard: under FSDP set them to 0 (or run under DDP, where the teacher is replicated)."
+                "ElsaTrainer(teacher_model=...) was given but distillation is off (distill_weight=0 and "
+                "distill_hidden_weight=0): set ElsaConfig(distill_weight=...) to learn from it, or drop teacher_model."
             )
-        # the dense teacher of distillation: a frozen copy of the model as it enters train() unless given
+        if teacher_model is not None:
+            check_teacher(teacher_model, model, tokenizer, args.distill_hidden_weight)
+        # the dense teacher of distillation (hf_elsa.teacher): this one, or the model entering train() if it is dense
         self.teacher_model = teacher_model
+        self._teacher: Teacher | None = None
+        self._teacher_fingerprint = fingerprint(None)
+        self._start_masks: dict[str, torch.Tensor] = {}  # the warm start's (or the recorded) masks, for the optimizer
+        self._resume_checked = False
         # distillation's loss parts, summed over the micro-batches of the optimizer steps since the last log
         self._distill_sums: dict[str, float] = {}
         self._distill_steps = 0  # optimizer steps since the last log
         self._replaying = False  # SAM's second pass: its loss is not the step's loss and is not logged
-        tokenizer = kwargs.get("processing_class")
         if getattr(tokenizer, "pad_token", "") is None and getattr(tokenizer, "eos_token", None) is not None:
             tokenizer.pad_token = tokenizer.eos_token  # as TRL does: the padding collator needs one
         self.elsa_optimizer: ElsaOptimizer | None = None
@@ -159,14 +175,20 @@ class ElsaTrainer(Trainer):
             self._activation_hooks = ActivationStatistics(
                 self.prunable_modules, self.elsa_optimizer.state_for, self.elsa_optimizer.transposed
             )
-        attached = get_sparsity(self.model)
-        if self.args.keep_mask and attached is not None:
-            # keep the recorded masks, not the zeros: a kept weight may be exactly 0 after rounding
-            for name, module in self.prunable_modules.items():
-                tensor_name = f"{name}.weight"
-                if tensor_name in attached.masks:
-                    self.elsa_optimizer.initial_masks[name] = attached.mask(tensor_name, device=module.weight.device)
+        if self._start_masks and not self.elsa_optimizer.state:
+            self.elsa_optimizer.set_initial_masks(self._start_masks)
         return self.optimizer
+
+    def _recorded_masks(self) -> dict[str, torch.Tensor]:
+        """keep_mask on an hf_elsa model: its recorded masks, not its zeros (a kept weight may round to 0)."""
+        attached = get_sparsity(self.model)
+        if not self.args.keep_mask or attached is None:
+            return {}
+        return {
+            name: attached.mask(f"{name}.weight", device=module.weight.device)
+            for name, module in self.prunable_modules.items()
+            if f"{name}.weight" in attached.masks
+        }
 
     def _sassha_kwargs(self) -> dict:
         a = self.args
@@ -189,7 +211,12 @@ class ElsaTrainer(Trainer):
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.elsa_optimizer is None:  # LoRA keep-mask mode: no ADMM optimizer
             return super().create_scheduler(num_training_steps, optimizer)
-        self.elsa_optimizer.start_run(num_training_steps, getattr(self, "_elsa_resume_step", None))
+        opt = self.elsa_optimizer
+        if not opt.state:
+            # after accelerate's prepare: under FSDP2 the weights are new (DTensor) parameters of the same modules
+            opt.rebind({name: module.weight for name, module in self.prunable_modules.items()})
+            opt.run_record.update(self._teacher_fingerprint)
+        opt.start_run(num_training_steps, getattr(self, "_elsa_resume_step", None))
         return super().create_scheduler(num_training_steps, optimizer)
 
     # -- training -------------------------------------------------------------------------------
@@ -197,10 +224,13 @@ class ElsaTrainer(Trainer):
         self._distill_steps += self.accelerator.sync_gradients  # the last micro-batch of an optimizer step
         if self.lora is not None:  # LoRA keep-mask mode: a plain step; the frozen base keeps its zeros
             return super().training_step(model, inputs, num_items_in_batch, **kwargs)
+        if not self._resume_checked:  # the first step after the checkpoint (if any) was loaded
+            self._resume_checked = True
+            self._check_resumed_teacher()
+            if self._elsa_resume_step:
+                self.elsa_optimizer.check_masks_hold(f"resuming at step {self._elsa_resume_step}")
         # Initialise z0/u0 (or prune, for a run that starts with the mask fixed) before the first
         # forward; a no-op once the state exists, e.g. after a resume.
-        if self.elsa_optimizer.steps_done == 0 and not self.elsa_optimizer.state:
-            self._warm_start()
         self.elsa_optimizer.initialize()
         if self._activation_hooks is not None and self.elsa_optimizer.in_admm_phase:
             self._activation_hooks.attach()  # statistics are only needed while the mask can change
@@ -300,15 +330,17 @@ class ElsaTrainer(Trainer):
         sassha.update_hessian(dict(zip(params, diagonal)))
 
     @torch.no_grad()
-    def _warm_start(self) -> None:
+    def _warm_start(self) -> dict[str, torch.Tensor]:
         """Prune with a one-shot pruner (``ElsaConfig.admm_init``): the run starts from its weights and mask.
 
-        ADMM's z starts at the pruned weights and is free to move the mask (the ramp cannot make them denser,
-        they already are); with ``admm_fraction=0`` the one-shot mask is kept (one-shot + masked fine-tuning).
+        Runs once, at ``train()`` entry (never on resume), before the Trainer's loop: it has its own progress line.
+        Under DDP / FSDP2 (before sharding) each process calibrates on its share of the blocks and the statistics
+        are summed, so every process prunes alike and N processes give the masks of one. ADMM's z starts at the
+        pruned weights and is free to move the mask; with ``admm_fraction=0`` the one-shot mask is kept.
         """
         method = self.args.admm_init
-        if method == "magnitude" or self.args.keep_mask or self.elsa_optimizer.initial_masks:
-            return
+        if method == "magnitude" or self.args.keep_mask or self.lora is not None:
+            return {}
         from . import oneshot
 
         dataset = self.train_dataset
@@ -321,30 +353,61 @@ class ElsaTrainer(Trainer):
                 f"ElsaConfig.admm_init={method!r} calibrates a one-shot pruner on training blocks: the train_dataset "
                 f"must hold equal-length 'input_ids' blocks ({error}), or use admm_init='magnitude'."
             ) from None
+        processes = self.args.world_size
+        logger.info(
+            "hf_elsa: warm start: %s on %d calibration blocks of %d tokens%s (admm_init=%r)",
+            method, count, calibration.shape[1], f", split over {processes} processes" if processes > 1 else "", method,
+        )
+        started = time.perf_counter()
         masks = getattr(oneshot, method)(
-            self.model,
+            self.accelerator.unwrap_model(self.model),
             calibration,
             sparsity=self.args.sparsity,
             sparsity_type=self.args.pattern,
             target_modules=list(self.prunable_modules),
-            progress=not self.args.disable_tqdm,
+            progress=not self.args.disable_tqdm and self.is_local_process_zero(),
         )
-        self.elsa_optimizer.initial_masks.update(masks)
+        self.warm_start_seconds = time.perf_counter() - started
+        logger.info("hf_elsa: warm start done in %.1f s; training starts", self.warm_start_seconds)
+        return masks
 
-    # -- distillation (hf_elsa.distillation) ------------------------------------------------------
+    # -- distillation (hf_elsa.teacher, hf_elsa.distillation) ---------------------------------------
     def _prepare_teacher(self) -> None:
-        """Freeze the teacher (by default a copy of the model as it enters ``train()``: the dense model)."""
-        if not self.args.distills:
-            return
-        student = self.accelerator.unwrap_model(self.model)
-        if self.teacher_model is None:
-            self.teacher_model = copy.deepcopy(student)
-        device = next(student.parameters()).device
-        self.teacher_model.to(device).eval().requires_grad_(False)
+        """The dense teacher: ``teacher_model``, else a frozen copy of the model entering ``train()`` if it is dense."""
+        self._teacher, teacher = None, self.teacher_model
+        if self.args.distills and teacher is None:
+            student = self.accelerator.unwrap_model(self.model)
+            reason = sparse_reason(student, self.prunable_modules, self.args.keep_mask)
+            if reason is None:
+                teacher = self.teacher_model = dense_copy(student)  # kept: a second train() distils from it too
+            else:
+                logger.warning(
+                    "hf_elsa: no distillation in this run: the model is not dense (%s), and a copy of it would be no "
+                    "teacher. Pass ElsaTrainer(teacher_model=<the dense model>) to distil.",
+                    reason,
+                )
+        if teacher is not None:
+            check_finite(teacher, "teacher_model")
+            teacher.eval().requires_grad_(False)
+            self._teacher = Teacher(teacher)
+        self._teacher_fingerprint = fingerprint(teacher)
+
+    def _check_resumed_teacher(self) -> None:
+        """A resumed run distils from the teacher its checkpoint was trained with (or, like it, from none)."""
+        opt = self.elsa_optimizer
+        recorded = {key: opt.recorded(key) for key in self._teacher_fingerprint}
+        if any(value is None for value in recorded.values()):
+            return  # a new run, or a checkpoint written before teachers were recorded
+        if not same_fingerprint(recorded, self._teacher_fingerprint):
+            raise ValueError(
+                f"This run resumes a checkpoint trained with {describe(recorded)}, but it has "
+                f"{describe(self._teacher_fingerprint)}. Pass the same dense model: as teacher_model=, or as model= "
+                "(the default teacher is a copy of a dense model= taken before the checkpoint is loaded)."
+            )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
         a = self.args
-        if not a.distills or not model.training or "labels" not in inputs:
+        if self._teacher is None or not model.training or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch, **kwargs)
         hidden = a.distill_hidden_weight > 0
         student_inputs = {**inputs, "output_hidden_states": True} if hidden else inputs
@@ -352,27 +415,26 @@ class ElsaTrainer(Trainer):
         mask = next_token_mask(inputs["labels"])
         count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
         scale = loss_scale(self, num_items_in_batch) / count
-        teacher = self.teacher_model
+        teacher = self._teacher
+        teacher.place(model, self.args.device)
         base_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
-        with torch.no_grad(), self.accelerator.autocast():
-            taught = teacher.base_model(**base_inputs, output_hidden_states=hidden)
         rows = mask.flatten().nonzero().squeeze(1)
         loss, terms = (1.0 - a.distill_weight) * ce, {"loss_ce": ce.detach()}
-        if a.distill_weight > 0:
-            teacher_hidden = taught.last_hidden_state.flatten(0, 1)
-            head = teacher.get_output_embeddings()
-            softcap = getattr(teacher.config, "final_logit_softcapping", None)
+        with teacher.gathered_root():
+            with torch.no_grad(), self.accelerator.autocast():
+                taught = teacher.forward(base_inputs, hidden)
+            if a.distill_weight > 0:
+                teacher_hidden = taught.last_hidden_state.flatten(0, 1)
 
-            def teacher_logits(part):
-                with self.accelerator.autocast():
-                    logits = head(teacher_hidden[rows[part]])
-                return softcap * torch.tanh(logits / softcap) if softcap else logits
+                def teacher_logits(part):
+                    with self.accelerator.autocast():
+                        return teacher.logits(teacher_hidden[rows[part]])
 
-            student_logits = outputs.logits.flatten(0, 1)
-            kl = chunked_kl(student_logits, teacher_logits, a.distill_temperature, rows=rows)
-            distill = kl * a.distill_temperature**2 * scale
-            loss = loss + a.distill_weight * distill
-            terms["loss_distill"] = distill.detach()
+                student_logits = outputs.logits.flatten(0, 1)
+                kl = chunked_kl(student_logits, teacher_logits, a.distill_temperature, rows=rows)
+                distill = kl * a.distill_temperature**2 * scale
+                loss = loss + a.distill_weight * distill
+                terms["loss_distill"] = distill.detach()
         if hidden:
             squarehead = hidden_state_loss(outputs.hidden_states, taught.hidden_states, mask) * scale
             loss = loss + a.distill_hidden_weight * squarehead
@@ -421,7 +483,15 @@ class ElsaTrainer(Trainer):
             )
         self._sam_window = []  # nothing left over from an interrupted run
         self._distill_sums, self._distill_steps = {}, 0
-        self._prepare_teacher()
+        self._resume_checked = False
+        # before anything expensive: NaN/inf weights named here, not blamed on a singular calibration Hessian later
+        check_finite(self.accelerator.unwrap_model(self.model), "The model")
+        self._prepare_teacher()  # before the warm start prunes the model the default teacher is copied from
+        started = self.elsa_optimizer is not None and bool(self.elsa_optimizer.state)
+        if not self._elsa_resume_step and not started:
+            self._start_masks = self._warm_start() or self._recorded_masks()
+            if self.elsa_optimizer is not None:
+                self.elsa_optimizer.set_initial_masks(self._start_masks)
         try:
             output = super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
@@ -429,9 +499,18 @@ class ElsaTrainer(Trainer):
                 self._activation_hooks.remove()
         # record the masks on the model: save_pretrained / push_to_hub then write sparse checkpoints
         if self.elsa_optimizer is not None and self.elsa_optimizer.masks():
+            # exactly sparse whatever the loop left (load_best_model_at_end loads a checkpoint's weights)
+            self.elsa_optimizer.apply_masks()
             attach_sparsity(self.model, self._full_masks(), sparsity_metadata(self.args))
         self._report_sparsity()
         return output
+
+    def _determine_best_metric(self, metrics, trial) -> bool:
+        # 2026-12, transformers 5.x private hook (Trainer._maybe_log_save_evaluate): with load_best_model_at_end
+        # only checkpoints whose mask is fixed may become the best one; a mid-ADMM checkpoint is not sparse.
+        if self.elsa_optimizer is not None and self.elsa_optimizer.in_admm_phase:
+            return False
+        return super()._determine_best_metric(metrics, trial)
 
     def _full_masks(self) -> dict[str, torch.Tensor]:
         """The optimizer's masks, each FSDP2-sharded one gathered whole (one at a time, kept on the CPU)."""

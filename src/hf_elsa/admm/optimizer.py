@@ -97,6 +97,9 @@ class ElsaOptimizer(torch.optim.Optimizer):
         self._pending: dict[torch.nn.Parameter, dict] = {}
         # {name: keep mask} chosen before the run (a one-shot pruner, masks recorded on a loaded model)
         self.initial_masks: dict[str, torch.Tensor] = {}
+        # what else defines the run (e.g. the distillation teacher's fingerprint): written into the state at the
+        # first step, so that a resume can compare (``recorded``)
+        self.run_record: dict[str, float | int] = {}
         owned = {id(p) for group in base_optimizer.param_groups for p in group["params"]}
         missing = [name for name, p in self.prunable.items() if id(p) not in owned]
         if missing:
@@ -159,26 +162,61 @@ class ElsaOptimizer(torch.optim.Optimizer):
         self.total_steps = total_steps
         self.resume_step = resume_step
 
-    def _recorded(self, key: str):
+    def set_initial_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Start from these keep masks (whole tensors; a one-shot pruner's or recorded ones) instead of projecting W.
+
+        The weights must already be pruned to them. ADMM's z starts there, or, with no ADMM phase, they are the
+        fixed masks. Ignored once the run has state (a resume).
+        """
+        unknown = sorted(set(masks) - set(self.prunable))
+        if unknown:
+            raise ValueError(f"initial masks for weights that are not prunable here: {unknown[:5]}")
+        self.initial_masks = dict(masks)
+
+    def rebind(self, prunable: Mapping[str, torch.nn.Parameter]) -> None:
+        """Point at new parameter objects of the same weights (FSDP2's ``prepare`` replaces them with DTensors).
+
+        Accelerate swaps the base optimizer's parameters in place; the names here must follow. Only before any
+        state exists, which is keyed by parameter.
+        """
+        if self.state:
+            raise RuntimeError("ElsaOptimizer.rebind after the first step: the state is keyed by the old parameters.")
+        owned = {id(p) for group in self.param_groups for p in group["params"]}
+        missing = [name for name, p in prunable.items() if id(p) not in owned]
+        if missing or set(prunable) != set(self.prunable):
+            raise ValueError(f"rebind: parameters not handled by the base optimizer: {missing[:5]}")
+        self.prunable = dict(prunable)
+        self._pending.clear()
+
+    def recorded(self, key: str):
+        """A value the run wrote into the state (``run_record``, sparsity, pattern ...); ``None`` before the first step."""
         state = self.state.get(next(iter(self.prunable.values())), {})
         return state.get(key)
+
+    def _take_initial_mask(self, name: str, p: torch.nn.Parameter) -> torch.Tensor | None:
+        """The initial keep mask of ``name`` as this process's shard of ``p`` (whole tensors are given)."""
+        mask = self.initial_masks.pop(name, None)
+        if mask is None:
+            return None
+        mask = mask.to(device=local(p).device, dtype=torch.bool)
+        return shard_of(mask, p) if is_sharded(p) else mask
 
     def _check_resumed_state(self) -> None:
         """Refuse a checkpoint whose ADMM state contradicts this run's settings (before any step uses it)."""
         s = self.settings
-        pattern = _decode(self._recorded(PATTERN))
+        pattern = _decode(self.recorded(PATTERN))
         if pattern is not None and pattern != self.pattern.name and not s.keep_mask:
             raise ValueError(
                 f"The checkpoint's ADMM state was made with sparsity_type={pattern!r}, this run asks for "
                 f"{self.pattern.name!r}: resume with sparsity_type={pattern!r}, or start a new run from the model."
             )
-        sparsity = self._recorded(SPARSITY)
+        sparsity = self.recorded(SPARSITY)
         if sparsity is not None and not s.keep_mask and self.pattern.can_ramp and abs(sparsity - s.sparsity) > 1e-9:
             raise ValueError(
                 f"The checkpoint's ADMM state was made with sparsity={sparsity}, this run asks for {s.sparsity}: "
                 f"resume with sparsity={sparsity}, or start a new run from the model."
             )
-        admm_steps, done = self._recorded(ADMM_STEPS), self.steps_done
+        admm_steps, done = self.recorded(ADMM_STEPS), self.steps_done
         if admm_steps is not None and self.total_steps is not None and done < admm_steps > self.total_steps:
             raise ValueError(
                 f"The checkpoint fixes the mask at step {admm_steps} (its ADMM phase), after the {self.total_steps} "
@@ -190,7 +228,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
         """Number of ADMM steps before the mask is fixed (0 for ``keep_mask``); a started run keeps its own."""
         if self.settings.keep_mask:
             return 0
-        recorded = self._recorded(ADMM_STEPS)
+        recorded = self.recorded(ADMM_STEPS)
         if recorded is not None:
             return recorded
         if self.total_steps is None:
@@ -323,6 +361,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
 
     # -- state ------------------------------------------------------------------------------------
     def _record_run(self, state: dict) -> None:
+        state.update(self.run_record)
         state[ADMM_STEPS] = self.admm_steps
         state[PATTERN] = _encode(self.pattern.name)
         state[SPARSITY] = float(self.settings.sparsity)
@@ -386,12 +425,6 @@ class ElsaOptimizer(torch.optim.Optimizer):
             return
         self.check_finite("in the model given to the optimizer")
         admm_steps = self.admm_steps
-        for name, p in self.prunable.items():
-            if name in self.initial_masks and is_sharded(p):
-                raise NotImplementedError(
-                    f"{name}: one-shot initial masks (ElsaConfig.admm_init, keep_mask with recorded masks) are not "
-                    "supported with sharded (FSDP2) parameters; use admm_init='magnitude' or DDP."
-                )
         for p in self.prunable.values():
             state = self._state(p)
             state[STEP] = 0
@@ -403,12 +436,8 @@ class ElsaOptimizer(torch.optim.Optimizer):
         for name, p in self.prunable.items():
             state = self._state(p)
             z = p.detach().clone()
-            initial = self.initial_masks.pop(name, None)
-            mask = (
-                initial.to(local(z).device)
-                if initial is not None
-                else self._keep_mask(name, p, local(z), sparsities[name])
-            )
+            initial = self._take_initial_mask(name, p)
+            mask = initial if initial is not None else self._keep_mask(name, p, local(z), sparsities[name])
             local(z).mul_(mask)
             self.storage.write(state, z, torch.zeros_like(p))
             state[LAMBDA] = self.lambda_at(0)
@@ -426,9 +455,9 @@ class ElsaOptimizer(torch.optim.Optimizer):
         for name, p in self.prunable.items():
             state = self._state(p)
             w = local(p.detach())
-            initial = self.initial_masks.pop(name, None)
+            initial = self._take_initial_mask(name, p)
             if initial is not None:
-                mask = initial.to(device=w.device, dtype=torch.bool)
+                mask = initial
             elif s.keep_mask:
                 mask = w != 0
             elif s.final_projection:
@@ -566,6 +595,35 @@ class ElsaOptimizer(torch.optim.Optimizer):
             mask = self.state.get(p, {}).get(MASK)
             if mask is not None and p.grad is not None:
                 local(p.grad).masked_fill_(~local(mask), 0)
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero the pruned entries of the weights whose mask is fixed (idempotent)."""
+        for p in self.prunable.values():
+            mask = self.state.get(p, {}).get(MASK)
+            if mask is not None:
+                local(p.detach()).masked_fill_(~local(mask), 0)
+
+    @torch.no_grad()
+    def check_masks_hold(self, when: str) -> None:
+        """Refuse weights that are nonzero where their fixed mask prunes (a checkpoint's optimizer state from
+        another run, weights changed behind the optimizer's back), naming the tensors; all processes agree."""
+        fixed = [(n, p, self.state[p][MASK]) for n, p in self.prunable.items() if MASK in self.state.get(p, {})]
+        if not fixed:
+            return
+        sums = ShardSums(len(fixed))
+        for i, (_, p, mask) in enumerate(fixed):
+            row = [0.0] * len(fixed)
+            row[i] = (local(p.detach())[~local(mask)] != 0).sum()
+            sums.add(p, row)
+        bad = [(name, int(n)) for (name, _, _), n in zip(fixed, sums.total()) if n > 0]
+        if bad:
+            listed = ", ".join(f"{name} ({n} entries)" for name, n in bad[:5]) + (" ..." if len(bad) > 5 else "")
+            raise ValueError(
+                f"{when}: {len(bad)} weights are nonzero where the optimizer's fixed mask prunes them: {listed}. The "
+                "optimizer state (optimizer.pt) does not belong to these weights (e.g. two runs wrote into one "
+                "output_dir); resume from a checkpoint written by one run, or start a new run from the model."
+            )
 
     # -- inspection -----------------------------------------------------------------------------
     def masks(self) -> dict[str, torch.Tensor]:

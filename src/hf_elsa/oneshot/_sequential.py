@@ -10,6 +10,12 @@ captured once (a pre-hook stops the forward there); then, one decoder layer at a
 
 So each layer is calibrated on what the already pruned layers before it produce (the "sequential"
 setting of the SparseGPT and Wanda papers), and only one layer's activations are alive at a time.
+
+Under ``torch.distributed`` (DDP, FSDP2 before sharding) each process runs its share of the calibration batches
+(every N-th) and the statistics are summed over processes before a module is pruned, so every process prunes
+from the same statistics and N processes spend about 1/N of the calibration forward each. Statistics add each
+batch's fp32 product into fp64 sums, so the result does not depend on how the batches were split: N processes
+give the masks and weights of one process.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ class InputStatistic(Protocol):
     """What a pruner accumulates from the inputs of one module."""
 
     def update(self, inputs: torch.Tensor) -> None: ...
+
+    def all_reduce(self) -> None:
+        """Sum the statistic over the processes (each saw its share of the calibration batches)."""
 
 
 MakeStatistic = Callable[[nn.Module], InputStatistic]
@@ -126,9 +135,26 @@ def _input_device(model: nn.Module) -> torch.device:
 
 
 def _batches(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """This process's calibration batches: all of them on one process, every N-th batch on N processes."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1.")
-    return list(ids.split(batch_size))
+    batches = list(ids.split(batch_size))
+    rank, world = process_share()
+    return batches[rank::world]
+
+
+def process_share() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group, ``(0, 1)`` outside ``torch.distributed``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(*tensors: torch.Tensor) -> None:
+    """Sum ``tensors`` in place over the processes (no-op on one process)."""
+    if process_share()[1] > 1:
+        for tensor in tensors:
+            torch.distributed.all_reduce(tensor)
 
 
 def capture_layer_inputs(
@@ -205,6 +231,8 @@ def _collect(modules: Mapping[str, nn.Module], make_statistic: MakeStatistic, ru
     finally:
         for handle in handles:
             handle.remove()
+    for stat in stats.values():  # in the same order on every process: one collective per statistic
+        stat.all_reduce()
     return stats
 
 

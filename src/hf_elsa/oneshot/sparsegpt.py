@@ -22,26 +22,33 @@ from torch import nn
 from ..patterns import NM
 from ..projection import keep_mask
 from ..targets import find_prunable_modules
-from ._sequential import prune_layerwise
+from ._sequential import all_reduce_sum, prune_layerwise
 from ._weights import check_arguments, oriented_weight, write_pruned
 
 logger = logging.getLogger(__name__)
 
 
 class InputHessian:
-    """Running ``X^T X`` (fp32) and token count of one module's inputs; ``matrix()`` is ``2 X^T X / n``."""
+    """Running ``X^T X`` and token count of one module's inputs; ``matrix()`` is ``2 X^T X / n`` (fp32).
+
+    Each batch's product is computed in fp32 and added to an fp64 sum: the sum then does not depend on the order
+    of the batches, so calibration split over processes (``all_reduce``) gives the Hessian of one process.
+    """
 
     def __init__(self, in_features: int, device: torch.device):
-        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
-        self.tokens = 0
+        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.tokens = torch.zeros((), dtype=torch.float64, device=device)
 
     def update(self, inputs: torch.Tensor) -> None:
         x = inputs.detach().reshape(-1, inputs.shape[-1]).to(self.xtx.device, torch.float32)
-        self.xtx.addmm_(x.t(), x)
+        self.xtx += (x.t() @ x).double()
         self.tokens += x.shape[0]
 
+    def all_reduce(self) -> None:
+        all_reduce_sum(self.xtx, self.tokens)
+
     def matrix(self) -> torch.Tensor:
-        return self.xtx * (2.0 / max(self.tokens, 1))
+        return (self.xtx * (2.0 / max(float(self.tokens), 1.0))).float()
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01, retries: int = 4) -> torch.Tensor:

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..patterns import Row, SparsityPattern, Unstructured, sparsity_pattern
 from ..targets import find_prunable_modules
-from ._sequential import prune_layerwise
+from ._sequential import all_reduce_sum, prune_layerwise
 from ._weights import check_arguments, oriented_weight, write_pruned
 
 
@@ -18,17 +18,21 @@ class InputNorms:
     """Running sum of squares of every input feature of one module, over all calibration tokens."""
 
     def __init__(self, in_features: int, device: torch.device):
-        self.sum_sq = torch.zeros(in_features, dtype=torch.float32, device=device)
-        self.tokens = 0
+        # fp64 sums of fp32 per-batch sums: independent of the batch order (see InputHessian)
+        self.sum_sq = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.tokens = torch.zeros((), dtype=torch.float64, device=device)
 
     def update(self, inputs: torch.Tensor) -> None:
         x = inputs.detach().reshape(-1, inputs.shape[-1]).to(self.sum_sq.device, torch.float32)
-        self.sum_sq += x.square().sum(dim=0)
+        self.sum_sq += x.square().sum(dim=0).double()
         self.tokens += x.shape[0]
+
+    def all_reduce(self) -> None:
+        all_reduce_sum(self.sum_sq, self.tokens)
 
     def norms(self) -> torch.Tensor:
         """``||X_j||_2`` over every calibration token seen."""
-        return self.sum_sq.sqrt()
+        return self.sum_sq.sqrt().float()
 
 
 def wanda_score(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tensor:

@@ -134,6 +134,12 @@ def sparsity_report(model_or_path: nn.Module | str | os.PathLike) -> SparsityRep
     return _model_report(model_or_path)
 
 
+def _zeros(param) -> int:
+    """Exact zeros of a weight; of the whole tensor for an FSDP2 shard (a collective: every process calls it)."""
+    count = (param == 0).sum()
+    return int(count.full_tensor() if hasattr(count, "full_tensor") else count)
+
+
 def _model_report(model: nn.Module) -> SparsityReport:
     from ..targets import find_prunable_modules
 
@@ -141,9 +147,7 @@ def _model_report(model: nn.Module) -> SparsityReport:
     state = get_sparsity(model)
     names = list(state.masks) if state else [f"{n}.weight" for n in find_prunable_modules(model)]
     tensors = [
-        TensorSparsity(
-            n, tuple(params[n].shape), int((params[n] == 0).sum()), masked=state is not None, dtype=str(params[n].dtype)
-        )
+        TensorSparsity(n, tuple(params[n].shape), _zeros(params[n]), masked=state is not None, dtype=str(params[n].dtype))
         for n in names
     ]
     total = sum(p.numel() for p in model.parameters())
