@@ -50,6 +50,8 @@ class Case:
 
 CASES = {
     "default": Case(),
+    "paper": Case({"recipe": "paper"}),  # the penalty through the gradient, after DDP's all-reduce
+    "distill_hidden": Case({"distill_temperature": 2.0, "distill_hidden_weight": 0.1}),  # every distillation term
     "accumulation": Case(accumulate_on_each=2),
     "nm": Case({"sparsity_type": "2:4"}),
     "global": Case({"sparsity_allocation": "global"}),
