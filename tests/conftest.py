@@ -29,9 +29,9 @@ SEQ = 16
 # ---------------------------------------------------------------------------------------------------
 # tiny models
 # ---------------------------------------------------------------------------------------------------
-def _llama_config(hidden=32, intermediate=64, heads=4, kv_heads=2, tie=True, num_hidden_layers=2):
+def _llama_config(hidden=32, intermediate=64, heads=4, kv_heads=2, tie=True, num_hidden_layers=2, vocab_size=VOCAB):
     return transformers.LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=num_hidden_layers,

@@ -14,7 +14,7 @@ phase z and u are replaced by a boolean keep mask (1 byte per weight).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -135,12 +135,14 @@ def optimizer_state_bytes(optim: str, params: list[torch.Tensor], full_precision
     raise ValueError(f"estimate_memory does not know the state of optim={optim!r}; it knows {KNOWN_OPTIMS}.")
 
 
-def estimate_memory(model: nn.Module, config) -> MemoryEstimate:
-    """Predicted memory of training ``model`` with ``config`` (an ``ElsaConfig``) on one process.
+def estimate_memory(model: nn.Module, config, processes: int = 1) -> MemoryEstimate:
+    """Predicted memory of training ``model`` with ``config`` (an ``ElsaConfig``) on each of ``processes``.
 
     Counts every parameter once (tied weights share storage), gradients and base optimizer state for the
-    parameters that require gradients, and the ADMM state of the prunable weights chosen by
-    ``config.target_modules`` / ``exclude_modules``. The model may live on the ``meta`` device.
+    parameters that require gradients, the ADMM state of the prunable weights chosen by
+    ``config.target_modules`` / ``exclude_modules``, and the dense teacher when the run distils. Under FSDP
+    (``config.fsdp``) each of the ``processes`` holds 1/N of every one of them, the teacher included (it is sharded
+    like the student); under DDP every process holds all of it. The model may live on the ``meta`` device.
     """
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
@@ -159,7 +161,7 @@ def estimate_memory(model: nn.Module, config) -> MemoryEstimate:
         inputs = sum(m.weight.shape[0 if is_transposed(m) else 1] for m in modules.values())
         if estimator.state_bytes(prunable, inputs):
             detail[f"{estimator.name}_statistics"] = estimator.state_bytes(prunable, inputs)
-    return MemoryEstimate(
+    estimate = MemoryEstimate(
         optim=str(getattr(config.optim, "value", config.optim)),
         z_dtype=config.admm_z_dtype,
         u_dtype=config.admm_u_dtype,
@@ -174,6 +176,12 @@ def estimate_memory(model: nn.Module, config) -> MemoryEstimate:
         admm_detail=detail,
         teacher=sum(p.numel() * p.element_size() for p in params) if getattr(config, "distills", False) else 0,
     )
+    if not getattr(config, "fsdp", None) or processes <= 1:
+        return estimate
+    per_process = ("weights", "gradients", "optimizer", "admm", "mask", "teacher")
+    shard = {key: -(-getattr(estimate, key) // processes) for key in per_process}  # ceil: uneven shards
+    shard["admm_detail"] = {key: -(-value // processes) for key, value in detail.items()}
+    return replace(estimate, **shard)
 
 
 def measure_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
