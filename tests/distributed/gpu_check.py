@@ -6,7 +6,7 @@
     python tests/distributed/gpu_check.py --bf16 --elsa_l               # one GPU, bf16 autocast, ELSA-L state
     python tests/distributed/gpu_check.py --cpu                         # dry run of the logic on CPU
 
-Trains the example script's tiny Llama (examples/prune.py ``--tiny``) for 8 steps (ADMM for 4, then the
+Trains a tiny Llama (the suite's ``conftest.make_model``, a character tokenizer) on the default recipe for 8 steps (ADMM for 4, then the
 mask fixed), checkpointing every 3 steps, then resumes from checkpoint-3 (inside ADMM: z, u in the state)
 and checkpoint-6 (mask fixed) with freshly initialised models. Checks, on every process:
 
@@ -22,7 +22,6 @@ Prints one PASS/FAIL line per check and exits 1 if any failed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import random
 import sys
@@ -37,16 +36,11 @@ from hf_elsa import ElsaConfig, ElsaTrainer, sparsity_report
 from hf_elsa.data import token_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import make_char_tokenizer, make_model  # noqa: E402  (tests/ is not a package)
+
 SPARSITY = 0.7
 STEPS = 8
-
-
-def _example_module():
-    spec = importlib.util.spec_from_file_location("elsa_prune_example", ROOT / "examples" / "prune.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _documents() -> list[str]:
@@ -55,8 +49,8 @@ def _documents() -> list[str]:
     return ["\n".join(" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(200))]
 
 
-def _run(example, out: str, seed: int, resume: str | None = None, use_cpu: bool = False, **fields):
-    model, tokenizer = example.tiny_model_and_tokenizer(seed)
+def _run(out: str, seed: int, resume: str | None = None, use_cpu: bool = False, **fields):
+    model, tokenizer = make_model("llama", seed=seed), make_char_tokenizer()
     train = token_blocks(_documents(), tokenizer, block_size=32, num_blocks=64)
     args = ElsaConfig(
         output_dir=out, max_steps=STEPS, per_device_train_batch_size=2, learning_rate=1e-3, sparsity=SPARSITY,
@@ -97,10 +91,9 @@ def main() -> int:
     if not torch.cuda.is_available() and not cli.cpu:
         print("FAIL: no CUDA device (this check is for GPUs; the CPU tests are tests/distributed/test_*.py)")
         return 1
-    example = _example_module()
     results: list[tuple[str, bool, str]] = []
 
-    trainer, weights, masks = _run(example, os.path.join(out, "straight"), seed=0, use_cpu=cli.cpu, **fields)
+    trainer, weights, masks = _run(os.path.join(out, "straight"), seed=0, use_cpu=cli.cpu, **fields)
     state = trainer.accelerator.state
     world, rank = trainer.args.world_size, trainer.args.process_index
     device = "CPU (dry run)" if cli.cpu else torch.cuda.get_device_name()
@@ -133,7 +126,7 @@ def main() -> int:
         _, w_resumed, m_resumed = _run(
             # the same script run again: the dense model goes in (distillation's teacher), the checkpoint restores
             # the pruned student and the ADMM state
-            example, os.path.join(out, f"resumed{step}"), seed=0, resume=checkpoint, use_cpu=cli.cpu, **fields
+            os.path.join(out, f"resumed{step}"), seed=0, resume=checkpoint, use_cpu=cli.cpu, **fields
         )
         same_masks = m_resumed.keys() == masks.keys() and all(torch.equal(m_resumed[n], masks[n]) for n in masks)
         diff = max((w_resumed[n] - weights[n]).abs().max().item() for n in weights)
