@@ -195,6 +195,7 @@ def measure_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
         for key, value in state.items():
             if not isinstance(value, torch.Tensor):
                 continue
+            value = value.to_local() if hasattr(value, "to_local") else value  # FSDP2: this process's shard
             storage = value.untyped_storage()
             if storage.data_ptr() in seen:
                 continue

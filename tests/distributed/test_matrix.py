@@ -150,3 +150,20 @@ def test_warm_start_is_split_over_the_processes(results):
     # each process calibrates on half the blocks; the time is reported in the note (trainer.warm_start_seconds)
     assert results["one"]["default"]["warm_start_seconds"] > 0
     assert all(r["warm_start_seconds"] > 0 for r in results["two"]["default"])
+
+
+@pytest.mark.parametrize(("launcher", "name"), [("one", "default"), ("two", "default"), ("two", "fsdp2")])
+def test_held_memory_matches_estimate_memory(results, launcher, name):
+    """What each process holds at the end (its shards under FSDP2, the teacher's too) against ``estimate_memory``.
+
+    Weights and the teacher match to the byte; the optimizer's state adds Adam's per-parameter step counters; the
+    ADMM state at the end (masks, statistics) stays under the estimate's ADMM-phase peak (z and u)."""
+    records = results[launcher][name]
+    for record in records if isinstance(records, list) else [records]:
+        measured, estimate = record["memory"]["measured"], record["memory"]["estimate"]
+        assert measured["weights"] == estimate["weights"] and measured["teacher"] == estimate["teacher"] > 0
+        assert estimate["optimizer"] <= measured["optimizer"] <= 1.01 * estimate["optimizer"]
+        assert 0 < measured["admm"] <= estimate["admm"]
+    if name == "fsdp2":
+        one = results["one"]["default"]["memory"]["measured"]
+        assert measured["teacher"] == one["teacher"] // 2  # the teacher is sharded like the student

@@ -177,6 +177,7 @@ def _record(trainer, seconds: float) -> dict:
     masks = {n: _full(m) for n, m in opt.masks().items()} if opt is not None else {}
     history = [{k: v for k, v in h.items() if k in ("loss", "loss_ce", "loss_distill")} for h in trainer.state.log_history]
     return {
+        "memory": _memory(trainer),
         "weights": prunable,
         "masks": masks,
         "history": [h for h in history if h],
@@ -186,6 +187,23 @@ def _record(trainer, seconds: float) -> dict:
         "param_is_dtensor": any(hasattr(p, "full_tensor") for p in trainer.model.parameters()),
         "model_type": type(model).__name__,
     }
+
+
+def _memory(trainer) -> dict:
+    """Bytes this process holds (its shards under FSDP2) against ``estimate_memory`` for the same run."""
+    from dataclasses import asdict
+
+    from hf_elsa import estimate_memory
+    from hf_elsa.memory import measure_state_bytes
+
+    def held(model) -> int:
+        return sum(p.to_local().nbytes if hasattr(p, "to_local") else p.nbytes for p in model.parameters())
+
+    teacher = trainer._teacher.model if trainer._teacher is not None else None
+    measured = {"weights": held(trainer.model), "teacher": held(teacher) if teacher is not None else 0}
+    measured.update(measure_state_bytes(trainer.optimizer))
+    estimate = estimate_memory(make_model("llama"), trainer.args, processes=trainer.args.world_size)
+    return {"measured": measured, "estimate": asdict(estimate)}
 
 
 def run(out: str, names: list[str]) -> None:
