@@ -236,6 +236,29 @@ def _collect(modules: Mapping[str, nn.Module], make_statistic: MakeStatistic, ru
     return stats
 
 
+def _prune_modules(modules: Mapping[str, nn.Module], stats: dict, prune_module: PruneModule) -> dict[str, torch.Tensor]:
+    """Prune each module from its statistic; on N processes module i is pruned by process i % N and its weight and
+    mask are broadcast, so the per-module solves (SparseGPT's Cholesky and column sweep) are split too and every
+    process ends with the bits the pruning process computed."""
+    rank, world = process_share()
+    masks = {}
+    for i, (name, module) in enumerate(modules.items()):
+        owner = i % world
+        stat = stats.pop(name)  # free each statistic as soon as its module is done
+        mask = prune_module(name, module, stat) if rank == owner else None
+        if world > 1:
+            weight = module.weight.data
+            if mask is None:
+                mask = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
+            torch.distributed.broadcast(weight, src=owner)
+            flags = mask.to(torch.uint8)
+            torch.distributed.broadcast(flags, src=owner)
+            mask = flags.bool()
+        masks[name] = mask
+        del stat
+    return masks
+
+
 @torch.no_grad()
 def prune_layerwise(
     model: nn.Module,
@@ -289,9 +312,7 @@ def prune_layerwise(
 
                 if per_layer[index]:
                     stats = _collect(per_layer[index], make_statistic, run_all)
-                    for name, module in per_layer[index].items():
-                        masks[name] = prune_module(name, module, stats[name])
-                        del stats[name]  # free each Hessian as soon as its module is done
+                    masks.update(_prune_modules(per_layer[index], stats, prune_module))
                 if index < used[-1]:
                     hidden = run_all()  # outputs of the pruned layer feed the next one
             del hidden, extras
@@ -306,8 +327,7 @@ def prune_layerwise(
                     model(input_ids=batch.to(device), use_cache=False)
 
             stats = _collect(outside, make_statistic, run_model)
-            for name, module in outside.items():
-                masks[name] = prune_module(name, module, stats.pop(name))
+            masks.update(_prune_modules(outside, stats, prune_module))
     finally:
         model.train(was_training)
         if use_cache is not None:
