@@ -32,6 +32,14 @@ def get_sparsity(model: nn.Module) -> SparsityState | None:
     return state if isinstance(state, SparsityState) else None
 
 
+def converted_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{"<module>.weight": SparseLinear}`` of the layers that ``to_sparse_inference`` converted: their weight is
+    not a parameter any more (CSR buffers; the state dict still has the dense ``weight``)."""
+    from ..inference.convert import SparseLinear  # lazy: inference imports sparse_io
+
+    return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+
+
 def require_state(model: nn.Module) -> SparsityState:
     state = get_sparsity(model)
     if state is None:
