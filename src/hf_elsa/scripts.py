@@ -32,10 +32,13 @@ from .loading import (  # noqa: F401
     load_tokenizer,
     looks_like_path,
 )
+from .oneshot import PRUNERS
+from .registry import LiveChoices
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
-METHODS = ("elsa", "magnitude", "wanda", "sparsegpt")
-ONESHOT_METHODS = METHODS[1:]
+# --method: ELSA, or a one-shot pruner by its registered name (hf_elsa.oneshot.PRUNERS, read when checked)
+METHODS = LiveChoices(PRUNERS, before=("elsa",))
+ONESHOT_METHODS = LiveChoices(PRUNERS)
 TRAINING_GROUP = "training options (transformers.TrainingArguments)"
 EMBEDDED = "SmolLM2-135M-Instruct (embedded)"
 
@@ -172,9 +175,9 @@ class RunArguments:
     method: str = field(
         default="elsa",
         metadata={
-            "help": f"Pruning method: one of {METHODS}. The one-shot baselines use sparsity, sparsity_type, "
+            "help": "Pruning method: one of %(choices)s. The one-shot baselines use sparsity, sparsity_type, "
             "target_modules, exclude_modules, output_dir and seed, and save masks and card like ELSA.",
-            "choices": list(METHODS),
+            "choices": METHODS,
         },
     )
     compressed: bool = field(
@@ -184,7 +187,7 @@ class RunArguments:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"--method {self.method!r}: use one of {METHODS}.")
+            raise ValueError(f"--method {self.method!r}: use one of {tuple(METHODS)}.")
 
 
 # -- the parser -------------------------------------------------------------------------------------
@@ -462,18 +465,18 @@ def _prune_elsa(model, tokenizer, train, held, protocol, run: RunArguments, conf
 
 
 def _prune_oneshot(model, tokenizer, train, held, protocol, data: DataArguments, run: RunArguments, config):
-    from . import oneshot
     from .evaluation import perplexity
     from .projection import pattern_sparsity
     from .sparse_io import attach_sparsity
 
     model.to(config.device)
+    pruner = PRUNERS.get(run.method)
     kwargs: dict[str, Any] = {}
-    if run.method != "magnitude":
+    if pruner.requires_calibration:
         count = min(data.calibration_samples, len(train))
         kwargs = {"calibration": train[:count]["input_ids"], "progress": not config.disable_tqdm}
     torch.manual_seed(config.seed)
-    masks = getattr(oneshot, run.method)(
+    masks = pruner(
         model,
         sparsity=config.sparsity,
         sparsity_type=config.sparsity_type,
@@ -482,7 +485,7 @@ def _prune_oneshot(model, tokenizer, train, held, protocol, data: DataArguments,
         **kwargs,
     )
     hyper = {"block_size": data.block_size, "seed": config.seed}
-    if run.method != "magnitude":
+    if pruner.requires_calibration:
         hyper["calibration_samples"] = len(kwargs["calibration"])
     attach_sparsity(
         model,

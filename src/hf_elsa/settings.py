@@ -18,10 +18,14 @@ from typing import Any
 from .admm import LAMBDA_SCHEDULES, PENALTIES, SPARSITY_SCHEDULES
 from .allocation import ALLOCATIONS
 from .curvature import ESTIMATORS
+from .oneshot import PRUNERS
 from .patterns import SparsityPattern, sparsity_pattern
+from .registry import LiveChoices
 from .states import STORAGE_DTYPES
 
-ADMM_INITS = ("magnitude", "wanda", "sparsegpt")
+# The registries' names as they are when a value is checked or --help printed, so entries registered after this
+# module is imported (register_estimator(Mine()), then ElsaConfig(importance="mine")) are accepted and listed.
+ADMM_INITS = LiveChoices(PRUNERS)
 BASE_OPTIMIZERS = ("trainer", "sassha")
 
 # Topics, in the order the docstring and --help present them.
@@ -101,8 +105,8 @@ _DETAILS: dict[int, dict[str, Any]] = {}
 def _setting(default, topic: str, help: str, doc: str | None = None, choices=None, bounds=None, example=None):
     """A field of the table. ``bounds``: ``(low, high, low_inclusive, high_inclusive)``, ``None`` = unbounded."""
     metadata = {"help": help}
-    if choices is not None:
-        metadata["choices"] = tuple(choices)
+    if choices is not None:  # a LiveChoices stays live: HfArgumentParser hands the metadata to argparse as is
+        metadata["choices"] = choices if isinstance(choices, LiveChoices) else tuple(choices)
     made = field(default=default, metadata=metadata)
     _DETAILS[id(made)] = {"topic": topic, "doc": doc or help, "bounds": bounds, "example": example}
     return made
@@ -133,14 +137,14 @@ class ElsaSettings:
     sparsity_allocation: str = _setting(
         "uniform",
         "sparsity",
-        "How the sparsity is spread over tensors: 'uniform', 'global' or 'owl'.",
+        "How the sparsity is spread over tensors: one of %(choices)s.",
         "How the sparsity is spread over the prunable tensors: `\"uniform\"` (every tensor at `sparsity`), "
         "`\"global\"` (one budget of exactly `round(N * sparsity)` zeros over all N prunable weights, scores "
         "normalised per tensor so that a tensor's scale alone does not decide) or `\"owl\"` (per decoder layer, "
         "less sparsity where the layer has more outlier activations; the weighted mean stays `sparsity`; needs "
         "`importance=\"activation\"`). Every tensor stays within `[allocation_min_sparsity, "
         "allocation_max_sparsity]`. Not for N:M patterns.",
-        choices=ALLOCATIONS,
+        choices=LiveChoices(ALLOCATIONS),
     )
     allocation_min_sparsity: float = _setting(
         0.0,
@@ -266,14 +270,14 @@ class ElsaSettings:
     importance: str | None = _setting(
         None,
         "curvature",
-        f"Projection score: one of {tuple(ESTIMATORS)}. Default from recipe.",
+        "Projection score: one of %(choices)s. Default from recipe.",
         "Score of the projection: `\"magnitude\"` (`|v|`), or `(h + delta)^alpha * v^2` with a Hessian-diagonal "
         "estimate `h`: `\"adam\"` (Adam's `exp_avg_sq`, the paper's objective-aware projection; it also absorbs the "
         "penalty), `\"fisher\"` (EMA of the squared task gradient before the penalty is added), `\"hutchinson\"` "
         "(EMA of `|z * Hz|` by double backward every `hessian_interval` steps; with `base_optimizer=\"sassha\"` "
         "Sassha's own estimate) or `\"activation\"` (`mean(x_j^2)`, SAFE+'s generalized projection with Wanda's "
         "metric, from forward hooks on the training batches). Costs and limits: docs/curvature.md.",
-        choices=ESTIMATORS,
+        choices=LiveChoices(ESTIMATORS),
     )
     importance_alpha: float = _setting(
         1.0,
@@ -367,7 +371,7 @@ class ElsaSettings:
     admm_init: str | None = _setting(
         None,
         "start",
-        f"Initial z (or fixed mask): one of {ADMM_INITS}. Default from recipe.",
+        "Initial z (or fixed mask): one of %(choices)s. Default from recipe.",
         "How the initial z is chosen: `\"magnitude\"` (paper), `\"wanda\"` or `\"sparsegpt\"` (one-shot pruners run "
         "on `admm_init_samples` training blocks; z starts from the pruner's weights, and a ramped z grows sparse in "
         "the order of the pruner's ranking). With `admm_fraction=0` it chooses the fixed mask (and, for SparseGPT, "
@@ -482,12 +486,7 @@ class ElsaSettings:
                     f"{owner}.allocation_min_sparsity={self.allocation_min_sparsity} and allocation_max_sparsity="
                     f"{self.allocation_max_sparsity} must enclose sparsity={self.sparsity}."
                 )
-            if self.sparsity_allocation == "owl" and self.importance != "activation":
-                raise ValueError(
-                    f"{owner}.sparsity_allocation='owl' ranks layers by their outlier activations, which "
-                    f"importance={self.importance!r} does not collect: use importance='activation' (the default "
-                    "recipe's) or sparsity_allocation='global'."
-                )
+            ALLOCATIONS.get(self.sparsity_allocation).check_settings(self, owner)
         if self.base_optimizer == "sassha" and self.importance == "adam":
             raise ValueError(
                 f"{owner}.importance='adam' reads Adam's exp_avg_sq, which base_optimizer='sassha' does not keep: "
@@ -578,6 +577,14 @@ def settings_docstring() -> str:
     return "\n".join(lines)
 
 
+def help_text(f) -> str:
+    """A field's ``help`` with ``%(choices)s`` (which argparse fills in ``--help``) filled the same way."""
+    text = f.metadata["help"]
+    if "choices" in f.metadata:
+        text = text.replace("%(choices)s", ", ".join(map(str, f.metadata["choices"])))
+    return text
+
+
 def settings_markdown() -> str:
     """The fields as markdown tables, one per topic (docs/index.md holds this text; a test keeps it in sync)."""
     lines = []
@@ -587,6 +594,6 @@ def settings_markdown() -> str:
             if DETAILS[f.name]["topic"] != topic:
                 continue
             default = "recipe" if f.name in RECIPES["elsa"] else f"`{f.default!r}`"
-            lines.append(f"| `{f.name}` | {default} | {f.metadata['help'].replace('|', '/')} |")
+            lines.append(f"| `{f.name}` | {default} | {help_text(f).replace('|', '/')} |")
         lines.append("")
     return "\n".join(lines)

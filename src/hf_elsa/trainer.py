@@ -309,7 +309,7 @@ class ElsaTrainer(Trainer):
         method = self.args.admm_init
         if method == "magnitude" or self.args.keep_mask or self.elsa_optimizer.initial_masks:
             return
-        from . import oneshot
+        from .oneshot import PRUNERS
 
         dataset = self.train_dataset
         count = min(self.args.admm_init_samples, len(dataset))
@@ -321,7 +321,7 @@ class ElsaTrainer(Trainer):
                 f"ElsaConfig.admm_init={method!r} calibrates a one-shot pruner on training blocks: the train_dataset "
                 f"must hold equal-length 'input_ids' blocks ({error}), or use admm_init='magnitude'."
             ) from None
-        masks = getattr(oneshot, method)(
+        masks = PRUNERS.get(method)(
             self.model,
             calibration,
             sparsity=self.args.sparsity,

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .base import Reduce, SparsityAllocation, bounded_counts, no_reduce
+from .base import Reduce, SparsityAllocation, bounded_counts, no_reduce, register_allocation
 
 
 class NormalisedScores:
@@ -178,3 +178,6 @@ class GlobalBudget(SparsityAllocation):
         wanted = {n: counts[n] / numels[n] for n in counts}
         counts = bounded_counts(wanted, numels, total, low, high)  # exact total even if the bounds rounded
         return {n: counts[n] / numels[n] for n in counts}
+
+
+register_allocation(GlobalBudget)

@@ -184,9 +184,9 @@ def run_benchmark(
             model, _ = load_model()
             start = time.time()
             level = sparsity if sparsity is not None else 0.5
-            if method in ("magnitude", "wanda", "sparsegpt"):
-                prune = getattr(oneshot, method)
-                kwargs = {} if method == "magnitude" else {"calibration": calibration, "progress": progress}
+            if method in oneshot.PRUNERS:
+                prune = oneshot.PRUNERS.get(method)
+                kwargs = {"calibration": calibration, "progress": progress} if prune.requires_calibration else {}
                 prune(model, sparsity=level, sparsity_type=sparsity_type, **kwargs)
             elif method in ("masked_ft", "elsa"):
                 _train(
