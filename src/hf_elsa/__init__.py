@@ -10,7 +10,7 @@ from .config import ElsaConfig
 from .curvature import CurvatureEstimator
 from .evaluation import perplexity
 from .flatness import Sassha
-from .inference import to_sparse_inference
+from .inference import from_sparse_inference, to_sparse_inference
 from .lora import merge_and_unload
 from .memory import MemoryEstimate, estimate_memory
 from .patterns import SparsityPattern, sparsity_pattern
@@ -46,6 +46,7 @@ __all__ = [
     "attach_sparsity",
     "detach_sparsity",
     "estimate_memory",
+    "from_sparse_inference",
     "keep_mask",
     "load_sparse_model",
     "merge_and_unload",

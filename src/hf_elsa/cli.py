@@ -1,13 +1,14 @@
 """The ``hf-elsa`` command: one subcommand per function.
 
     hf-elsa prune [--model_name_or_path M] [--text_files F ... | --dataset_name D ...] --output_dir OUT \
-        [--method elsa|magnitude|wanda|sparsegpt] [--compressed] [--config run.yaml] [ElsaConfig fields]
+        [--method elsa|PRUNER] [--compressed] [--config run.yaml] [ElsaConfig fields]
     hf-elsa eval [--model_name_or_path OUT] [--text_files F ... | --dataset_name D --dataset_split test]
     hf-elsa inspect DIR [--json] [--summary] [--chart]
     hf-elsa demo [--sparsity 0.5] [--max_steps 40]
     hf-elsa memory [--model_name_or_path M] [--json] [ElsaConfig fields, e.g. --elsa_l true]
 
-``prune`` and ``eval`` take the argument set of ``examples/prune.py`` (:mod:`hf_elsa.scripts`).
+``PRUNER``: a one-shot pruner's registered name (``hf_elsa.oneshot.PRUNERS``). ``prune`` and ``eval`` take the
+argument set of ``examples/prune.py`` (:mod:`hf_elsa.scripts`).
 
 Each subcommand is an entry of ``COMMANDS``: ``name -> Command(add_arguments, run, help)``. ``add_arguments``
 fills the subcommand's ``argparse`` parser (None: the command parses its own options with an
