@@ -124,12 +124,17 @@ def _prune_parser():
     from .config import ElsaConfig
     from .scripts import DataArguments, ElsaArgumentParser, ModelArguments, RunArguments
 
-    return ElsaArgumentParser(
+    parser = ElsaArgumentParser(
         (ElsaConfig, ModelArguments, DataArguments, RunArguments),
         prog="hf-elsa prune",
-        description="Prune a causal LM with ELSA (or a one-shot baseline with --method), evaluate it on held-out "
-        "text and save a sparse checkpoint with its masks and model card.",
+        description="Prune a causal LM with ELSA (or a one-shot baseline with --method), evaluate it and the dense "
+        "model on the same held-out windows, and save the sparse model with its masks and model card: --output_dir "
+        "holds the model only (no Trainer checkpoints unless --save_strategy steps/epoch asks for them).",
     )
+    # the output folder is the model a user ships: a Trainer checkpoint (optimizer state, ~2x the weights in fp32)
+    # only when asked for; --save_strategy on the command line or in --config overrides this default
+    parser.set_defaults(save_strategy="no")
+    return parser
 
 
 def prune_command(args: argparse.Namespace) -> int:
@@ -141,10 +146,11 @@ def prune_command(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(f"[hf-elsa prune] {note}")
     if result.perplexity is not None:
-        print(f"[hf-elsa prune] held-out perplexity {result.perplexity:.2f} ({result.protocol})")
+        dense = f", dense {result.dense_perplexity:.2f} on the same windows" if result.dense_perplexity else ""
+        print(f"[hf-elsa prune] held-out perplexity {result.perplexity:.2f}{dense} ({result.protocol})")
     else:
         print("[hf-elsa prune] no held-out text (--eval_fraction 0): not evaluated")
-    print(f"[hf-elsa prune] {result.method} model saved to {result.output_dir}")
+    print(f"[hf-elsa prune] {result.method} model saved to {result.output_dir} ({result.save_dtype} weights)")
     return 0
 
 
@@ -156,25 +162,41 @@ def eval_command(args: argparse.Namespace) -> int:
         DataArguments,
         ElsaArgumentParser,
         ModelArguments,
+        TextColumnArguments,
         eval_windows,
         load_model_and_tokenizer,
         load_text,
     )
 
-    parser = ElsaArgumentParser((ModelArguments, DataArguments), prog="hf-elsa eval", description=eval_command.__doc__)
-    model_args, data = parser.parse_args_and_config(args.options)
+    parser = ElsaArgumentParser(
+        (ModelArguments, DataArguments, TextColumnArguments), prog="hf-elsa eval", description=eval_command.__doc__
+    )
+    model_args, data, _ = parser.parse_args_and_config(args.options)
     model, tokenizer = load_model_and_tokenizer(model_args)
     text = load_text(data, tokenizer, "eval")
     held = eval_windows(text.eval, data, model)
     if held is None:
         raise ValueError("the evaluation text is empty.")
     ppl = perplexity(model, text=held.ids, seqlen=held.seqlen, max_windows=held.windows, progress=True)
+    scored = held.protocol(text.how)
+    print(f"[hf-elsa eval] scored: {scored}, {int(held.ids.numel()):,} tokens; {_what_eval_includes(data)}",
+          file=sys.stderr)  # fmt: skip
     print(json.dumps({
         "model": model_args.model_name_or_path or "SmolLM2-135M-Instruct", "perplexity": ppl, "text": text.how,
-        "tokens": int(held.ids.numel()), "seqlen": held.seqlen, "windows": held.windows,
+        "scored": scored, "tokens": int(held.ids.numel()), "seqlen": held.seqlen, "windows": held.windows,
         **({"note": held.note} if held.note else {}),
     }))  # fmt: skip
     return 0
+
+
+def _what_eval_includes(data) -> str:
+    """What a reader must know about the score: eval holds nothing back, so text the model trained on counts too."""
+    if data.text_files or data.dataset_name or data.data_files:
+        return (
+            "every token of it, none held back: text the model was trained on is scored too (hf-elsa prune "
+            "records its held-out score in elsa_config.json)"
+        )
+    return "the embedded Wikipedia sample's held-out articles, which hf-elsa prune (default --eval_fraction) does not train on"
 
 
 # -- demo / memory ----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 
 from .curvature import get_estimator
 from .settings import RECIPES, ElsaSettings, settings_docstring
+from .trainer_inputs import DEFAULT_MAX_LENGTH
 
 # ELSA-L's 8-bit base optimizer: bitsandbytes' AdamW is the one that also runs on CPU (torchao's AdamW8bit
 # needs torch.compile per tensor shape; docs/memory.md).
@@ -31,8 +32,42 @@ class ElsaConfig(TrainingArguments, ElsaSettings):
     adam_beta2: float = field(default=0.95, metadata={"help": "Beta2 for AdamW."})
     logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
 
+    # -- the model and text ElsaTrainer loads itself: TRL's SFTConfig names (hf_elsa.trainer_inputs) ----------
+    model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments of from_pretrained when the trainer's model is a Hub id or folder (a JSON "
+            "object on the command line), e.g. {\"dtype\": \"bfloat16\"}; the dtype defaults to float32."
+        },
+    )
+    dataset_text_field: str = field(
+        default="text",
+        metadata={
+            "help": "Column holding the text of a dataset (a 'messages' column is rendered with the chat template).",
+            "aliases": ["--text_column"],
+        },
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per training sequence: the block size of packing, the truncation length without it "
+            f"(default {DEFAULT_MAX_LENGTH}, or the model's max_position_embeddings if smaller).",
+            "aliases": ["--block_size"],
+        },
+    )
+    packing: bool = field(
+        default=True,
+        metadata={
+            "help": "True: the tokenized examples are concatenated and cut into blocks of max_length (no padding; "
+            "TRL's default is False). False: one example per row, truncated to max_length and padded (padding "
+            "is masked from the loss)."
+        },
+    )
+    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs"]  # a JSON string -> dict
+
     def __post_init__(self):
         self.resolve_elsa_settings()
+        self._check_data_fields()
         if not isinstance(self.learning_rate, (int, float)) or isinstance(self.learning_rate, bool) or not (
             math.isfinite(self.learning_rate) and self.learning_rate >= 0
         ):
@@ -40,6 +75,23 @@ class ElsaConfig(TrainingArguments, ElsaSettings):
         self._resolve_elsa_l_optimizer()
         super().__post_init__()
         self._validate_double_backward()
+
+    def _check_data_fields(self) -> None:
+        """TRL's names, checked here so that a bad value fails at construction, naming the field."""
+        if self.max_length is not None and (
+            isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2
+        ):
+            raise ValueError(f"ElsaConfig.max_length={self.max_length!r} must be an integer >= 2 (tokens per sequence).")
+        if not isinstance(self.dataset_text_field, str) or not self.dataset_text_field:
+            raise ValueError(f"ElsaConfig.dataset_text_field={self.dataset_text_field!r} must name a column (e.g. 'text').")
+        if not isinstance(self.packing, bool):
+            raise ValueError(f"ElsaConfig.packing={self.packing!r} must be True or False.")
+        kwargs = self.model_init_kwargs
+        if kwargs is not None and not isinstance(kwargs, dict) and not (isinstance(kwargs, str) and kwargs.startswith("{")):
+            raise ValueError(
+                f"ElsaConfig.model_init_kwargs={kwargs!r} must be a dict (a JSON object on the command line), e.g. "
+                '{"dtype": "bfloat16"}.'
+            )
 
     def _resolve_elsa_l_optimizer(self) -> None:
         """ELSA-L picks the 8-bit base optimizer; an explicit optim must be 8-bit and installed."""

@@ -2,7 +2,10 @@
 
 - :class:`ModelArguments`, :class:`DataArguments`, :class:`RunArguments`: the options besides
   ``ElsaConfig``'s, named as in TRL (``--model_name_or_path``, ``--dataset_name``, ``--dataset_config``,
-  ``--dataset_split``, ``--dataset_text_field``, ``--dtype``, ``--attn_implementation``).
+  ``--dataset_split``, ``--dtype``, ``--attn_implementation``). TRL's ``SFTConfig`` names ``--dataset_text_field``,
+  ``--max_length`` (alias ``--block_size``), ``--packing`` and ``--model_init_kwargs`` are ``ElsaConfig`` fields,
+  declared once there; the parser links them into ``DataArguments`` (``data.dataset_text_field``,
+  ``data.block_size``).
 - :class:`ElsaArgumentParser`: an ``HfArgumentParser`` that reads ``--config run.yaml`` (any option, the
   command line wins) and prints ``--help`` grouped, the ELSA fields first and the ~100 inherited
   ``TrainingArguments`` fields last.
@@ -36,6 +39,7 @@ from .oneshot import PRUNERS
 from .registry import LiveChoices
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # --method: ELSA, or a one-shot pruner by its registered name (hf_elsa.oneshot.PRUNERS, read when checked)
 METHODS = LiveChoices(PRUNERS, before=("elsa",))
 ONESHOT_METHODS = LiveChoices(PRUNERS)
@@ -130,10 +134,6 @@ class DataArguments:
         default=None,
         metadata={"help": "prune: evaluate on this split of the dataset instead of holding out --eval_fraction."},
     )
-    dataset_text_field: str = field(
-        default="text", metadata={"help": "Column holding the text.", "aliases": ["--text_column"]}
-    )
-    block_size: int = field(default=256, metadata={"help": "Tokens per training sequence."})
     num_blocks: int | None = field(
         default=None,
         metadata={"help": "Draw this many training blocks at seeded random offsets (default: every block)."},
@@ -150,20 +150,47 @@ class DataArguments:
         default=None, metadata={"help": "Evaluate the first N windows only (default: every window of the text)."}
     )
     calibration_samples: int = field(
-        default=128, metadata={"help": "--method wanda/sparsegpt: calibration blocks of --block_size tokens."}
+        default=128, metadata={"help": "--method wanda/sparsegpt: calibration blocks of --max_length tokens."}
     )
+    # ElsaConfig (or eval's TextColumnArguments): the owner of TRL's names, linked by ElsaArgumentParser
+    text_options: Any = field(default=None, init=False, repr=False)
+
+    @property
+    def dataset_text_field(self) -> str:
+        return getattr(self.text_options, "dataset_text_field", None) or "text"
+
+    @property
+    def block_size(self) -> int | None:
+        """``--max_length`` (alias ``--block_size``); None: 1024, or the model's positions if fewer."""
+        return getattr(self.text_options, "max_length", None)
 
     def __post_init__(self):
         check_eval_fraction(self.eval_fraction)
-        for name in ("block_size", "eval_seqlen"):
-            if getattr(self, name) < 2:
-                raise ValueError(f"--{name} {getattr(self, name)} must be >= 2.")
+        if self.eval_seqlen < 2:
+            raise ValueError(f"--eval_seqlen {self.eval_seqlen} must be >= 2.")
         for name in ("num_blocks", "eval_windows", "calibration_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} {value} must be >= 1.")
         if self.text_files and (self.dataset_name or self.data_files):
             raise ValueError("Pass --text_files or a dataset (--dataset_name / --data_files), not both.")
+
+
+def config_field(name: str):
+    """A fresh ``field`` with the default and help of ``ElsaConfig.<name>`` (one declaration for two parsers)."""
+    from .config import ElsaConfig
+
+    declared = ElsaConfig.__dataclass_fields__[name]
+    return field(default=declared.default, metadata=dict(declared.metadata))
+
+
+@dataclass
+class TextColumnArguments:
+    """``hf-elsa eval``'s text column, declared by ``ElsaConfig.dataset_text_field`` (prune parses it there)."""
+
+    _argument_group_name = "text column"
+
+    dataset_text_field: str = config_field("dataset_text_field")
 
 
 @dataclass
@@ -184,10 +211,20 @@ class RunArguments:
         default=False,
         metadata={"help": "Save the compressed format (kept values + bitmasks; load with hf_elsa.load_sparse_model)."},
     )
+    save_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": f"dtype of the saved weights: one of {SAVE_DTYPES}. 'auto': the dtype the model came in (its "
+            "config.json's; the embedded SmolLM2: float32). Training keeps float32 master weights either way.",
+            "choices": list(SAVE_DTYPES),
+        },
+    )
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"--method {self.method!r}: use one of {tuple(METHODS)}.")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"--save_dtype {self.save_dtype!r}: use one of {SAVE_DTYPES}.")
 
 
 # -- the parser -------------------------------------------------------------------------------------
@@ -242,7 +279,13 @@ class ElsaArgumentParser(HfArgumentParser):
         outputs = [o for o in outputs if not isinstance(o, argparse.Namespace)]  # the --config value
         if remaining:
             self.error(f"unrecognized arguments: {' '.join(remaining)}")
+        link_text_options(outputs)
         return tuple(outputs)
+
+    def explicit_options(self, args: Sequence[str]) -> set[str]:
+        """The options (dest names) given on the command line of ``args`` (``--config`` file keys not included)."""
+        given = {arg.split("=", 1)[0] for arg in args if arg.startswith("--")}
+        return {a.dest for a in self._actions if any(o in given for o in a.option_strings)}
 
     def _read_config(self, path: str) -> dict[str, Any]:
         import yaml
@@ -253,6 +296,9 @@ class ElsaArgumentParser(HfArgumentParser):
             values = yaml.safe_load(f) or {}
         if not isinstance(values, dict):
             raise ValueError(f"--config {path}: expected a mapping of option: value, got {type(values).__name__}.")
+        # an option's aliases name it in YAML too (block_size: 256 is max_length: 256)
+        aliases = {o[2:]: a.dest for a in self._actions for o in a.option_strings if o.startswith("--")}
+        values = {aliases.get(k, k) if isinstance(k, str) else k: v for k, v in values.items()}
         known = {a.dest for a in self._actions}
         unknown = sorted(k for k in values if k not in known or k in ("help", "config"))
         if unknown:
@@ -266,12 +312,22 @@ class ElsaArgumentParser(HfArgumentParser):
         return values
 
 
+def link_text_options(outputs) -> None:
+    """Give each parsed ``DataArguments`` the object that owns TRL's names (ElsaConfig, or eval's text column)."""
+    owner = next((o for o in outputs if hasattr(o, "dataset_text_field") and not isinstance(o, DataArguments)), None)
+    for data in outputs:
+        if isinstance(data, DataArguments) and owner is not None:
+            data.text_options = owner
+
+
 # -- model ------------------------------------------------------------------------------------------
 
 
-def load_model_and_tokenizer(model_args: ModelArguments):
-    """The model (in ``--dtype``) and its tokenizer; the embedded SmolLM2 when no model is named."""
-    kwargs = model_args.from_pretrained_kwargs()
+def load_model_and_tokenizer(model_args: ModelArguments, model_init_kwargs: dict | None = None):
+    """The model (in ``--dtype``) and its tokenizer; the embedded SmolLM2 when no model is named.
+
+    ``model_init_kwargs`` (``ElsaConfig.model_init_kwargs``): more ``from_pretrained`` keyword arguments."""
+    kwargs = {**(model_init_kwargs or {}), **model_args.from_pretrained_kwargs()}
     name = model_args.model_name_or_path
     tok_name = model_args.tokenizer_name_or_path
     if tok_name is not None and looks_like_path(tok_name) and not os.path.isdir(os.path.expanduser(tok_name)):
@@ -343,14 +399,23 @@ def _split_name(data: DataArguments, split: str | None) -> str:
     return f"{name}" + (f" ({data.dataset_config})" if data.dataset_config else "") + f", split {split or 'default'}"
 
 
-def train_blocks(text: TextSplit, data: DataArguments, seed: int = 0):
-    n = text.train.numel()
-    if n < data.block_size:
+def block_length(data: DataArguments, model=None) -> int:
+    """``--max_length``, or (unset) 1024 cut to the model's ``max_position_embeddings``, as ElsaTrainer does."""
+    from .trainer_inputs import DEFAULT_MAX_LENGTH, default_max_length
+
+    if data.block_size is not None:
+        return data.block_size
+    return default_max_length(model) if model is not None else DEFAULT_MAX_LENGTH
+
+
+def train_blocks(text: TextSplit, data: DataArguments, seed: int = 0, model=None):
+    n, size = text.train.numel(), block_length(data, model)
+    if n < size:
         raise ValueError(
-            f"the training text has {n} tokens, fewer than --block_size {data.block_size}: pass more text or a "
-            "smaller --block_size."
+            f"the training text has {n} tokens, fewer than --max_length {size}: pass more text or a smaller "
+            "--max_length (alias --block_size)."
         )
-    return token_blocks(text.train, block_size=data.block_size, num_blocks=data.num_blocks, seed=seed)
+    return token_blocks(text.train, block_size=size, num_blocks=data.num_blocks, seed=seed)
 
 
 @dataclass
@@ -395,12 +460,49 @@ def eval_windows(ids: torch.Tensor | None, data: DataArguments, model=None) -> E
 # -- the prune run ----------------------------------------------------------------------------------
 
 
-def record_evaluation(model, ppl: float, protocol: str) -> None:
-    """Put the held-out perplexity into the sparsity metadata (``elsa_config.json`` and the model card)."""
+def record_evaluation(model, ppl: float, protocol: str, dense: float | None = None) -> None:
+    """Put the held-out perplexity (and the dense model's on the same windows) into the sparsity metadata
+    (``elsa_config.json`` and the model card)."""
     from . import sparse_io
 
     if sparse_io.get_sparsity(model) is not None:
-        sparse_io.record_evaluation(model, {"perplexity": round(ppl, 4)}, protocol)
+        results = {"perplexity": round(ppl, 4)}
+        if dense is not None:
+            results["dense_perplexity"] = round(dense, 4)
+        sparse_io.record_evaluation(model, results, protocol)
+
+
+def source_dtype(model_args: ModelArguments) -> torch.dtype:
+    """The dtype the model came in: its ``config.json``'s (read without loading weights); float32 when it does not
+    say, and for the embedded SmolLM2 (dequantized from GGUF to float32)."""
+    from transformers import AutoConfig
+
+    name = model_args.model_name_or_path
+    if name is None:
+        return torch.float32
+    kwargs = {"trust_remote_code": True} if model_args.trust_remote_code else {}
+    if model_args.model_revision:
+        kwargs["revision"] = model_args.model_revision
+    recorded = getattr(AutoConfig.from_pretrained(os.path.expanduser(name), **kwargs), "dtype", None)
+    if isinstance(recorded, str):
+        recorded = getattr(torch, recorded, None)
+    return recorded if isinstance(recorded, torch.dtype) and recorded.is_floating_point else torch.float32
+
+
+def cast_for_saving(model, run: RunArguments, model_args: ModelArguments) -> torch.dtype:
+    """Cast the trained model to ``--save_dtype`` (``auto``: the dtype it came in) before it is written.
+
+    The zeros stay exact in any float dtype; float16's range is checked (a weight beyond it would become inf)."""
+    dtype = source_dtype(model_args) if run.save_dtype == "auto" else getattr(torch, run.save_dtype)
+    if dtype == torch.float16:
+        big = max((float(p.detach().abs().max()) for p in model.parameters() if p.numel()), default=0.0)
+        if big > torch.finfo(torch.float16).max:
+            raise ValueError(
+                f"--save_dtype float16: a weight of magnitude {big:.3g} exceeds float16's range; use --save_dtype "
+                "bfloat16 or float32."
+            )
+    model.to(dtype)
+    return dtype
 
 
 def save_compressed(trainer) -> None:
@@ -423,27 +525,62 @@ class PruneResult:
     perplexity: float | None
     protocol: str | None
     notes: list[str]
+    dense_perplexity: float | None = None  # the model before pruning, on the same windows
+    save_dtype: str | None = None
+
+
+def _check_cli_data_options(config) -> None:
+    if not config.packing:
+        raise ValueError(
+            "--packing false: hf-elsa prune cuts the token stream of the text into --max_length blocks (packing); "
+            "for one example per row, pass a text dataset to ElsaTrainer with ElsaConfig(packing=False)."
+        )
+    own = {"dtype", "torch_dtype", "attn_implementation", "revision", "trust_remote_code"}
+    clash = sorted(own & set(config.model_init_kwargs or {}))
+    if clash:
+        raise ValueError(
+            f"--model_init_kwargs {clash}: the command line has its own options for these (--dtype, "
+            "--attn_implementation, --model_revision, --trust_remote_code); use them instead."
+        )
 
 
 def run_prune(model_args: ModelArguments, data: DataArguments, run: RunArguments, config, log=print) -> PruneResult:
     """Load, prune (ELSA or a one-shot baseline), evaluate on the held-out text, then save masks and card.
 
-    The evaluation runs before the save, so its result lands in ``elsa_config.json`` and the model card.
+    The evaluation runs before the save, so its result lands in ``elsa_config.json`` and the model card; the dense
+    model is scored first on the same windows. The weights are written in ``--save_dtype``.
     """
-    model, tokenizer = load_model_and_tokenizer(model_args)
+    _check_cli_data_options(config)
+    model, tokenizer = load_model_and_tokenizer(model_args, config.model_init_kwargs)
     text = load_text(data, tokenizer, "prune")
-    train = train_blocks(text, data, seed=config.seed)
+    train = train_blocks(text, data, seed=config.seed, model=model)
     held = eval_windows(text.eval, data, model)
     notes = [f"data: {text.how}"] + ([held.note] if held is not None and held.note else [])
     protocol = held.protocol(f"held-out text ({text.how})") if held is not None else None
+    dense = None
+    if held is not None:
+        from .evaluation import perplexity
+
+        model.to(config.device)
+        dense = perplexity(model, text=held.ids, seqlen=held.seqlen, max_windows=held.windows)
+    saving = Saving(dense, model_args)
     if run.method == "elsa":
-        ppl = _prune_elsa(model, tokenizer, train, held, protocol, run, config)
+        ppl = _prune_elsa(model, tokenizer, train, held, protocol, run, config, saving)
     else:
-        ppl = _prune_oneshot(model, tokenizer, train, held, protocol, data, run, config)
-    return PruneResult(config.output_dir, run.method, ppl, protocol, notes)
+        ppl = _prune_oneshot(model, tokenizer, train, held, protocol, data, run, config, saving)
+    return PruneResult(config.output_dir, run.method, ppl, protocol, notes, dense, str(saving.dtype).split(".")[-1])
 
 
-def _prune_elsa(model, tokenizer, train, held, protocol, run: RunArguments, config) -> float | None:
+@dataclass
+class Saving:
+    """What the save step needs besides the run: the dense score to record, the source for ``--save_dtype auto``."""
+
+    dense_perplexity: float | None
+    model_args: ModelArguments
+    dtype: torch.dtype | None = None  # set when the weights are cast
+
+
+def _prune_elsa(model, tokenizer, train, held, protocol, run: RunArguments, config, saving: Saving) -> float | None:
     from .trainer import ElsaTrainer
 
     trainer = ElsaTrainer(
@@ -457,14 +594,17 @@ def _prune_elsa(model, tokenizer, train, held, protocol, run: RunArguments, conf
     ppl = None
     if held is not None:
         ppl = trainer.evaluate()["eval_perplexity"]
-        record_evaluation(trainer.model, ppl, protocol)
+        record_evaluation(trainer.model, ppl, protocol, saving.dense_perplexity)
+    saving.dtype = cast_for_saving(trainer.model, run, saving.model_args)
     trainer.save_model()
     if run.compressed:
         save_compressed(trainer)
     return ppl
 
 
-def _prune_oneshot(model, tokenizer, train, held, protocol, data: DataArguments, run: RunArguments, config):
+def _prune_oneshot(
+    model, tokenizer, train, held, protocol, data: DataArguments, run: RunArguments, config, saving: Saving
+):
     from .evaluation import perplexity
     from .projection import pattern_sparsity
     from .sparse_io import attach_sparsity
@@ -484,7 +624,7 @@ def _prune_oneshot(model, tokenizer, train, held, protocol, data: DataArguments,
         exclude_modules=config.exclude_modules,
         **kwargs,
     )
-    hyper = {"block_size": data.block_size, "seed": config.seed}
+    hyper = {"block_size": block_length(data, model), "seed": config.seed}
     if pruner.requires_calibration:
         hyper["calibration_samples"] = len(kwargs["calibration"])
     attach_sparsity(
@@ -502,7 +642,8 @@ def _prune_oneshot(model, tokenizer, train, held, protocol, data: DataArguments,
     ppl = None
     if held is not None:
         ppl = perplexity(model, text=held.ids, seqlen=held.seqlen, max_windows=held.windows)
-        record_evaluation(model, ppl, protocol)
+        record_evaluation(model, ppl, protocol, saving.dense_perplexity)
+    saving.dtype = cast_for_saving(model, run, saving.model_args)
     model.save_pretrained(config.output_dir, compressed=run.compressed)
     tokenizer.save_pretrained(config.output_dir)
     return ppl
