@@ -10,9 +10,10 @@ a second entry under a taken name is refused (``replace=True`` swaps it on purpo
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+_REQUIRED = object()
 
 
 class UnknownNameError(ValueError, KeyError):
@@ -51,8 +52,11 @@ class Registry(Generic[T]):
         """Remove and return the entry ``name`` (e.g. a test's temporary entry)."""
         return self._entries.pop(self._check(name))
 
-    def get(self, name: str) -> T:
-        """The entry registered as ``name``; an unknown name raises, listing the registered ones."""
+    def get(self, name: str, default: Any = _REQUIRED) -> T:
+        """The entry registered as ``name``; an unknown name raises, listing the registered ones (or, when a
+        ``default`` is given, returns it, as ``dict.get`` does)."""
+        if default is not _REQUIRED and name not in self._entries:
+            return default
         return self._entries[self._check(name)]
 
     def names(self) -> tuple[str, ...]:
@@ -73,9 +77,22 @@ class Registry(Generic[T]):
             raise UnknownNameError(f"{self.kind}={name!r}: use one of {self.names()}.")
         return name
 
-    # Mapping-like reads, so ``name in REGISTRY``, ``tuple(REGISTRY)`` and ``REGISTRY[name]`` keep working.
+    def copy(self) -> Registry[T]:
+        """A registry of the same kind with the same entries (a test swaps it in and registers into it)."""
+        other: Registry[T] = Registry(self.kind)
+        other._entries = dict(self._entries)
+        return other
+
+    # Mapping-like access, so ``name in REGISTRY``, ``tuple(REGISTRY)``, ``REGISTRY[name]`` and pytest's
+    # ``monkeypatch.setitem`` keep working; assignment registers, so it refuses a taken name too.
     def __getitem__(self, name: str) -> T:
         return self.get(name)
+
+    def __setitem__(self, name: str, obj: T) -> None:
+        self.register(name, obj)
+
+    def __delitem__(self, name: str) -> None:
+        self.unregister(name)
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
