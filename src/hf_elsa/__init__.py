@@ -1,8 +1,8 @@
 """hf_elsa: extreme sparsity for Hugging Face causal LMs with ELSA (surrogate-free ADMM)."""
 
-from ._logging import quiet_optional_kernel_warning
+from .compat import silence_upstream_noise
 
-quiet_optional_kernel_warning()  # before transformers imports peft -> bitsandbytes
+silence_upstream_noise()  # known-harmless upstream log lines (compat.UPSTREAM_NOISE), before transformers imports them
 
 from .admm import ElsaOptimizer
 from .allocation import SparsityAllocation

@@ -2,7 +2,10 @@
 
 transformers ships weekly; each touch point below is one function with the versions it was checked
 against, so an upstream change breaks here, in one file, with a test that names it.
-Checked: transformers 5.x (5.0-5.24), torch 2.13 (2026-11).
+Checked: transformers 5.x (5.0-5.25), torch 2.13 (2026-12).
+
+The known-harmless log lines of upstream packages are silenced here too, in one dated table
+(:data:`UPSTREAM_NOISE`), each by a filter on the one logger that emits it.
 """
 
 from __future__ import annotations
@@ -10,9 +13,46 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import os
 
 import torch
+
+# -- known-harmless upstream noise ------------------------------------------------------------------------
+# (logger, start of the message, when and why it is harmless). A filter drops exactly these records; the
+# logger's other records pass. Drop an entry once the upstream release that stops printing it is the minimum.
+UPSTREAM_NOISE: tuple[tuple[str, str, str], ...] = (
+    (
+        "bitsandbytes.backends.cpu.ops",
+        "Failed to load CPU gemm_4bit_forward",
+        "2026-12, bitsandbytes 0.50 (imported by peft, which transformers imports when installed): on CPU it tries "
+        "to fetch an optional 4-bit kernel from the Hub at import time; hf_elsa runs no 4-bit kernels.",
+    ),
+    (
+        "kernels._internals.hf_hub",
+        "Skipping publisher trust check",
+        "2026-12, kernels 0.19 with HF_HUB_OFFLINE=1: the same optional bitsandbytes kernel fetch, announced at "
+        "import time by every command, --help included.",
+    ),
+)
+
+
+class _DropKnownNoise(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def silence_upstream_noise() -> None:
+    """Install the filters of :data:`UPSTREAM_NOISE` (idempotent). Runs on ``import hf_elsa``, before transformers
+    imports peft and bitsandbytes; a script that imports transformers' Trainer before hf_elsa gets them anyway."""
+    for name, prefix, _ in UPSTREAM_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownNoise) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropKnownNoise(prefix))
 
 # 2026-11, transformers 5.x: the Trainer writes its step counter to this file in every checkpoint folder.
 TRAINER_STATE_NAME = "trainer_state.json"

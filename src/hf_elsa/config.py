@@ -31,6 +31,17 @@ class ElsaConfig(TrainingArguments, ElsaSettings):
     )
     adam_beta2: float = field(default=0.95, metadata={"help": "Beta2 for AdamW."})
     logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
+    # transformers passes find_unused_parameters=True to DDP for any model without activation checkpointing, and
+    # torch then warns on every rank that it found none and that the search costs a graph traversal per step:
+    # every parameter of a causal LM takes part in each forward. Set True for models whose forward skips some.
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "DDP's find_unused_parameters. Default False (transformers: True without checkpointing): every "
+            "weight of a causal LM is used in each step; set True for a model whose forward skips parameters "
+            "(e.g. mixture-of-experts with unused experts)."
+        },
+    )
 
     # -- the model and text ElsaTrainer loads itself: TRL's SFTConfig names (hf_elsa.trainer_inputs) ----------
     model_init_kwargs: dict | str | None = field(
@@ -161,7 +172,15 @@ ElsaConfig.__doc__ = f"""
     Changed `TrainingArguments` defaults: `learning_rate` from the recipe (was 5e-5; for `"elsa"` 1e-3 from 70%
     sparsity up and for N:M, 3e-4 at 50%, measured on SmolLM2-135M at short budgets with distillation; the paper
     used 1e-4 to 2e-4 for 7B models, see docs/quality.md), `adam_beta2=0.95` (was 0.999, the paper's Adam betas are (0.9, 0.95)), `logging_steps=10`
-    (was 500).
+    (was 500), `ddp_find_unused_parameters=False` (was None, which DDP turns into a per-step search and a warning
+    per rank; set True for a model whose forward skips parameters).
+
+    TRL's `SFTConfig` names, for what `ElsaTrainer` loads itself: `model_init_kwargs` (from_pretrained keyword
+    arguments when `model` is a Hub id or folder; float32 unless it sets `dtype`), `dataset_text_field` (default
+    `"text"`; a `messages` column is rendered with the chat template), `max_length` (tokens per sequence; default
+    1024, or the model's `max_position_embeddings` if smaller) and `packing` (default True, TRL's is False: the
+    examples are concatenated and cut into blocks; False: one example per row, truncated and padded, the padding
+    masked from the loss).
 
     Recipe-resolved defaults (fields left unset take the column of `recipe`):
 
