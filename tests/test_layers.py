@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _lint_imports(*args: str) -> subprocess.CompletedProcess:
     command = shutil.which("lint-imports")
     assert command, "lint-imports not found: pip install -e '.[test]' (import-linter)"
-    return subprocess.run([command, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run([command, *args], check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def test_the_layers_contract_is_kept():

@@ -25,7 +25,6 @@ class CountingEstimator(CurvatureEstimator):
 
     def curvature(self, name, state):
         self.calls += 1
-        return None
 
 
 class CountingUniform(SparsityAllocation):

@@ -15,6 +15,7 @@ import textwrap
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from ._messages import shorten
 from .admm import LAMBDA_SCHEDULES, PENALTIES, SPARSITY_SCHEDULES
 from .allocation import ALLOCATIONS
 from .curvature import ESTIMATORS
@@ -39,6 +40,7 @@ TOPICS = {
     "storage": "Memory (ELSA-L)",
 }
 
+
 class BySparsity:
     """A recipe default that follows the sparsity: ``high`` from ``high_at`` up (and for N:M), ``low`` up to
     ``low_at``, interpolated in between (log-linearly for ``log=True``). Measured on SmolLM2-135M at 100 steps of
@@ -59,7 +61,9 @@ class BySparsity:
 
     def __repr__(self) -> str:
         how = "log-linear" if self.log else "linear"
-        return f"{self.high:g} from {self.high_at:.0%} sparsity and N:M, {self.low:g} to {self.low_at:.0%}, {how} between"
+        return (
+            f"{self.high:g} from {self.high_at:.0%} sparsity and N:M, {self.low:g} to {self.low_at:.0%}, {how} between"
+        )
 
 
 # Values of the recipe-controlled fields left at None. "paper" is the ICLR 2026 recipe verbatim; "elsa" is
@@ -131,18 +135,18 @@ class ElsaSettings:
         "unstructured",
         "sparsity",
         "'unstructured' (per tensor), 'row' (per output row) or N:M such as '2:4' or '4:8'.",
-        "`\"unstructured\"` (exactly `round(numel * sparsity)` zeros per tensor), `\"row\"` (the same per output "
-        "row) or an N:M pattern such as `\"2:4\"` / `\"4:8\"` (N kept in every M consecutive inputs, 1 <= N < M).",
+        '`"unstructured"` (exactly `round(numel * sparsity)` zeros per tensor), `"row"` (the same per output '
+        'row) or an N:M pattern such as `"2:4"` / `"4:8"` (N kept in every M consecutive inputs, 1 <= N < M).',
     )
     sparsity_allocation: str = _setting(
         "uniform",
         "sparsity",
         "How the sparsity is spread over tensors: one of %(choices)s.",
-        "How the sparsity is spread over the prunable tensors: `\"uniform\"` (every tensor at `sparsity`), "
-        "`\"global\"` (one budget of exactly `round(N * sparsity)` zeros over all N prunable weights, scores "
-        "normalised per tensor so that a tensor's scale alone does not decide) or `\"owl\"` (per decoder layer, "
+        'How the sparsity is spread over the prunable tensors: `"uniform"` (every tensor at `sparsity`), '
+        '`"global"` (one budget of exactly `round(N * sparsity)` zeros over all N prunable weights, scores '
+        'normalised per tensor so that a tensor\'s scale alone does not decide) or `"owl"` (per decoder layer, '
         "less sparsity where the layer has more outlier activations; the weighted mean stays `sparsity`; needs "
-        "`importance=\"activation\"`). Every tensor stays within `[allocation_min_sparsity, "
+        '`importance="activation"`). Every tensor stays within `[allocation_min_sparsity, '
         "allocation_max_sparsity]`. Not for N:M patterns.",
         choices=LiveChoices(ALLOCATIONS),
     )
@@ -167,7 +171,7 @@ class ElsaSettings:
         0.08,
         "sparsity",
         "OWL: per-layer sparsities span sparsity +- this.",
-        "`sparsity_allocation=\"owl\"`: the per-layer sparsities span `sparsity - owl_spread` (the layer with the "
+        '`sparsity_allocation="owl"`: the per-layer sparsities span `sparsity - owl_spread` (the layer with the '
         "most outliers) to `sparsity + owl_spread` (the fewest).",
         bounds=(0.0, 1.0, True, False),
         example=0.08,
@@ -176,7 +180,7 @@ class ElsaSettings:
         5.0,
         "sparsity",
         "OWL: a weight is an outlier when its Wanda score exceeds this multiple of its layer's mean.",
-        "`sparsity_allocation=\"owl\"`: a weight is an outlier when its score `|W_ij| * ||X_j||` exceeds this "
+        '`sparsity_allocation="owl"`: a weight is an outlier when its score `|W_ij| * ||X_j||` exceeds this '
         "multiple of its layer's mean score.",
         bounds=(0.0, None, False, False),
         example=5.0,
@@ -185,7 +189,7 @@ class ElsaSettings:
         None,
         "sparsity",
         "Module name suffixes (or one regex) to prune. Default: every Linear but the LM head.",
-        "Modules whose weight is pruned: names matched as a suffix of the module name (`\"q_proj\"`), or one regular "
+        'Modules whose weight is pruned: names matched as a suffix of the module name (`"q_proj"`), or one regular '
         "expression matched against the full name. `None`: every `nn.Linear` (and GPT-2 `Conv1D`) except the output "
         "embedding (LM head).",
     )
@@ -198,9 +202,9 @@ class ElsaSettings:
         "elsa",
         "recipe",
         "Defaults for unset admm_* fields and importance: 'elsa' (converges in short runs) or 'paper'.",
-        "Defaults of the fields left unset that the recipe table above lists. `\"paper\"`: the published recipe "
+        'Defaults of the fields left unset that the recipe table above lists. `"paper"`: the published recipe '
         "(penalty through the gradient, constant lambda 0.01, interval 32, ADMM for the whole run, magnitude "
-        "projection, learning rate 1e-4, no distillation). `\"elsa\"`: starts from SparseGPT's weights and mask, "
+        'projection, learning rate 1e-4, no distillation). `"elsa"`: starts from SparseGPT\'s weights and mask, '
         "distils from the dense model, a decoupled proximal penalty (lambda 1), a cubic sparsity ramp for z, the "
         "activation-aware projection (SAFE+), the mask fixed after 15% of the steps, then masked fine-tuning; the "
         "distillation weight and learning rate follow the sparsity (docs/quality.md, docs/convergence.md).",
@@ -210,15 +214,15 @@ class ElsaSettings:
         None,
         "recipe",
         f"How the penalty acts: one of {PENALTIES}. Default from recipe.",
-        "`\"gradient\"` adds `lambda * (W - z + u)` to the gradient after clipping (so Adam normalises it); "
-        "`\"proximal\"` pulls the weights after the base step: `W <- W - lambda/(1+lambda) * (W - z + u)`.",
+        '`"gradient"` adds `lambda * (W - z + u)` to the gradient after clipping (so Adam normalises it); '
+        '`"proximal"` pulls the weights after the base step: `W <- W - lambda/(1+lambda) * (W - z + u)`.',
         choices=PENALTIES,
     )
     admm_lambda: float | None = _setting(
         None,
         "recipe",
         "Final ADMM penalty weight lambda, >= 0. Default from recipe.",
-        "Final penalty weight of the schedule (the constant value for `\"constant\"`).",
+        'Final penalty weight of the schedule (the constant value for `"constant"`).',
         bounds=(0.0, None, True, False),
         example=0.01,
     )
@@ -226,7 +230,7 @@ class ElsaSettings:
         None,
         "recipe",
         f"Lambda schedule: one of {LAMBDA_SCHEDULES}. Default from recipe.",
-        "`\"constant\"`, `\"linear\"`, `\"cosine\"` or `\"exponential\"`, from `admm_lambda_init` to `admm_lambda` "
+        '`"constant"`, `"linear"`, `"cosine"` or `"exponential"`, from `admm_lambda_init` to `admm_lambda` '
         "over the ADMM phase. Lambda changes at z-updates; the scaled dual is rescaled when it does.",
         choices=LAMBDA_SCHEDULES,
     )
@@ -234,7 +238,7 @@ class ElsaSettings:
         None,
         "recipe",
         "Start value of the lambda schedule, >= 0. Default from recipe.",
-        "Start value of the lambda schedule (must be > 0 for `\"exponential\"`).",
+        'Start value of the lambda schedule (must be > 0 for `"exponential"`).',
         bounds=(0.0, None, True, False),
         example=0.0,
     )
@@ -261,7 +265,7 @@ class ElsaSettings:
         None,
         "recipe",
         f"Sparsity target of z: one of {SPARSITY_SCHEDULES}. Default from recipe.",
-        "Sparsity target of z: `\"constant\"` (the final sparsity from the start, paper) or `\"cubic\"` (ramps over "
+        'Sparsity target of z: `"constant"` (the final sparsity from the start, paper) or `"cubic"` (ramps over '
         "the ADMM phase, from 0, or from the one-shot mask's ranking with `admm_init`). N:M patterns are not ramped.",
         choices=SPARSITY_SCHEDULES,
     )
@@ -271,10 +275,10 @@ class ElsaSettings:
         None,
         "curvature",
         "Projection score: one of %(choices)s. Default from recipe.",
-        "Score of the projection: `\"magnitude\"` (`|v|`), or `(h + delta)^alpha * v^2` with a Hessian-diagonal "
+        'Score of the projection: `"magnitude"` (`|v|`), or `(h + delta)^alpha * v^2` with a Hessian-diagonal '
         "estimate `h`: `\"adam\"` (Adam's `exp_avg_sq`, the paper's objective-aware projection; it also absorbs the "
-        "penalty), `\"fisher\"` (EMA of the squared task gradient before the penalty is added), `\"hutchinson\"` "
-        "(EMA of `|z * Hz|` by double backward every `hessian_interval` steps; with `base_optimizer=\"sassha\"` "
+        'penalty), `"fisher"` (EMA of the squared task gradient before the penalty is added), `"hutchinson"` '
+        '(EMA of `|z * Hz|` by double backward every `hessian_interval` steps; with `base_optimizer="sassha"` '
         "Sassha's own estimate) or `\"activation\"` (`mean(x_j^2)`, SAFE+'s generalized projection with Wanda's "
         "metric, from forward hooks on the training batches). Costs and limits: docs/curvature.md.",
         choices=LiveChoices(ESTIMATORS),
@@ -299,7 +303,7 @@ class ElsaSettings:
         0.99,
         "curvature",
         "EMA decay of the fisher and hutchinson estimates, in [0, 1).",
-        "EMA decay of the `\"fisher\"` (updated every step) and `\"hutchinson\"` (every refresh) estimates; both are "
+        'EMA decay of the `"fisher"` (updated every step) and `"hutchinson"` (every refresh) estimates; both are '
         "bias-corrected by their number of updates.",
         bounds=(0.0, 1.0, True, False),
         example=0.99,
@@ -308,7 +312,7 @@ class ElsaSettings:
         10,
         "curvature",
         "Optimizer steps between Hutchinson refreshes (hutchinson, sassha), >= 1.",
-        "Optimizer steps between Hutchinson refreshes (`importance=\"hutchinson\"`, and Sassha's Hessian); the first "
+        'Optimizer steps between Hutchinson refreshes (`importance="hutchinson"`, and Sassha\'s Hessian); the first '
         "step refreshes.",
         bounds=(1, None, True, False),
         example=10,
@@ -321,7 +325,7 @@ class ElsaSettings:
         "SAFE: SAM radius of the x-step gradient (0 = off); Sassha's rho.",
         "SAFE: radius of the SAM perturbation. `> 0` takes the x-step gradient at `x + rho * g / ||g||` (a second "
         "forward/backward of the same micro-batches; the ADMM penalty is added after). With "
-        "`base_optimizer=\"sassha\"` it is Sassha's `rho`. `0`: plain gradient.",
+        '`base_optimizer="sassha"` it is Sassha\'s `rho`. `0`: plain gradient.',
         bounds=(0.0, None, True, False),
         example=2e-4,
     )
@@ -329,7 +333,7 @@ class ElsaSettings:
         "trainer",
         "flatness",
         f"Optimizer of the x-step: one of {BASE_OPTIMIZERS} ('trainer' = what optim builds).",
-        "Optimizer of the x-step: `\"trainer\"` (whatever `optim` builds, AdamW by default) or `\"sassha\"` "
+        'Optimizer of the x-step: `"trainer"` (whatever `optim` builds, AdamW by default) or `"sassha"` '
         "([`hf_elsa.Sassha`] with `learning_rate`, `(adam_beta1, adam_beta2)`, `adam_epsilon`, `weight_decay`, "
         "`sam_rho` and `hessian_interval`; the paper uses `adam_beta2=0.999`, `adam_epsilon=1e-4`).",
         choices=BASE_OPTIMIZERS,
@@ -372,7 +376,7 @@ class ElsaSettings:
         None,
         "start",
         "Initial z (or fixed mask): one of %(choices)s. Default from recipe.",
-        "How the initial z is chosen: `\"magnitude\"` (paper), `\"wanda\"` or `\"sparsegpt\"` (one-shot pruners run "
+        'How the initial z is chosen: `"magnitude"` (paper), `"wanda"` or `"sparsegpt"` (one-shot pruners run '
         "on `admm_init_samples` training blocks; z starts from the pruner's weights, and a ramped z grows sparse in "
         "the order of the pruner's ranking). With `admm_fraction=0` it chooses the fixed mask (and, for SparseGPT, "
         "the updated weights): one-shot pruning followed by masked fine-tuning.",
@@ -404,7 +408,7 @@ class ElsaSettings:
         None,
         "storage",
         f"Storage dtype of z: one of {tuple(STORAGE_DTYPES)}. Default float32 (ELSA-L: FP8).",
-        "Storage dtype of z: `\"float32\"` (default), `\"bfloat16\"`, `\"float8_e4m3fn\"` or `\"float8_e5m2\"`. FP8 "
+        'Storage dtype of z: `"float32"` (default), `"bfloat16"`, `"float8_e4m3fn"` or `"float8_e5m2"`. FP8 '
         "keeps one fp32 scale per tensor (`max|z| / fp8_max * 1.05`); z is dequantized on every read and requantized "
         "on every write, and its support (`z != 0`) is kept exactly (docs/memory.md).",
         choices=STORAGE_DTYPES,
@@ -413,7 +417,7 @@ class ElsaSettings:
         None,
         "storage",
         f"Storage dtype of u: one of {tuple(STORAGE_DTYPES)}. Default float32 (ELSA-L: bf16).",
-        "Storage dtype of the scaled dual u, same choices as `admm_z_dtype` (default `\"float32\"`).",
+        'Storage dtype of the scaled dual u, same choices as `admm_z_dtype` (default `"float32"`).',
         choices=STORAGE_DTYPES,
     )
     elsa_l: bool = _setting(
@@ -421,7 +425,7 @@ class ElsaSettings:
         "storage",
         "ELSA-L preset: z float8_e4m3fn, u bfloat16, optim adamw_bnb_8bit (needs bitsandbytes).",
         "ELSA-L, the paper's memory-lean variant: z in `float8_e4m3fn`, u in `bfloat16` and bitsandbytes' 8-bit "
-        "AdamW (`optim=\"adamw_bnb_8bit\"`, needs `pip install \"hf_elsa[elsa-l]\"`). Fields set explicitly win; a "
+        'AdamW (`optim="adamw_bnb_8bit"`, needs `pip install "hf_elsa[elsa-l]"`). Fields set explicitly win; a '
         "`float32` z or u, or a base optimizer that is not 8-bit, contradicts it and raises. About 3 bytes of ADMM "
         "state per prunable weight instead of 8 (see `hf_elsa.estimate_memory`).",
     )
@@ -435,7 +439,7 @@ class ElsaSettings:
         owner = type(self).__name__
         recipe = self.recipe
         if recipe not in RECIPES:
-            raise ValueError(f"{owner}.recipe={recipe!r}: use one of {tuple(RECIPES)}.")
+            raise ValueError(f"{owner}.recipe={shorten(recipe)}: use one of {tuple(RECIPES)}.")
         for key, value in RECIPES[recipe].items():
             if hasattr(self, key) and getattr(self, key) is None and not callable(value):
                 setattr(self, key, value)
@@ -531,7 +535,7 @@ DETAILS: dict[str, dict[str, Any]] = {f.name: _DETAILS[id(f)] for f in elsa_fiel
 def _check_field(owner: str, f, value) -> None:
     """Check one value against its table entry: type, finiteness, bounds, choices."""
     meta = {**DETAILS[f.name], **f.metadata}
-    where = f"{owner}.{f.name}={value!r}"
+    where = f"{owner}.{f.name}={shorten(value)}"
     if value is None:
         if f.default is None:
             return
@@ -572,7 +576,9 @@ def settings_docstring() -> str:
             default = f.default if f.default is not MISSING else None
             default_text = "set by `recipe`" if f.name in RECIPES["elsa"] else f"defaults to `{default!r}`"
             lines.append(f"        {f.name} (`{f.type}`, {default_text}):")
-            lines.extend(textwrap.wrap(DETAILS[f.name]["doc"], 108, initial_indent=" " * 12, subsequent_indent=" " * 12))
+            lines.extend(
+                textwrap.wrap(DETAILS[f.name]["doc"], 108, initial_indent=" " * 12, subsequent_indent=" " * 12)
+            )
         lines.append("")
     return "\n".join(lines)
 

@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..registry import Registry
 from ..patterns import SparsityPattern
+from ..registry import Registry
 from ..targets import find_prunable_modules
 from ._sequential import InputStatistic, prune_layerwise
 from ._weights import check_arguments
@@ -76,13 +76,17 @@ class OneShotPruner:
 
         def prune(name: str, module: nn.Module, statistic) -> torch.Tensor:
             if getattr(statistic, "tokens", 1) == 0:
-                raise RuntimeError(
-                    f"{self.name}: {name} saw no calibration input (is it used in the forward pass?)."
-                )
+                raise RuntimeError(f"{self.name}: {name} saw no calibration input (is it used in the forward pass?).")
             return self.prune_module(name, module, pattern, sparsity, statistic)
 
         return prune_layerwise(
-            model, calibration, modules, self.make_statistic, prune, batch_size=batch_size, progress=progress,
+            model,
+            calibration,
+            modules,
+            self.make_statistic,
+            prune,
+            batch_size=batch_size,
+            progress=progress,
             desc=self.name,
         )
 

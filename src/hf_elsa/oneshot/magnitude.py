@@ -42,6 +42,9 @@ def magnitude(
     Cost: one ``kthvalue`` per tensor, no forward pass.
     """
     return Magnitude()(
-        model, sparsity=sparsity, sparsity_type=sparsity_type, target_modules=target_modules,
+        model,
+        sparsity=sparsity,
+        sparsity_type=sparsity_type,
+        target_modules=target_modules,
         exclude_modules=exclude_modules,
     )

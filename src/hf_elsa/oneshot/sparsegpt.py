@@ -181,7 +181,9 @@ class SparseGPT(OneShotPruner):
 
     def check(self, pattern) -> None:
         if self.blocksize < 1 or (isinstance(pattern, NM) and self.blocksize % pattern.m != 0):
-            raise ValueError(f"sparsegpt: blocksize={self.blocksize} must be a positive multiple of M for {pattern.name!r}.")
+            raise ValueError(
+                f"sparsegpt: blocksize={self.blocksize} must be a positive multiple of M for {pattern.name!r}."
+            )
 
     def make_statistic(self, module: nn.Module) -> InputHessian:
         weight = oriented_weight(module)

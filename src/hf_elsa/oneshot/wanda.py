@@ -84,6 +84,4 @@ def wanda(
     (``hf_elsa.data.token_blocks``). Cost: two forward passes of each decoder layer over the
     calibration set; memory: one layer's activations plus one vector per module.
     """
-    return Wanda()(
-        model, calibration, sparsity, sparsity_type, target_modules, exclude_modules, batch_size, progress
-    )
+    return Wanda()(model, calibration, sparsity, sparsity_type, target_modules, exclude_modules, batch_size, progress)
