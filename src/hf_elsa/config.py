@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
+from ._messages import shorten
 from .curvature import get_estimator
 from .settings import RECIPES, ElsaSettings, settings_docstring
 from .trainer_inputs import DEFAULT_MAX_LENGTH
@@ -82,7 +83,9 @@ class ElsaConfig(TrainingArguments, ElsaSettings):
         if not isinstance(self.learning_rate, (int, float)) or isinstance(self.learning_rate, bool) or not (
             math.isfinite(self.learning_rate) and self.learning_rate >= 0
         ):
-            raise ValueError(f"ElsaConfig.learning_rate={self.learning_rate!r} must be a finite number >= 0 (e.g. 1e-3).")
+            raise ValueError(
+                f"ElsaConfig.learning_rate={shorten(self.learning_rate)} must be a finite number >= 0 (e.g. 1e-3)."
+            )
         self._resolve_elsa_l_optimizer()
         super().__post_init__()
         self._validate_double_backward()
@@ -92,15 +95,20 @@ class ElsaConfig(TrainingArguments, ElsaSettings):
         if self.max_length is not None and (
             isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2
         ):
-            raise ValueError(f"ElsaConfig.max_length={self.max_length!r} must be an integer >= 2 (tokens per sequence).")
+            raise ValueError(
+                f"ElsaConfig.max_length={shorten(self.max_length)} must be an integer >= 2 (tokens per sequence)."
+            )
         if not isinstance(self.dataset_text_field, str) or not self.dataset_text_field:
-            raise ValueError(f"ElsaConfig.dataset_text_field={self.dataset_text_field!r} must name a column (e.g. 'text').")
+            raise ValueError(
+                f"ElsaConfig.dataset_text_field={shorten(self.dataset_text_field)} must name a column (e.g. 'text')."
+            )
         if not isinstance(self.packing, bool):
-            raise ValueError(f"ElsaConfig.packing={self.packing!r} must be True or False.")
+            raise ValueError(f"ElsaConfig.packing={shorten(self.packing)} must be True or False.")
         kwargs = self.model_init_kwargs
         if kwargs is not None and not isinstance(kwargs, dict) and not (isinstance(kwargs, str) and kwargs.startswith("{")):
             raise ValueError(
-                f"ElsaConfig.model_init_kwargs={kwargs!r} must be a dict (a JSON object on the command line), e.g. "
+                f"ElsaConfig.model_init_kwargs={shorten(kwargs)} must be a dict (a JSON object on the command line), "
+                "e.g. "
                 '{"dtype": "bfloat16"}.'
             )
 
@@ -113,16 +121,18 @@ class ElsaConfig(TrainingArguments, ElsaSettings):
             self.optim = optim = ELSA_L_OPTIM
         elif "8bit" not in optim:
             raise ValueError(
-                f"ElsaConfig.elsa_l=True uses an 8-bit base optimizer, but optim={optim!r} is not one: leave optim "
+                f"ElsaConfig.elsa_l=True uses an 8-bit base optimizer, but optim={shorten(optim)} is not one: leave "
+                "optim "
                 f"unset ({ELSA_L_OPTIM!r}), use another 8-bit one (e.g. 'adamw_torch_8bit'), or set elsa_l=False."
             )
         package = next((pkg for prefix, pkg in _OPTIM_PACKAGES.items() if optim.startswith(prefix)), "bitsandbytes")
         if importlib.util.find_spec(package) is None:
             install = ELSA_L_INSTALL if package == "bitsandbytes" else f"pip install {package}"
-            raise ValueError(f"ElsaConfig.elsa_l=True uses optim={optim!r}, which needs {package}: {install}.")
+            raise ValueError(f"ElsaConfig.elsa_l=True uses optim={shorten(optim)}, which needs {package}: {install}.")
         if package == "bitsandbytes" and self.importance == "adam":
             raise ValueError(
-                f"ElsaConfig.importance='adam' reads Adam's exp_avg_sq, which optim={optim!r} keeps quantized under "
+                f"ElsaConfig.importance='adam' reads Adam's exp_avg_sq, which optim={shorten(optim)} keeps quantized "
+                "under "
                 "another name: use importance='activation' or 'magnitude' with elsa_l=True."
             )
 

@@ -288,28 +288,18 @@ class ElsaArgumentParser(HfArgumentParser):
         return {a.dest for a in self._actions if any(o in given for o in a.option_strings)}
 
     def _read_config(self, path: str) -> dict[str, Any]:
-        import yaml
+        """``{dest: value}`` of a YAML file, each value typed and checked as on the command line (config_file.py)."""
+        from .config_file import read_config_file, typed_options
 
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--config: file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"--config {path}: expected a mapping of option: value, got {type(values).__name__}.")
-        # an option's aliases name it in YAML too (block_size: 256 is max_length: 256)
-        aliases = {o[2:]: a.dest for a in self._actions for o in a.option_strings if o.startswith("--")}
-        values = {aliases.get(k, k) if isinstance(k, str) else k: v for k, v in values.items()}
-        known = {a.dest for a in self._actions}
-        unknown = sorted(k for k in values if k not in known or k in ("help", "config"))
-        if unknown:
-            raise ValueError(f"--config {path}: unknown option(s) {unknown}; see --help for the names.")
-        # YAML 1.1 reads `save_strategy: no` as False: back to the choice it spells
-        choices = {a.dest: a.choices for a in self._actions if a.choices}
-        for key, value in values.items():
-            if isinstance(value, bool) and key in choices and ("no" if not value else "yes") in choices[key]:
-                values[key] = "no" if not value else "yes"
-        # YAML also reads "1e-4" as a string: argparse passes string defaults through the option's type
-        return values
+        return typed_options(self, read_config_file(path), path, mapping_options=self._mapping_fields())
+
+    def _mapping_fields(self) -> set[str]:
+        """Fields typed ``dict`` (``model_init_kwargs``): a YAML mapping is their value as is."""
+        names = set()
+        for dtype in self.dataclass_types:
+            hints = get_type_hints(dtype)
+            names |= {f.name for f in fields(dtype) if "dict" in str(hints.get(f.name, "")).lower()}
+        return names
 
 
 def link_text_options(outputs) -> None:

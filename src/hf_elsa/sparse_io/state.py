@@ -33,11 +33,17 @@ def get_sparsity(model: nn.Module) -> SparsityState | None:
 
 
 def converted_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """``{"<module>.weight": SparseLinear}`` of the layers that ``to_sparse_inference`` converted: their weight is
-    not a parameter any more (CSR buffers; the state dict still has the dense ``weight``)."""
-    from ..inference.convert import SparseLinear  # lazy: inference imports sparse_io
+    """``{"<module>.weight": layer}`` of the layers that keep their weight in another form than a ``weight`` parameter
+    (``to_sparse_inference``'s ``SparseLinear``: CSR buffers, the dense ``weight`` only in the state dict).
 
-    return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+    Such a layer provides ``apply_keep_mask(keep)`` and ``stored_zeros()``; found by those methods, not by class,
+    because inference sits above sparse_io.
+    """
+    return {
+        f"{name}.weight": m
+        for name, m in model.named_modules()
+        if callable(getattr(m, "apply_keep_mask", None)) and callable(getattr(m, "stored_zeros", None))
+    }
 
 
 def require_state(model: nn.Module) -> SparsityState:
