@@ -32,7 +32,7 @@ def test_scripts_still_exports_the_loading_helpers():
         ("a/b/c", True),
         ("~/m", True),
         ("m/", True),
-    ],  # fmt: skip
+    ],
 )
 def test_looks_like_path_tells_folders_from_hub_ids(name, path):
     assert looks_like_path(name) is path
