@@ -165,6 +165,8 @@ class DataArguments:
         return getattr(self.text_options, "max_length", None)
 
     def __post_init__(self):
+        if isinstance(self.text_files, str):  # one file, not a list of its characters
+            self.text_files = [self.text_files]
         check_eval_fraction(self.eval_fraction)
         if self.eval_seqlen < 2:
             raise ValueError(f"--eval_seqlen {self.eval_seqlen} must be >= 2.")
@@ -450,16 +452,30 @@ def eval_windows(ids: torch.Tensor | None, data: DataArguments, model=None) -> E
 # -- the prune run ----------------------------------------------------------------------------------
 
 
-def record_evaluation(model, ppl: float, protocol: str, dense: float | None = None) -> None:
+def record_evaluation(
+    model, ppl: float, protocol: str, dense: float | None = None, training_data: str | None = None
+) -> None:
     """Put the held-out perplexity (and the dense model's on the same windows) into the sparsity metadata
-    (``elsa_config.json`` and the model card)."""
+    (``elsa_config.json`` and the model card), with what the model was trained on when given."""
     from . import sparse_io
 
     if sparse_io.get_sparsity(model) is not None:
         results = {"perplexity": round(ppl, 4)}
         if dense is not None:
             results["dense_perplexity"] = round(dense, 4)
-        sparse_io.record_evaluation(model, results, protocol)
+        spec = {"description": protocol, "training_data": training_data} if training_data else protocol
+        sparse_io.record_evaluation(model, results, spec)
+
+
+def describe_training_data(data: DataArguments, text: TextSplit, blocks: int, block_size: int) -> str:
+    """One sentence for the model card: where the text came from, what was held out, what was trained on."""
+    if data.text_files:
+        source = f"{len(data.text_files)} text file(s)"
+    elif _has_dataset(data):
+        source = _split_name(data, data.dataset_split or "train")
+    else:
+        source = "the embedded Wikipedia sample (gensim's test dump of English Wikipedia articles)"
+    return f"{source}; {text.how}; {blocks} training blocks of {block_size} tokens"
 
 
 def source_dtype(model_args: ModelArguments) -> torch.dtype:
@@ -553,7 +569,7 @@ def run_prune(model_args: ModelArguments, data: DataArguments, run: RunArguments
 
         model.to(config.device)
         dense = perplexity(model, text=held.ids, seqlen=held.seqlen, max_windows=held.windows)
-    saving = Saving(dense, model_args)
+    saving = Saving(dense, model_args, describe_training_data(data, text, len(train), block_length(data, model)))
     if run.method == "elsa":
         ppl = _prune_elsa(model, tokenizer, train, held, protocol, run, config, saving)
     else:
@@ -567,7 +583,17 @@ class Saving:
 
     dense_perplexity: float | None
     model_args: ModelArguments
+    training_data: str
     dtype: torch.dtype | None = None  # set when the weights are cast
+
+
+def _fill_base_model(model) -> None:
+    """The card names the dense model: the Hub id, or what the source folder records (sparse_io.card)."""
+    from .sparse_io import get_sparsity
+    from .sparse_io.card import fill_base_model
+
+    if get_sparsity(model) is not None:
+        fill_base_model(model)
 
 
 def _prune_elsa(model, tokenizer, train, held, protocol, run: RunArguments, config, saving: Saving) -> float | None:
@@ -584,7 +610,8 @@ def _prune_elsa(model, tokenizer, train, held, protocol, run: RunArguments, conf
     ppl = None
     if held is not None:
         ppl = trainer.evaluate()["eval_perplexity"]
-        record_evaluation(trainer.model, ppl, protocol, saving.dense_perplexity)
+        record_evaluation(trainer.model, ppl, protocol, saving.dense_perplexity, saving.training_data)
+    _fill_base_model(trainer.model)
     saving.dtype = cast_for_saving(trainer.model, run, saving.model_args)
     trainer.save_model()
     if run.compressed:
@@ -632,7 +659,8 @@ def _prune_oneshot(
     ppl = None
     if held is not None:
         ppl = perplexity(model, text=held.ids, seqlen=held.seqlen, max_windows=held.windows)
-        record_evaluation(model, ppl, protocol, saving.dense_perplexity)
+        record_evaluation(model, ppl, protocol, saving.dense_perplexity, saving.training_data)
+    _fill_base_model(model)
     saving.dtype = cast_for_saving(model, run, saving.model_args)
     model.save_pretrained(config.output_dir, compressed=run.compressed)
     tokenizer.save_pretrained(config.output_dir)
