@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import load_script, make_model
+from conftest import make_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -373,10 +373,3 @@ def test_a_converted_model_is_refused_for_training(tmp_path):
         ElsaTrainer(model=model, args=elsa_args(tmp_path))
     from_sparse_inference(model)
     ElsaTrainer(model=model, args=elsa_args(tmp_path))  # back to nn.Linear: trains
-
-
-def test_kernel_layer_benchmark_runs():
-    script = load_script("benchmarks/kernel_layer.py")
-    rows = script.run(shape=(24, 16), tokens=(1, 3), repeats=1, calls=2)
-    assert {(r["dtype"], r["tokens"]) for r in rows} == {(d, n) for d in ("float32", "bfloat16") for n in (1, 3)}
-    assert all(r["speedup"] > 0 for r in rows)
