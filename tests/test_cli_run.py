@@ -4,6 +4,7 @@ config names on the command line; `hf-elsa eval` saying what it scored (tiny mod
 import json
 import math
 
+import huggingface_hub
 import pytest
 import torch
 from conftest import make_char_tokenizer, make_model
@@ -63,6 +64,24 @@ def test_output_folder_is_the_model_only_in_the_dtype_it_came_in(bf16_base, tmp_
     assert (asked / "checkpoint-4").is_dir() and _weight_dtypes(asked) == {"F32"}
 
 
+def test_card_names_the_base_model_a_folder_records(tmp_path, capsys):
+    """A local folder has no Hub id; its README (or elsa_config.json) may name the model it holds."""
+    base = tmp_path / "base"
+    make_model("llama").save_pretrained(base)
+    make_char_tokenizer().save_pretrained(base)
+    files = _files(tmp_path)
+    common = ["prune", "--model_name_or_path", str(base), "--text_files", *files, "--block_size", "16", "--method",
+              "magnitude", "--sparsity", "0.5", *RUN]  # fmt: skip
+    assert main([*common, "--output_dir", str(tmp_path / "anonymous")]) == 0
+    card = huggingface_hub.ModelCard.load(tmp_path / "anonymous" / "README.md")
+    assert card.data.base_model is None and card.text.split("\n")[2].startswith("# A causal LM pruned with magnitude")
+    (base / "README.md").write_text("---\nbase_model: org/tiny-llama\n---\n\nA tiny Llama.\n")
+    assert main([*common, "--output_dir", str(tmp_path / "named")]) == 0
+    card = huggingface_hub.ModelCard.load(tmp_path / "named" / "README.md")
+    assert card.data.base_model == "org/tiny-llama" and "# tiny-llama, pruned (50.0% sparse)" in card.text
+    assert "pypi.org" not in card.text  # no link to a package page that does not exist
+
+
 def test_dense_perplexity_on_the_same_windows_printed_and_recorded(tmp_path, capsys):
     base = tmp_path / "base"
     make_model("llama").save_pretrained(base)
@@ -80,8 +99,11 @@ def test_dense_perplexity_on_the_same_windows_printed_and_recorded(tmp_path, cap
     assert math.isclose(results["dense_perplexity"], dense, rel_tol=1e-4)
     assert results["perplexity"] != results["dense_perplexity"]  # two models scored, not one number twice
     assert f"dense {dense:.2f} on the same windows" in printed
-    card = (out / "README.md").read_text()
-    assert "dense_perplexity" in card or "dense" in card.lower()
+    # the card: dense beside pruned, what the model was trained on, the dense score not claimed as this model's
+    card = huggingface_hub.ModelCard.load(out / "README.md")
+    assert f"| perplexity | {results['dense_perplexity']} | {results['perplexity']} |" in card.text
+    assert "## Training data\n\n6 text file(s); 1 of 6 documents held out (seed 0)" in card.text
+    assert [r.metric_type for r in card.data.eval_results] == ["perplexity"]
     assert json.loads((out / "elsa_config.json").read_text())["hyperparameters"]["block_size"] == 16
 
 
