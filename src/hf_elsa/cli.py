@@ -258,7 +258,7 @@ def memory_command(args: argparse.Namespace) -> int:
 
 def bench_inference_command(args: argparse.Namespace) -> int:
     """Measure a sparse folder (or SmolLM2 pruned on the fly) dense vs sparse: hf-elsa bench-inference DIR ..."""
-    from .inference.bench import main as bench_main
+    from .showcase.inference_bench import main as bench_main
 
     result = bench_main(args.options, prog="hf-elsa bench-inference")
     return result if isinstance(result, int) else 0
