@@ -139,3 +139,32 @@ def test_eval_says_what_it_scored(tmp_path, capsys):
     result = json.loads(captured.out.strip().splitlines()[-1])
     assert result["scored"].startswith(f"token perplexity on {result['windows']} non-overlapping 16-token windows")
     assert "none held back" in captured.err and "trained on is scored too" in captured.err
+
+
+def test_prune_under_a_launcher_prints_once_and_refuses_one_shot(tmp_path, capsys, monkeypatch):
+    """`accelerate launch -m hf_elsa prune` runs one process per GPU: only the main one prints the summary, and a
+    one-shot method (which every process would run and save) is refused before any model load."""
+    import hf_elsa.scripts
+    from hf_elsa import ElsaConfig
+    from hf_elsa.scripts import PruneResult
+
+    done = PruneResult(str(tmp_path), "elsa", 20.45, "protocol", ["data: x"], 9.97, "bfloat16")
+    monkeypatch.setattr(hf_elsa.scripts, "run_prune", lambda *args: done)
+    monkeypatch.setattr(ElsaConfig, "process_index", property(lambda self: 1))
+    assert main(["prune", "--output_dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(ElsaConfig, "process_index", property(lambda self: 0))
+    assert main(["prune", "--output_dir", str(tmp_path)]) == 0
+    assert "held-out perplexity 20.45, dense 9.97 on the same windows" in capsys.readouterr().out
+    monkeypatch.undo()
+    monkeypatch.setattr(ElsaConfig, "world_size", property(lambda self: 2))
+    assert main(["prune", "--method", "wanda", "--output_dir", str(tmp_path / "w")]) == 1
+    assert "one-shot pruning runs on one process" in capsys.readouterr().err
+
+
+def test_prune_help_documents_several_processes(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    out = capsys.readouterr().out
+    assert "accelerate launch --num_processes N -m hf_elsa prune" in out and "torchrun --nproc_per_node N" in out
+    assert "(default: no)" in out.split("  --save_strategy {", 1)[1].split("  --", 1)[0]  # the model-only folder

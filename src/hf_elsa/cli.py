@@ -6,6 +6,11 @@
     hf-elsa inspect DIR [--json] [--summary] [--chart]
     hf-elsa demo [--sparsity 0.5] [--max_steps 40]
     hf-elsa memory [--model_name_or_path M] [--json] [ElsaConfig fields, e.g. --elsa_l true]
+    hf-elsa bench-inference DIR [DIR ...] | --smollm2 0.5 0.9 [--out FOLDER]
+
+    # several processes (GPUs): the command itself is the launcher's script
+    accelerate launch [--config_file ddp.yaml] --num_processes N -m hf_elsa prune ...
+    torchrun --nproc_per_node N -m hf_elsa prune ...
 
 ``PRUNER``: a one-shot pruner's registered name (``hf_elsa.oneshot.PRUNERS``). ``prune`` and ``eval`` take the
 argument set of ``examples/prune.py`` (:mod:`hf_elsa.scripts`).
@@ -23,6 +28,7 @@ import json
 import os
 import re
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -127,14 +133,30 @@ def _prune_parser():
     parser = ElsaArgumentParser(
         (ElsaConfig, ModelArguments, DataArguments, RunArguments),
         prog="hf-elsa prune",
-        description="Prune a causal LM with ELSA (or a one-shot baseline with --method), evaluate it and the dense "
-        "model on the same held-out windows, and save the sparse model with its masks and model card: --output_dir "
-        "holds the model only (no Trainer checkpoints unless --save_strategy steps/epoch asks for them).",
+        description=textwrap.fill(
+            "Prune a causal LM with ELSA (or a one-shot baseline with --method), evaluate it and the dense model on "
+            "the same held-out windows, and save the sparse model with its masks and model card: --output_dir holds "
+            "the model only (no Trainer checkpoints unless --save_strategy steps/epoch asks for them).",
+            100,
+        ),
+        epilog=PRUNE_EPILOG,
+        formatter_class=_DefaultsAndRawEpilog,
     )
     # the output folder is the model a user ships: a Trainer checkpoint (optimizer state, ~2x the weights in fp32)
     # only when asked for; --save_strategy on the command line or in --config overrides this default
     parser.set_defaults(save_strategy="no")
     return parser
+
+
+class _DefaultsAndRawEpilog(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """HfArgumentParser's "(default: ...)" after each option, and the epilog's lines as written."""
+
+
+PRUNE_EPILOG = """several processes (GPUs, one per process): the command is the launcher's script, options unchanged
+  accelerate launch --num_processes N -m hf_elsa prune --model_name_or_path M ... --bf16
+  torchrun --nproc_per_node N -m hf_elsa prune ...
+  (DDP: the global batch is N x --per_device_train_batch_size; FSDP2: pass accelerate an FSDP config,
+  e.g. examples/accelerate_configs/fsdp2.yaml of the repository; --method elsa only; the summary prints once)"""
 
 
 def prune_command(args: argparse.Namespace) -> int:
@@ -143,6 +165,8 @@ def prune_command(args: argparse.Namespace) -> int:
 
     config, model_args, data, run = _prune_parser().parse_args_and_config(args.options)
     result = run_prune(model_args, data, run, config)  # the options were validated before any model load
+    if config.process_index != 0:  # under accelerate launch / torchrun: one summary, from the main process
+        return 0
     for note in result.notes:
         print(f"[hf-elsa prune] {note}")
     if result.perplexity is not None:

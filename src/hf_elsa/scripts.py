@@ -535,7 +535,12 @@ class PruneResult:
     save_dtype: str | None = None
 
 
-def _check_cli_data_options(config) -> None:
+def _check_cli_data_options(config, run: RunArguments | None = None) -> None:
+    if run is not None and run.method != "elsa" and config.world_size > 1:
+        raise ValueError(
+            f"--method {run.method}: one-shot pruning runs on one process (every process would prune and save the "
+            "same model); run it without accelerate launch / torchrun."
+        )
     if not config.packing:
         raise ValueError(
             "--packing false: hf-elsa prune cuts the token stream of the text into --max_length blocks (packing); "
@@ -556,7 +561,7 @@ def run_prune(model_args: ModelArguments, data: DataArguments, run: RunArguments
     The evaluation runs before the save, so its result lands in ``elsa_config.json`` and the model card; the dense
     model is scored first on the same windows. The weights are written in ``--save_dtype``.
     """
-    _check_cli_data_options(config)
+    _check_cli_data_options(config, run)
     model, tokenizer = load_model_and_tokenizer(model_args, config.model_init_kwargs)
     text = load_text(data, tokenizer, "prune")
     train = train_blocks(text, data, seed=config.seed, model=model)
