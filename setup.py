@@ -19,7 +19,7 @@ setup(
     # replaces it with a CUDA build.
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.0",
+        version["TRANSFORMERS_REQUIREMENT"],  # the tested range (src/hf_elsa/version.py)
         "accelerate>=1.0",
         "datasets>=3.0",
         "huggingface-hub>=0.30",

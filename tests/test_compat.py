@@ -166,3 +166,26 @@ def test_loss_scale_is_the_factor_compute_loss_applies(tmp_path, monkeypatch):
     assert loss_scale(trainer, items) == 4
     torch.testing.assert_close(scaled, plain * loss_scale(trainer, items))
     assert loss_scale(trainer, None) == 1.0
+
+
+def test_supported_transformers_range_is_the_tested_one():
+    """setup.py installs version.TRANSFORMERS_REQUIREMENT, the range this suite runs on; outside it, one warning."""
+    from pathlib import Path
+
+    import pytest
+    import transformers
+    from packaging.requirements import Requirement
+
+    from hf_elsa import version
+
+    setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    assert 'version["TRANSFORMERS_REQUIREMENT"]' in setup and '"transformers>=' not in setup
+    spec = Requirement(version.TRANSFORMERS_REQUIREMENT).specifier
+    assert spec.contains(transformers.__version__), "the suite runs on a transformers outside the declared range"
+    assert version.check_transformers_version() is True
+    version._WARNED_VERSIONS.discard("99.0.0")
+    with pytest.warns(UserWarning, match=r"tested with transformers>=5\.0,<5\.26; transformers 99\.0\.0"):
+        assert version.check_transformers_version("99.0.0") is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert version.check_transformers_version("99.0.0") is False  # once per process

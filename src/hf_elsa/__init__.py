@@ -1,8 +1,10 @@
 """hf_elsa: extreme sparsity for Hugging Face causal LMs with ELSA (surrogate-free ADMM)."""
 
 from .compat import silence_upstream_noise
+from .version import check_transformers_version
 
 silence_upstream_noise()  # known-harmless upstream log lines (compat.UPSTREAM_NOISE), before transformers imports them
+check_transformers_version()  # a warning when the installed transformers is outside the tested range
 
 from .admm import ElsaOptimizer
 from .allocation import SparsityAllocation

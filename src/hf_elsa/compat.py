@@ -2,7 +2,8 @@
 
 transformers ships weekly; each touch point below is one function with the versions it was checked
 against, so an upstream change breaks here, in one file, with a test that names it.
-Checked: transformers 5.x (5.0-5.25), torch 2.13 (2026-12).
+Checked: transformers 5.0-5.25 (``version.TRANSFORMERS_REQUIREMENT``, the range setup.py installs), torch 2.13
+(2026-12). ``hf_elsa.version.check_transformers_version`` warns once when another transformers is installed anyway.
 
 The known-harmless log lines of upstream packages are silenced here too, in one dated table
 (:data:`UPSTREAM_NOISE`), each by a filter on the one logger that emits it.
