@@ -27,6 +27,7 @@ The modules, one concept each:
 
 from .attach import apply_masks, attach_sparsity, detach_sparsity, record_evaluation
 from .card import build_model_card, write_model_card
+from .commit import recover as finish_interrupted_save
 from .formats import (
     COMPRESSED_NAME,
     COMPRESSED_NOTE,
@@ -72,6 +73,7 @@ __all__ = [
     "attach_sparsity",
     "build_model_card",
     "detach_sparsity",
+    "finish_interrupted_save",
     "get_format",
     "get_sparsity",
     "load_sparse_model",

@@ -105,7 +105,7 @@ def save_id_of(folder: Path) -> str | None:
     try:
         entry = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("elsa_sparsity")
         return entry.get("save_id") if isinstance(entry, dict) else None
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
 
 
@@ -242,7 +242,7 @@ def _listed_files(folder: Path) -> set[str] | None:
     try:
         files = json.loads((folder / ELSA_CONFIG_NAME).read_text(encoding="utf-8"))["files"]
         return {*files, ELSA_CONFIG_NAME} if isinstance(files, dict) else None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
 
@@ -302,6 +302,36 @@ def recover(target: Path) -> None:
                 shutil.rmtree(old)
             else:
                 os.rename(old, target)  # the new folder never arrived: the old one is the model
+
+
+def is_locked(path: Path) -> bool:
+    """Whether another process holds ``path``'s save lock (a save that is running). Reads only: a shared lock
+    taken and released at once."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing releases the shared lock, if taken
+    return False
+
+
+def pending_saves(target: Path) -> tuple[list[Path], list[Path]]:
+    """``(running, abandoned)``: the sibling folders of saves into ``target`` (``.hf_elsa_tmp-``, ``-new-``,
+    ``-old-``, ``-inplace-``), split by whether their save still holds its lock."""
+    running, abandoned = [], []
+    for prefix in (TMP_PREFIX, NEW_PREFIX, OLD_PREFIX, IN_PLACE_PREFIX):
+        for path, _ in _siblings(target, prefix):
+            (running if is_locked(path) else abandoned).append(path)
+    return running, abandoned
 
 
 def remove_abandoned(parent: Path) -> None:
