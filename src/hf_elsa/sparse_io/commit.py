@@ -12,8 +12,8 @@ The promise: at every instant, ``target`` loads as the old model or as the new o
    moved over, then the old folder is deleted.
 
 A process killed at any point leaves ``target`` intact (old or new) plus siblings that say what to do;
-:func:`recover`, run by every save into the folder and every ``load_sparse_model`` of it, finishes the swap (a
-complete new folder is rolled forward) or removes the leftovers. Each save holds an ``flock`` on its folders, so
+:func:`recover`, run by every save into the folder (and by ``finish_interrupted_save``; a load only reads), finishes
+the swap (a complete new folder is rolled forward) or removes the leftovers. Each save holds an ``flock`` on its folders, so
 recovery never touches a save that is still running.
 
 Where ``target`` cannot be renamed (a mount point, the working directory of this process, a file system that
