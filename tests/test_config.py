@@ -306,8 +306,8 @@ def test_curvature_fields_parse_and_reach_the_settings(tmp_path):
         (
             {
                 "base_optimizer": "sassha",
-                "gradient_checkpointing": True,
-                "gradient_checkpointing_kwargs": {"use_reentrant": True},
+                "activation_checkpointing": True,
+                "activation_checkpointing_kwargs": {"use_reentrant": True},
             },
             "reentrant",
         ),

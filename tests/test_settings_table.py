@@ -11,7 +11,7 @@ from hf_elsa.settings import DETAILS, ElsaSettings, elsa_fields
 FIELDS = {f.name: f for f in elsa_fields()}
 BOUNDED = [name for name in FIELDS if DETAILS[name]["bounds"] is not None]
 CHOICES = [name for name, f in FIELDS.items() if "choices" in f.metadata]
-BOOLS = [name for name, f in FIELDS.items() if f.type == "bool"]
+BOOLS = [name for name, f in FIELDS.items() if f.type in ("bool", bool)]
 # fields checked by code of their own (a pattern parser, a list of module names): tested in test_config.py
 OWN_CHECKS = {"sparsity_type", "target_modules", "exclude_modules"}
 # other settings a choice needs to be valid (the relations between fields)
@@ -109,6 +109,19 @@ def test_a_value_not_among_the_choices_is_refused_listing_them(name, tmp_path):
 def test_bool_fields_take_only_true_or_false(name, value):
     with pytest.raises(ValueError, match=rf"ElsaSettings\.{name}="):
         ElsaSettings(**{name: value})
+
+
+def test_the_checks_hold_after_a_parser_resolved_the_annotations():
+    """HfArgumentParser replaces each field's annotation string by the type, in the Field objects ElsaSettings shares
+    with ElsaConfig: the table's checks must not depend on which of the two they see."""
+    from hf_elsa.scripts import ElsaArgumentParser
+
+    ElsaArgumentParser((ElsaConfig,))
+    assert FIELDS["keep_mask"].type is bool  # what the parser did
+    with pytest.raises(ValueError, match="must be True or False"):
+        ElsaSettings(keep_mask=1)
+    with pytest.raises(ValueError, match="must be an integer"):
+        ElsaSettings(admm_interval=2.5)
 
 
 @pytest.mark.parametrize("name", [name for name, f in FIELDS.items() if f.default is not None])

@@ -540,7 +540,8 @@ def _check_field(owner: str, f, value) -> None:
         if f.default is None:
             return
         raise ValueError(f"{where}: a value is required.")
-    if f.type in ("bool",) and not isinstance(value, bool):
+    # f.type is the annotation string, or the type itself once an HfArgumentParser has resolved it in place
+    if f.type in ("bool", bool) and not isinstance(value, bool):
         raise ValueError(f"{where} must be True or False.")
     if meta["bounds"] is not None:
         low, high, low_inclusive, high_inclusive = meta["bounds"]
