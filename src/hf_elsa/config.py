@@ -80,15 +80,26 @@ class ElsaConfig(TrainingArguments, ElsaSettings):
     def __post_init__(self):
         self.resolve_elsa_settings()
         self._check_data_fields()
+        self._check_learning_rate()
+        self._resolve_elsa_l_optimizer()
+        super().__post_init__()
+        self._validate_double_backward()
+
+    def validate(self) -> None:
+        """Check every ELSA and TRL field again, as construction does (``ElsaSettings.validate``: ElsaTrainer calls
+        this, so a field changed after construction is checked before training)."""
+        super().validate()
+        self._check_data_fields()
+        self._check_learning_rate()
+        self._validate_double_backward()
+
+    def _check_learning_rate(self) -> None:
         if not isinstance(self.learning_rate, (int, float)) or isinstance(self.learning_rate, bool) or not (
             math.isfinite(self.learning_rate) and self.learning_rate >= 0
         ):
             raise ValueError(
                 f"ElsaConfig.learning_rate={shorten(self.learning_rate)} must be a finite number >= 0 (e.g. 1e-3)."
             )
-        self._resolve_elsa_l_optimizer()
-        super().__post_init__()
-        self._validate_double_backward()
 
     def _check_data_fields(self) -> None:
         """TRL's names, checked here so that a bad value fails at construction, naming the field."""

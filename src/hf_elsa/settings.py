@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import textwrap
+import warnings
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
@@ -440,9 +441,11 @@ class ElsaSettings:
         recipe = self.recipe
         if recipe not in RECIPES:
             raise ValueError(f"{owner}.recipe={shorten(recipe)}: use one of {tuple(RECIPES)}.")
+        derived = {}  # defaults filled from other fields: validate() re-derives them when those fields change
         for key, value in RECIPES[recipe].items():
             if hasattr(self, key) and getattr(self, key) is None and not callable(value):
                 setattr(self, key, value)
+                derived[key] = value
         for name in ("target_modules", "exclude_modules"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])
@@ -455,6 +458,7 @@ class ElsaSettings:
                 )
             if getattr(self, name) is None:
                 setattr(self, name, ELSA_L_STORAGE[name] if self.elsa_l else "float32")
+                derived[name] = getattr(self, name)
         for f in elsa_fields():
             _check_field(owner, f, getattr(self, f.name))
         try:
@@ -464,9 +468,27 @@ class ElsaSettings:
         for key, value in RECIPES[recipe].items():  # defaults that depend on other settings (learning_rate)
             if hasattr(self, key) and getattr(self, key) is None and callable(value):
                 setattr(self, key, value(self))
+                derived[key] = getattr(self, key)
         if self.allocation_max_sparsity is None:
             self.allocation_max_sparsity = 1.0 - (1.0 - self.sparsity) / 3.0
+            derived["allocation_max_sparsity"] = self.allocation_max_sparsity
+        self._elsa_derived = derived
         self._check_relations(owner)
+
+    def validate(self) -> None:
+        """Check the ELSA fields again, as construction does.
+
+        transformers' habit (``GenerationConfig.validate``, called when the config is built and again by
+        ``generate``): a config is checked when it is built and again when it is used; ``ElsaTrainer`` calls this
+        at its start. So a field changed after construction (``args.sparsity = 0.9``, ``args.admm_lambda = nan``)
+        is checked before any training, naming the field, and the defaults derived from other fields
+        (``allocation_max_sparsity``, the recipe's values such as ``learning_rate``, the z/u storage dtypes)
+        follow the change -- unless they were set explicitly (after construction too).
+        """
+        for name, value in getattr(self, "_elsa_derived", {}).items():
+            if getattr(self, name, None) == value:  # still the derived value: derive it again
+                setattr(self, name, None)
+        self.resolve_elsa_settings()
 
     @property
     def distills(self) -> bool:
@@ -474,6 +496,21 @@ class ElsaSettings:
         return self.distill_weight > 0 or self.distill_hidden_weight > 0
 
     def _check_relations(self, owner: str) -> None:
+        if self.allocation_min_sparsity > self.allocation_max_sparsity:
+            raise ValueError(
+                f"{owner}.allocation_min_sparsity={self.allocation_min_sparsity} is above allocation_max_sparsity="
+                f"{self.allocation_max_sparsity}: no tensor could satisfy both; lower the floor or raise the cap."
+            )
+        derived = getattr(self, "_elsa_derived", {})
+        bounds_set = self.allocation_min_sparsity != 0.0 or "allocation_max_sparsity" not in derived
+        if self.sparsity_allocation == "uniform" and bounds_set:
+            warnings.warn(
+                f"{owner}: allocation_min_sparsity={self.allocation_min_sparsity} / allocation_max_sparsity="
+                f"{self.allocation_max_sparsity} are ignored: sparsity_allocation='uniform' gives every tensor "
+                f"sparsity={self.sparsity}. Use sparsity_allocation='global' or 'owl' for per-tensor bounds.",
+                UserWarning,
+                stacklevel=4,
+            )
         if self.admm_lambda_schedule == "exponential" and (self.admm_lambda_init <= 0 or self.admm_lambda <= 0):
             raise ValueError(
                 f"{owner}.admm_lambda_schedule='exponential' needs admm_lambda_init > 0 and admm_lambda > 0 "

@@ -49,7 +49,7 @@ from .metadata import (
     sparsity_metadata,
 )
 from .report import SparsityReport, TensorSparsity, sparsity_report
-from .state import SparsityState, get_sparsity
+from .state import SparsityState, check_finite_weights, get_sparsity
 
 FORMATS = registered_formats()  # the built-in formats; registered_formats() also lists formats added later
 
@@ -72,6 +72,7 @@ __all__ = [
     "apply_masks",
     "attach_sparsity",
     "build_model_card",
+    "check_finite_weights",
     "detach_sparsity",
     "finish_interrupted_save",
     "get_format",

@@ -129,3 +129,19 @@ def check_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
             "learning_rate (or set max_grad_norm) and train again; if the model you started from already had them, "
             "check it before pruning (all(torch.isfinite(p).all() for p in model.parameters()))."
         )
+
+
+def check_finite_weights(model: nn.Module, where: str) -> None:
+    """Refuse a model that holds NaN/inf in any parameter or buffer, before training starts.
+
+    The save refuses non-finite weights too, but only after the whole run: a NaN/inf in a weight that is not pruned
+    (a norm, an embedding) trains to the end first. Call it where the work starts (``ElsaTrainer``)."""
+    tensors = dict(model.named_parameters(remove_duplicate=True))
+    tensors.update((n, b) for n, b in model.named_buffers() if torch.is_floating_point(b))
+    found = non_finite(tensors)
+    if found:
+        raise ValueError(
+            f"{where}: {describe_non_finite(found)} before training: nothing was trained. The model was loaded from a "
+            "diverged or damaged checkpoint, or changed after loading; fix or reload it (a finite model passes "
+            "all(torch.isfinite(p).all() for p in model.parameters()))."
+        )
