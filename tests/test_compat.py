@@ -48,6 +48,19 @@ def test_known_upstream_noise_is_dropped_and_nothing_else():
         assert not logger.filter(record) and logger.filter(other)
 
 
+def test_known_upstream_warnings_are_ignored_and_nothing_else():
+    from hf_elsa.compat import UPSTREAM_WARNINGS, silence_upstream_noise
+
+    for category, prefix, why in UPSTREAM_WARNINGS:
+        assert why[:4].isdigit()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            silence_upstream_noise()  # installs its filters in front of "always"
+            warnings.warn(prefix + ", then pinned memory won't be used.", category)
+            warnings.warn("another warning of the same kind", category)
+        assert [str(w.message) for w in caught] == ["another warning of the same kind"]
+
+
 def test_commands_start_without_upstream_noise():
     """`hf-elsa prune --help` printed "Skipping publisher trust check ..." (kernels, offline) before anything else."""
     import os

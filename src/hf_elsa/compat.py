@@ -5,8 +5,8 @@ against, so an upstream change breaks here, in one file, with a test that names 
 Checked: transformers 5.0-5.25 (``version.TRANSFORMERS_REQUIREMENT``, the range setup.py installs), torch 2.13
 (2026-12). ``hf_elsa.version.check_transformers_version`` warns once when another transformers is installed anyway.
 
-The known-harmless log lines of upstream packages are silenced here too, in one dated table
-(:data:`UPSTREAM_NOISE`), each by a filter on the one logger that emits it.
+The known-harmless log lines and warnings of upstream packages are silenced here too, in two dated tables
+(:data:`UPSTREAM_NOISE`: a filter on the one logger that emits each; :data:`UPSTREAM_WARNINGS`: a warnings filter).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import inspect
 import json
 import logging
 import os
+import re
+import warnings
 
 import torch
 
@@ -38,6 +40,17 @@ UPSTREAM_NOISE: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# (warning category, start of the message, when and why it is harmless): Python warnings, ignored by a filter.
+UPSTREAM_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
+    (
+        UserWarning,
+        "'pin_memory' argument is set as true but no accelerator is found",
+        "2026-12, torch 2.13 with transformers 5.25: TrainingArguments.dataloader_pin_memory defaults to True and "
+        "every CPU run's DataLoader warns that pinning is skipped; there is nothing to pin to on a CPU.",
+    ),
+)
+
+
 class _DropKnownNoise(logging.Filter):
     def __init__(self, prefix: str):
         super().__init__()
@@ -54,6 +67,8 @@ def silence_upstream_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropKnownNoise) and f.prefix == prefix for f in logger.filters):
             logger.addFilter(_DropKnownNoise(prefix))
+    for category, prefix, _ in UPSTREAM_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(prefix), category=category)
 
 # 2026-11, transformers 5.x: the Trainer writes its step counter to this file in every checkpoint folder.
 TRAINER_STATE_NAME = "trainer_state.json"
