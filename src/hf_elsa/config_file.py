@@ -194,7 +194,7 @@ def _typed(action: argparse.Action, value: Any, where: str, takes_mapping: bool)
 def _one(action: argparse.Action, value: Any, where: str) -> Any:
     """One value through the option's type and choices, from the text the command line would carry."""
     if not isinstance(value, SCALARS):
-        raise ValueError(f"{where} takes {_what(action)}, got {type(value).__name__} {shorten(value)}.")
+        raise ValueError(f"{where} takes {_what(action, one=True)}, got {type(value).__name__} {shorten(value)}.")
     if isinstance(value, bool):
         # YAML 1.1 reads `save_strategy: no` as False: back to the choice it spells
         text = "true" if value else "false"
@@ -205,19 +205,24 @@ def _one(action: argparse.Action, value: Any, where: str) -> Any:
     try:
         typed = action.type(text) if callable(action.type) else text
     except (TypeError, ValueError, argparse.ArgumentTypeError):
-        raise ValueError(f"{where}: {shorten(value)} is not {_what(action)}.") from None
+        raise ValueError(f"{where}: {shorten(value)} is not {_what(action, one=True)}.") from None
     if action.choices is not None and typed not in action.choices:
-        choices = ", ".join(str(c) for c in action.choices)
-        raise ValueError(f"{where}: {shorten(value)} is not one of the choices ({shorten(choices, 300)}).")
+        raise ValueError(f"{where}: {shorten(value)} is not one of the choices ({_choices(action)}).")
     return typed
 
 
-def _what(action: argparse.Action) -> str:
-    """``an int``, ``a float``, ``true or false``, ``one of ...``: what the option takes, for messages."""
+def _choices(action: argparse.Action, limit: int = 300) -> str:
+    text = ", ".join(str(c) for c in action.choices)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _what(action: argparse.Action, one: bool = False) -> str:
+    """``an int``, ``a number``, ``true or false``, ``one of ...``: what the option (or ``one`` of its values)
+    takes, for messages."""
     if action.choices is not None:
-        return "one of " + shorten(", ".join(str(c) for c in action.choices), 200)
-    name = getattr(action.type, "__name__", "")
-    many = action.nargs in ("+", "*")
+        return "one of " + _choices(action, 200)
     kinds = {"int": "an int", "float": "a number", "str": "a string", "string_to_bool": "true or false"}
-    kind = kinds.get(name, "a value")
-    return f"one or more values ({kind[kind.index(' ') + 1 :] if ' ' in kind else kind} each)" if many else kind
+    kind = kinds.get(getattr(action.type, "__name__", ""), "a value")
+    if action.nargs in ("+", "*") and not one:
+        return f"a list of values ({kind} each)"
+    return kind
