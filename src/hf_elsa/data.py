@@ -144,7 +144,7 @@ def load_text_dataset(
 
     if dataset_config and (os.path.sep in dataset_config or os.path.splitext(dataset_config)[1] in FILE_BUILDERS):
         raise ValueError(
-            f"--dataset_config {dataset_config!r} is a configuration name, not a file: pass data files with "
+            f"--dataset_config {shorten(dataset_config)} is a configuration name, not a file: pass data files with "
             f"--data_files {dataset_config}."
         )
     if dataset is None:
@@ -173,9 +173,11 @@ def choose_split(available: Sequence[str], split: str | None, name: str | None =
             return available[0]
         if "test" in available:
             return "test"
-        raise ValueError(f"dataset {name!r} has the splits {list(available)}: choose one with --dataset_split.")
+        raise ValueError(f"dataset {shorten(name)} has the splits {list(available)}: choose one with --dataset_split.")
     if split not in available:
-        raise ValueError(f"dataset {name!r} has no split {split!r} (--dataset_split); its splits: {list(available)}.")
+        raise ValueError(
+            f"dataset {shorten(name)} has no split {shorten(split)} (--dataset_split); its splits: {list(available)}."
+        )
     return split
 
 
@@ -237,7 +239,7 @@ def split_text(
 def check_eval_fraction(value: float, flag: str = "--eval_fraction") -> None:
     """``0 <= value < 1`` (NaN refused), with an error that names the flag."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0 <= value < 1:
-        raise ValueError(f"{flag} {value!r} must be in [0, 1): the share of the text held out for evaluation.")
+        raise ValueError(f"{flag} {shorten(value)} must be in [0, 1): the share of the text held out for evaluation.")
 
 
 def pack_text_dataset(
@@ -266,7 +268,7 @@ def pack_text_dataset(
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("The dataset has a 'messages' column but the tokenizer has no chat template to render it.")
     else:
-        raise ValueError(f"no {text_field!r} or 'messages' column to tokenize; columns: {columns}.")
+        raise ValueError(f"no {shorten(text_field)} or 'messages' column to tokenize; columns: {columns}.")
     if block_size < 2:
         raise ValueError(f"block size {block_size} must be >= 2.")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -287,7 +289,8 @@ def pack_text_dataset(
     packed = dataset.map(pack, batched=True, batch_size=batch_size, remove_columns=columns)
     if hasattr(packed, "__len__") and len(packed) == 0:
         raise ValueError(
-            f"the {field_name!r} column holds fewer tokens than one block of {block_size}: pass more text or a smaller "
+            f"the {shorten(field_name)} column holds fewer tokens than one block of {block_size}: pass more text or a "
+            "smaller "
             "max_length."
         )
     return packed.with_format("torch") if hasattr(packed, "with_format") else packed

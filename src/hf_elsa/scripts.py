@@ -25,6 +25,7 @@ from typing import Any, get_type_hints
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
+from ._messages import shorten
 from .data import TextSplit, check_eval_fraction, token_blocks
 # the loading helpers live below the trainer (hf_elsa.loading); re-exported here, where they used to be
 from .loading import (  # noqa: F401
@@ -83,7 +84,7 @@ class ModelArguments:
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype {self.dtype!r}: use one of {DTYPES}.")
+            raise ValueError(f"--dtype {shorten(self.dtype)}: use one of {DTYPES}.")
 
     def from_pretrained_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"dtype": self.dtype if self.dtype == "auto" else getattr(torch, self.dtype)}
@@ -224,9 +225,9 @@ class RunArguments:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"--method {self.method!r}: use one of {tuple(METHODS)}.")
+            raise ValueError(f"--method {shorten(self.method)}: use one of {tuple(METHODS)}.")
         if self.save_dtype not in SAVE_DTYPES:
-            raise ValueError(f"--save_dtype {self.save_dtype!r}: use one of {SAVE_DTYPES}.")
+            raise ValueError(f"--save_dtype {shorten(self.save_dtype)}: use one of {SAVE_DTYPES}.")
 
 
 # -- the parser -------------------------------------------------------------------------------------
