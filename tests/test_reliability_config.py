@@ -101,3 +101,17 @@ def test_check_finite_weights_names_a_non_prunable_tensor():
 
 def test_check_finite_weights_passes_a_finite_model():
     check_finite_weights(make_model("llama"), "ElsaTrainer")
+
+
+def test_bounds_that_cannot_hold_the_exact_budget_are_said():
+    """Bounds that pin every tensor (floor == cap) cannot absorb the rounding: the shortfall is warned, not silent."""
+    from hf_elsa.allocation.base import bounded_counts
+
+    numels = {"a": 10, "b": 10, "c": 10}
+    wanted = dict.fromkeys(numels, 0.75)
+    with pytest.warns(UserWarning, match=r"cannot hold exactly 23 zeros.*21"):
+        counts = bounded_counts(wanted, numels, total=23, low=0.75, high=0.75)
+    assert sum(counts.values()) == 21  # the closest feasible counts, as before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sum(bounded_counts(wanted, numels, total=23, low=0.5, high=0.9).values()) == 23

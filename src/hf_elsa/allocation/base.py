@@ -9,6 +9,7 @@ reaches the same allocation.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 
 import torch
@@ -90,8 +91,15 @@ def bounded_counts(
         sign = 1 if missing > 0 else -1
         # one entry at a time, to the tensors whose rounding moved them furthest the other way
         movable = [n for n in counts if (hi[n] - counts[n] if sign > 0 else counts[n] - lo[n]) > 0]
-        if not movable:
-            break  # the bounds cannot hold the total: the closest feasible counts
+        if not movable:  # the bounds cannot hold the total: the closest feasible counts, said (not silent)
+            warnings.warn(
+                f"sparsity allocation: the per-tensor bounds [{low:g}, {high:g}] cannot hold exactly {total:,} zeros "
+                f"over these {len(counts)} tensors; the closest is {sum(counts.values()):,} (each tensor's bound "
+                "rounds to whole weights). Widen allocation_min_sparsity / allocation_max_sparsity for the exact budget.",
+                UserWarning,
+                stacklevel=2,
+            )
+            break
         movable.sort(key=lambda n: (-sign * (wanted[n] * numels[n] - counts[n]), n))
         for name in movable[: abs(missing)]:
             counts[name] += sign
