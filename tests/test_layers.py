@@ -45,3 +45,17 @@ def test_the_library_imports_without_the_command_line():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_no_import_circle_anywhere_in_the_package():
+    """No module of hf_elsa reaches itself through imports (lazy imports inside functions included): the contract
+    above checks the layers, this also the modules within one layer."""
+    import grimp
+
+    graph = grimp.build_graph("hf_elsa")
+    circles = []
+    for module in sorted(graph.modules):
+        for imported in graph.find_modules_directly_imported_by(module):
+            if imported.startswith("hf_elsa") and graph.chain_exists(importer=imported, imported=module):
+                circles.append(f"{module} -> {imported} -> ... -> {module}")
+    assert not circles, "\n".join(circles)
