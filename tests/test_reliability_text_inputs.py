@@ -52,3 +52,12 @@ def test_a_text_column_with_missing_rows_skips_them(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps({"text": None if i == 1 else f"row {i}"}) for i in range(3)))
     assert load_documents(data_files=str(path)) == ["row 0", "row 2"]
+
+
+def test_bench_inference_on_a_missing_folder_says_so(tmp_path, capsys):
+    from hf_elsa.cli import main
+
+    missing = tmp_path / "no-such-model"
+    assert main(["bench-inference", str(missing), "--out", str(tmp_path / "new-out")]) == 1
+    err = capsys.readouterr().err
+    assert "folder not found" in err and "no-such-model" in err and "Repo id" not in err

@@ -284,8 +284,23 @@ def bench_inference_command(args: argparse.Namespace) -> int:
     """Measure a sparse folder (or SmolLM2 pruned on the fly) dense vs sparse: hf-elsa bench-inference DIR ..."""
     from .showcase.inference_bench import main as bench_main
 
+    _check_bench_folders(args.options)
     result = bench_main(args.options, prog="hf-elsa bench-inference")
     return result if isinstance(result, int) else 0
+
+
+def _check_bench_folders(options: Sequence[str]) -> None:
+    """A folder argument that does not exist says so, before anything is built or measured (transformers would
+    read a missing path as a malformed Hub repo id: "Repo id must be in the form ...")."""
+    from .loading import looks_like_path
+
+    after_out = False  # --out names a folder to create: it may not exist yet
+    for option in options:
+        if after_out or option.startswith("-"):
+            after_out = option == "--out"
+            continue
+        if looks_like_path(option) and not os.path.exists(os.path.expanduser(option)):
+            raise FileNotFoundError(f"{option}: folder not found (a sparse model folder to measure).")
 
 
 # -- the command table ------------------------------------------------------------------------------
