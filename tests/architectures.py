@@ -40,15 +40,15 @@ ARCHITECTURES = {
     "opt": lambda: transformers.OPTConfig(
         **WIDTH, **TOKENS, ffn_dim=64, word_embed_proj_dim=32, tie_word_embeddings=True, dropout=0.0,
         attention_dropout=0.0, activation_dropout=0.0,
-    ),  # fmt: skip
+    ),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(
         **WIDTH, **TOKENS, intermediate_size=64, rotary_pct=0.25, tie_word_embeddings=False, hidden_dropout=0.0,
         attention_dropout=0.0,
-    ),  # fmt: skip
+    ),
     "gpt2": lambda: transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, tie_word_embeddings=True, resid_pdrop=0.0,
         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=1,
-    ),  # fmt: skip
+    ),
 }
 
 

@@ -3,6 +3,7 @@ config names on the command line; `hf-elsa eval` saying what it scored (tiny mod
 
 import json
 import math
+from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -41,7 +42,7 @@ def _files(tmp_path, n=6):
 
 def _weight_dtypes(folder) -> set[str]:
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        return {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+        return {str(f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
 
 
 def test_output_folder_is_the_model_only_in_the_dtype_it_came_in(bf16_base, tmp_path, capsys):
@@ -94,7 +95,7 @@ def test_dense_perplexity_on_the_same_windows_printed_and_recorded(tmp_path, cap
     printed = capsys.readouterr().out
     results = json.loads((out / "elsa_config.json").read_text())["evaluation"]["results"]
     # the dense model, scored on the same held-out windows as the pruned one
-    held = split_text([open(f).read() for f in files], tokenizer, eval_fraction=0.1, seed=0).eval
+    held = split_text([Path(f).read_text() for f in files], tokenizer, eval_fraction=0.1, seed=0).eval
     dense = perplexity(make_model("llama"), text=held, seqlen=16, max_windows=2)
     assert math.isclose(results["dense_perplexity"], dense, rel_tol=1e-4)
     assert results["perplexity"] != results["dense_perplexity"]  # two models scored, not one number twice

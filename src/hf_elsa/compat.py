@@ -28,14 +28,18 @@ UPSTREAM_NOISE: tuple[tuple[str, str, str], ...] = (
     (
         "bitsandbytes.backends.cpu.ops",
         "Failed to load CPU gemm_4bit_forward",
-        "2026-12, bitsandbytes 0.50 (imported by peft, which transformers imports when installed): on CPU it tries "
-        "to fetch an optional 4-bit kernel from the Hub at import time; hf_elsa runs no 4-bit kernels.",
+        (
+            "2026-12, bitsandbytes 0.50 (imported by peft, which transformers imports when installed): on CPU it "
+            "tries to fetch an optional 4-bit kernel from the Hub at import time; hf_elsa runs no 4-bit kernels."
+        ),
     ),
     (
         "kernels._internals.hf_hub",
         "Skipping publisher trust check",
-        "2026-12, kernels 0.19 with HF_HUB_OFFLINE=1: the same optional bitsandbytes kernel fetch, announced at "
-        "import time by every command, --help included.",
+        (
+            "2026-12, kernels 0.19 with HF_HUB_OFFLINE=1: the same optional bitsandbytes kernel fetch, announced at "
+            "import time by every command, --help included."
+        ),
     ),
 )
 
@@ -45,8 +49,10 @@ UPSTREAM_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
     (
         UserWarning,
         "'pin_memory' argument is set as true but no accelerator is found",
-        "2026-12, torch 2.13 with transformers 5.25: TrainingArguments.dataloader_pin_memory defaults to True and "
-        "every CPU run's DataLoader warns that pinning is skipped; there is nothing to pin to on a CPU.",
+        (
+            "2026-12, torch 2.13 with transformers 5.25: TrainingArguments.dataloader_pin_memory defaults to True "
+            "and every CPU run's DataLoader warns that pinning is skipped; there is nothing to pin to on a CPU."
+        ),
     ),
 )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 from transformers import TrainingArguments
 
@@ -75,7 +76,8 @@ class ElsaConfig(TrainingArguments, ElsaSettings):
             "is masked from the loss)."
         },
     )
-    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs"]  # a JSON string -> dict
+    # a JSON string (command line, YAML) -> dict, as TrainingArguments does for its own dict fields
+    _VALID_DICT_FIELDS: ClassVar[list[str]] = [*TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs"]
 
     def __post_init__(self):
         self.resolve_elsa_settings()

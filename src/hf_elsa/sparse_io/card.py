@@ -218,9 +218,11 @@ def _sparsity_section(report: SparsityReport) -> list[str]:
     if max(shares) - min(shares) < UNIFORM_TOLERANCE:
         where = f" in {len(layers)} layers" if layers else ""
         lines = [
-            f"Uniform: each of the {len(report.tensors)} pruned tensors{where} is {_pct(report.sparsity)} sparse "
-            f"({report.numel:,} weights); the whole model is {_pct(report.overall_sparsity)} sparse "
-            f"({report.total_params:,} parameters, embeddings and norms dense).",
+            (
+                f"Uniform: each of the {len(report.tensors)} pruned tensors{where} is {_pct(report.sparsity)} sparse "
+                f"({report.numel:,} weights); the whole model is {_pct(report.overall_sparsity)} sparse "
+                f"({report.total_params:,} parameters, embeddings and norms dense)."
+            ),
         ]
     else:
         lines = _layer_chart(report) + _group_table(report)
