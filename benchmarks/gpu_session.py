@@ -626,7 +626,7 @@ def _version(module: str) -> str | None:
 def environment(carried: list[str]) -> dict:
     """Versions, device, missing packages; imports torch only if it is there."""
     packages = {name: _version(name) for name in PACKAGES}
-    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
     elsa = importlib.util.find_spec("hf_elsa")
     env = {
         "python": platform.python_version(), "executable": sys.executable, "platform": platform.platform(),
@@ -711,8 +711,8 @@ def render_markdown(record: dict) -> str:
     runs = {name: results[name] for name in TRAINING if results.get(name, {}).get("steps")}
     if runs:
         dense = results.get("smollm2_dense", {}).get("perplexity")
-        lines += ["", f"Pruning to {100 * plan['sparsity']:.0f}%: held-out perplexity ({plan['eval_seqlen']}-token "
-                  f"windows; dense {_number(dense, 2)}).", ""]  # fmt: skip
+        lines += ["", (f"Pruning to {100 * plan['sparsity']:.0f}%: held-out perplexity ({plan['eval_seqlen']}-token "
+                  f"windows; dense {_number(dense, 2)})."), ""]  # fmt: skip
         lines += _table(
             ["method", "steps x batch x tokens", "perplexity", "s/step", "tokens/s"],
             [[TRAINING[n], f"{r.get('steps_done', '—')} x {r['batch_size']} x {r['block_size']}",
@@ -725,8 +725,10 @@ def render_markdown(record: dict) -> str:
     if memory:
         lines += [
             "",
-            "Memory: peak `torch.cuda.max_memory_allocated` against `estimate_memory` (which leaves out "
-            "activations); ADMM state: the largest `elsa_*` optimizer state seen during the ADMM phase.",
+            (
+                "Memory: peak `torch.cuda.max_memory_allocated` against `estimate_memory` (which leaves out "
+                "activations); ADMM state: the largest `elsa_*` optimizer state seen during the ADMM phase."
+            ),
             "",
         ]
         lines += _table(
@@ -739,9 +741,9 @@ def render_markdown(record: dict) -> str:
     decode = results.get("decode_speed", {})
     if "dense_tokens_per_s" in decode:
         semi = decode["semi_structured"]
-        lines += ["", f"Decode ({decode['dtype']}, greedy, {decode['prompt_tokens']}-token prompt, "
+        lines += ["", (f"Decode ({decode['dtype']}, greedy, {decode['prompt_tokens']}-token prompt, "
                   f"{decode['new_tokens']} new tokens): dense vs the 2:4 copy as PyTorch semi-structured sparse "
-                  f"weights ({semi.get('tensor') or semi.get('reason')}).", ""]  # fmt: skip
+                  f"weights ({semi.get('tensor') or semi.get('reason')})."), ""]  # fmt: skip
         lines += _table(
             ["batch", "dense tokens/s", "2:4 tokens/s", "speedup"],
             [[b, tps, semi.get("tokens_per_s", {}).get(b, "—"), semi.get("speedup", {}).get(b, "—")]

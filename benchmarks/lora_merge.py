@@ -28,7 +28,7 @@ from hf_elsa.sparse_io import attach_sparsity, get_sparsity
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    parser.add_argument("--method", default="wanda", choices=list(oneshot.PRUNERS))
     parser.add_argument("--max_steps", type=int, default=30)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=2e-4)
@@ -47,8 +47,8 @@ def main(argv=None):
     def ppl(m):
         return perplexity(m, text=eval_ids, seqlen=512, max_windows=args.eval_windows)
 
-    prune = getattr(oneshot, args.method)
-    kwargs = {} if args.method == "magnitude" else {"calibration": train[:32]["input_ids"], "progress": False}
+    prune = oneshot.PRUNERS.get(args.method)
+    kwargs = {"calibration": train[:32]["input_ids"], "progress": False} if prune.requires_calibration else {}
     masks = prune(model, sparsity=args.sparsity, **kwargs)
     attach_sparsity(model, masks, {"method": args.method, "sparsity": args.sparsity})
     result = {"sparsity": args.sparsity, "method": args.method, "rank": args.rank, "steps": args.max_steps}

@@ -52,7 +52,9 @@ def test_prune_eval_inspect_round_trip(base, tmp_path, capsys):
     # evaluated before the save: the result is in the metadata and the card
     meta = json.loads((tmp_path / "pruned" / "elsa_config.json").read_text())
     assert meta["evaluation"]["results"]["perplexity"] > 1.0
-    assert "2 non-overlapping 16-token windows" in meta["evaluation"]["protocol"]
+    protocol = meta["evaluation"]["protocol"]
+    assert "2 non-overlapping 16-token windows" in protocol["description"]
+    assert protocol["training_data"] == "6 text file(s); 1 of 6 documents held out (seed 0); 566 training blocks of 16 tokens"
     assert "Not evaluated yet" not in (tmp_path / "pruned" / "README.md").read_text()
 
     # eval scores exactly the files it is given: all of them, every window

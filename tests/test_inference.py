@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import load_script, make_model
+from conftest import make_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -295,26 +295,6 @@ def test_a_new_kernel_is_one_class(monkeypatch):
     assert calls and set(calls) == {5}
 
 
-def test_bench_inference_smoke(capsys):
-    from hf_elsa.inference.bench import bench_inference
-
-    result = bench_inference(
-        model=_pruned("llama"),
-        name="tiny",
-        batch_sizes=(1, 2),
-        prompt_tokens=4,
-        prefill_tokens=8,
-        new_tokens=2,
-        repeats=1,
-        threads=None,
-        convert_kwargs={"min_speedup": 0.0, "prefill_min_speedup": 0.0, "repeats": 1},
-    )
-    assert result.rel_logit_error <= 1e-4 and result.same_greedy_tokens
-    assert set(result.decode_tok_s) == {"dense", "sparse"} and set(result.decode_tok_s["dense"]) == {1, 2}
-    assert result.weight_mib["sparse"] < result.weight_mib["dense"]
-    assert "decode tokens/s, batch 2" in capsys.readouterr().out
-
-
 @pytest.mark.slow
 def test_smollm2_90_percent():
     from hf_elsa.showcase.demo import load_smollm2
@@ -333,36 +313,6 @@ def test_smollm2_90_percent():
     assert report.nbytes / report.dense_nbytes <= 0.25
 
 
-def test_bench_command_line_on_a_folder(tmp_path, capsys):
-    from hf_elsa.inference.bench import main
-
-    _pruned("llama").save_pretrained(tmp_path / "tiny")  # a plain folder with exact zeros
-    results = main(
-        [
-            str(tmp_path / "tiny"),
-            "--out",
-            str(tmp_path / "out"),
-            "--repeats",
-            "1",
-            "--new-tokens",
-            "2",
-            "--prompt-tokens",
-            "4",
-            "--prefill-tokens",
-            "8",
-            "--batch-sizes",
-            "1",
-            "2",
-            "--threads",
-            "0",
-        ]
-    )
-    assert len(results) == 1 and abs(results[0].sparsity - 0.9) < 0.01
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"results.json", "results.md", "speedup.png"}
-    assert "decode tok/s b=2" in (tmp_path / "out" / "results.md").read_text()
-    assert "Linears converted" in capsys.readouterr().out
-
-
 def test_a_converted_model_is_refused_for_training(tmp_path):
     from conftest import elsa_args
 
@@ -373,10 +323,3 @@ def test_a_converted_model_is_refused_for_training(tmp_path):
         ElsaTrainer(model=model, args=elsa_args(tmp_path))
     from_sparse_inference(model)
     ElsaTrainer(model=model, args=elsa_args(tmp_path))  # back to nn.Linear: trains
-
-
-def test_kernel_layer_benchmark_runs():
-    script = load_script("benchmarks/kernel_layer.py")
-    rows = script.run(shape=(24, 16), tokens=(1, 3), repeats=1, calls=2)
-    assert {(r["dtype"], r["tokens"]) for r in rows} == {(d, n) for d in ("float32", "bfloat16") for n in (1, 3)}
-    assert all(r["speedup"] > 0 for r in rows)

@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from hf_elsa.data import token_blocks
-from hf_elsa.oneshot import magnitude, sparsegpt, sparsegpt_prune_weight, wanda, wanda_score
+from hf_elsa.oneshot import PRUNERS, magnitude, sparsegpt, sparsegpt_prune_weight, wanda, wanda_score
 from hf_elsa.oneshot._sequential import as_token_ids, find_decoder_layers, prune_layerwise
 from hf_elsa.oneshot.wanda import InputNorms
 from hf_elsa.projection import keep_mask
@@ -119,10 +119,10 @@ def _in_features(module: nn.Module) -> int:
 
 
 def _run(method: str, model: nn.Module, sparsity: float, sparsity_type: str, **kwargs):
-    if method == "magnitude":
-        return magnitude(model, sparsity, sparsity_type, **kwargs)
-    fn = {"wanda": wanda, "sparsegpt": sparsegpt}[method]
-    return fn(model, _calibration(), sparsity, sparsity_type, batch_size=4, progress=False, **kwargs)
+    """The registered pruner ``method``, with calibration blocks when it needs them."""
+    pruner = PRUNERS.get(method)
+    calibration = _calibration() if pruner.requires_calibration else None
+    return pruner(model, calibration, sparsity, sparsity_type, batch_size=4, progress=False, **kwargs)
 
 
 def _assert_pattern(pruned: torch.Tensor, sparsity: float, group: str) -> None:
@@ -145,7 +145,7 @@ def _assert_pattern(pruned: torch.Tensor, sparsity: float, group: str) -> None:
 @pytest.mark.parametrize(
     "sparsity_type, sparsity", [("unstructured", 0.5), ("unstructured", 0.7), ("row", 0.7), ("2:4", 0.5)]
 )
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", list(PRUNERS))
 def test_exact_sparsity_and_pattern(method, sparsity_type, sparsity, arch):
     model = _model(arch)
     masks = _run(method, model, sparsity, sparsity_type)
@@ -348,7 +348,7 @@ def test_layerwise_inputs_match_the_dense_forward(arch):
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", list(PRUNERS))
 def test_every_architecture_prunes_and_still_runs(method, arch):
     model = _model(arch)
     model.train()  # the pruners switch to eval and must restore this

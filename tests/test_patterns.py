@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import ref_keep_mask
 
-from hf_elsa.patterns import NM, PATTERN_TYPES, Row, SparsityPattern, Unstructured, register_pattern, sparsity_pattern
+from hf_elsa.patterns import NM, PATTERNS, Row, SparsityPattern, Unstructured, register_pattern, sparsity_pattern
 
 
 @pytest.mark.parametrize(
@@ -75,4 +75,4 @@ def test_a_new_pattern_is_one_class_and_one_registration():
         mask = sparsity_pattern("blocks8").keep_mask(torch.randn(3, 16), 0.5)
         assert (~mask).reshape(-1, 8).sum(dim=1).tolist() == [4] * 6
     finally:
-        PATTERN_TYPES.remove(Blocks)
+        PATTERNS.unregister("blocks")

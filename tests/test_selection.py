@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import _prune_group, load_script
+from conftest import _prune_group
 
 from hf_elsa import selection
 from hf_elsa.selection import prune_smallest, prune_smallest_direct
@@ -113,12 +113,3 @@ def test_flat_nonzero(n, density):
     if n > 16:
         view = flags[8:]  # a view at an offset of one word
         assert torch.equal(_flat_nonzero(view), view.nonzero().view(-1))
-
-
-def test_projection_speed_benchmark_runs_on_small_tensors():
-    """benchmarks/projection_speed.py: every case runs and old/new masks and allocations agree (its own checks)."""
-    script = load_script("benchmarks/projection_speed.py")
-    gen = torch.Generator().manual_seed(0)
-    scores = [torch.rand(shape, generator=gen) for shape in ((64, 48), (16, 9000), (128, 32))]
-    result = script.run(sparsity=0.8, repeats=1, scores=scores)
-    assert len(result) == 7 and all(seconds > 0 for seconds in result.values())

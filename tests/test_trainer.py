@@ -202,10 +202,20 @@ def test_keep_mask_fine_tunes_a_sparse_model(make_args):
 
 def test_user_supplied_base_optimizer_is_wrapped(make_args):
     """`optimizers=(opt, None)`: ADMM wraps whatever base optimizer the Trainer is given."""
+
+    class CountingSGD(torch.optim.SGD):
+        steps = 0
+
+        def step(self, closure=None):
+            type(self).steps += 1
+            return super().step(closure)
+
     model = make_model("llama")
-    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    base = CountingSGD(model.parameters(), lr=0.1)
     trainer = _train(model, make_args(max_steps=8), optimizers=(base, None))
-    assert trainer.elsa_optimizer is not None
+    assert trainer.elsa_optimizer is not None and trainer.elsa_optimizer.base_optimizer is base
+    assert CountingSGD.steps == 8  # the x-steps are the user's SGD steps, not an AdamW the Trainer built
+    assert not any("exp_avg" in state for state in base.state.values())  # SGD without momentum keeps no state
     _assert_exactly_sparse(model)
 
 

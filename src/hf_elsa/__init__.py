@@ -1,8 +1,10 @@
 """hf_elsa: extreme sparsity for Hugging Face causal LMs with ELSA (surrogate-free ADMM)."""
 
-from ._logging import quiet_optional_kernel_warning
+from .compat import silence_upstream_noise
+from .version import check_transformers_version
 
-quiet_optional_kernel_warning()  # before transformers imports peft -> bitsandbytes
+silence_upstream_noise()  # known-harmless upstream log lines (compat.UPSTREAM_NOISE), before transformers imports them
+check_transformers_version()  # a warning when the installed transformers is outside the tested range
 
 from .admm import ElsaOptimizer
 from .allocation import SparsityAllocation
@@ -10,7 +12,7 @@ from .config import ElsaConfig
 from .curvature import CurvatureEstimator
 from .evaluation import perplexity
 from .flatness import Sassha
-from .inference import to_sparse_inference
+from .inference import from_sparse_inference, to_sparse_inference
 from .lora import merge_and_unload
 from .memory import MemoryEstimate, estimate_memory
 from .patterns import SparsityPattern, sparsity_pattern
@@ -46,6 +48,7 @@ __all__ = [
     "attach_sparsity",
     "detach_sparsity",
     "estimate_memory",
+    "from_sparse_inference",
     "keep_mask",
     "load_sparse_model",
     "merge_and_unload",

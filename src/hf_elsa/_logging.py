@@ -90,14 +90,3 @@ def follow_log_level(args) -> None:
         set_verbosity(name)
     elif name == "detail":
         set_verbosity(logging.DEBUG)
-
-
-def quiet_optional_kernel_warning() -> None:
-    """bitsandbytes (imported by peft, which transformers imports when installed) warns on CPU that an optional
-    4-bit kernel package (``kernels``) is missing. hf_elsa uses no 4-bit kernels: drop that one record.
-    (bitsandbytes 0.50, 2026.)"""
-
-    def keep(record: logging.LogRecord) -> bool:
-        return "gemm_4bit_forward" not in str(record.msg)
-
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(keep)

@@ -1,13 +1,19 @@
 """The ``hf-elsa`` command: one subcommand per function.
 
     hf-elsa prune [--model_name_or_path M] [--text_files F ... | --dataset_name D ...] --output_dir OUT \
-        [--method elsa|magnitude|wanda|sparsegpt] [--compressed] [--config run.yaml] [ElsaConfig fields]
+        [--method elsa|PRUNER] [--compressed] [--config run.yaml] [ElsaConfig fields]
     hf-elsa eval [--model_name_or_path OUT] [--text_files F ... | --dataset_name D --dataset_split test]
     hf-elsa inspect DIR [--json] [--summary] [--chart]
     hf-elsa demo [--sparsity 0.5] [--max_steps 40]
     hf-elsa memory [--model_name_or_path M] [--json] [ElsaConfig fields, e.g. --elsa_l true]
+    hf-elsa bench-inference DIR [DIR ...] | --smollm2 0.5 0.9 [--out FOLDER]
 
-``prune`` and ``eval`` take the argument set of ``examples/prune.py`` (:mod:`hf_elsa.scripts`).
+    # several processes (GPUs): the command itself is the launcher's script
+    accelerate launch [--config_file ddp.yaml] --num_processes N -m hf_elsa prune ...
+    torchrun --nproc_per_node N -m hf_elsa prune ...
+
+``PRUNER``: a one-shot pruner's registered name (``hf_elsa.oneshot.PRUNERS``). ``prune`` and ``eval`` take the
+argument set of ``examples/prune.py`` (:mod:`hf_elsa.scripts`).
 
 Each subcommand is an entry of ``COMMANDS``: ``name -> Command(add_arguments, run, help)``. ``add_arguments``
 fills the subcommand's ``argparse`` parser (None: the command parses its own options with an
@@ -22,6 +28,7 @@ import json
 import os
 import re
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -123,12 +130,33 @@ def _prune_parser():
     from .config import ElsaConfig
     from .scripts import DataArguments, ElsaArgumentParser, ModelArguments, RunArguments
 
-    return ElsaArgumentParser(
+    parser = ElsaArgumentParser(
         (ElsaConfig, ModelArguments, DataArguments, RunArguments),
         prog="hf-elsa prune",
-        description="Prune a causal LM with ELSA (or a one-shot baseline with --method), evaluate it on held-out "
-        "text and save a sparse checkpoint with its masks and model card.",
+        description=textwrap.fill(
+            "Prune a causal LM with ELSA (or a one-shot baseline with --method), evaluate it and the dense model on "
+            "the same held-out windows, and save the sparse model with its masks and model card: --output_dir holds "
+            "the model only (no Trainer checkpoints unless --save_strategy steps/epoch asks for them).",
+            100,
+        ),
+        epilog=PRUNE_EPILOG,
+        formatter_class=_DefaultsAndRawEpilog,
     )
+    # the output folder is the model a user ships: a Trainer checkpoint (optimizer state, ~2x the weights in fp32)
+    # only when asked for; --save_strategy on the command line or in --config overrides this default
+    parser.set_defaults(save_strategy="no")
+    return parser
+
+
+class _DefaultsAndRawEpilog(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """HfArgumentParser's "(default: ...)" after each option, and the epilog's lines as written."""
+
+
+PRUNE_EPILOG = """several processes (GPUs, one per process): the command is the launcher's script, options unchanged
+  accelerate launch --num_processes N -m hf_elsa prune --model_name_or_path M ... --bf16
+  torchrun --nproc_per_node N -m hf_elsa prune ...
+  (DDP: the global batch is N x --per_device_train_batch_size; FSDP2: pass accelerate an FSDP config,
+  e.g. examples/accelerate_configs/fsdp2.yaml of the repository; --method elsa only; the summary prints once)"""
 
 
 def prune_command(args: argparse.Namespace) -> int:
@@ -137,13 +165,16 @@ def prune_command(args: argparse.Namespace) -> int:
 
     config, model_args, data, run = _prune_parser().parse_args_and_config(args.options)
     result = run_prune(model_args, data, run, config)  # the options were validated before any model load
+    if config.process_index != 0:  # under accelerate launch / torchrun: one summary, from the main process
+        return 0
     for note in result.notes:
         print(f"[hf-elsa prune] {note}")
     if result.perplexity is not None:
-        print(f"[hf-elsa prune] held-out perplexity {result.perplexity:.2f} ({result.protocol})")
+        dense = f", dense {result.dense_perplexity:.2f} on the same windows" if result.dense_perplexity else ""
+        print(f"[hf-elsa prune] held-out perplexity {result.perplexity:.2f}{dense} ({result.protocol})")
     else:
         print("[hf-elsa prune] no held-out text (--eval_fraction 0): not evaluated")
-    print(f"[hf-elsa prune] {result.method} model saved to {result.output_dir}")
+    print(f"[hf-elsa prune] {result.method} model saved to {result.output_dir} ({result.save_dtype} weights)")
     return 0
 
 
@@ -155,25 +186,41 @@ def eval_command(args: argparse.Namespace) -> int:
         DataArguments,
         ElsaArgumentParser,
         ModelArguments,
+        TextColumnArguments,
         eval_windows,
         load_model_and_tokenizer,
         load_text,
     )
 
-    parser = ElsaArgumentParser((ModelArguments, DataArguments), prog="hf-elsa eval", description=eval_command.__doc__)
-    model_args, data = parser.parse_args_and_config(args.options)
+    parser = ElsaArgumentParser(
+        (ModelArguments, DataArguments, TextColumnArguments), prog="hf-elsa eval", description=eval_command.__doc__
+    )
+    model_args, data, _ = parser.parse_args_and_config(args.options)
     model, tokenizer = load_model_and_tokenizer(model_args)
     text = load_text(data, tokenizer, "eval")
     held = eval_windows(text.eval, data, model)
     if held is None:
         raise ValueError("the evaluation text is empty.")
     ppl = perplexity(model, text=held.ids, seqlen=held.seqlen, max_windows=held.windows, progress=True)
+    scored = held.protocol(text.how)
+    print(f"[hf-elsa eval] scored: {scored}, {int(held.ids.numel()):,} tokens; {_what_eval_includes(data)}",
+          file=sys.stderr)  # fmt: skip
     print(json.dumps({
         "model": model_args.model_name_or_path or "SmolLM2-135M-Instruct", "perplexity": ppl, "text": text.how,
-        "tokens": int(held.ids.numel()), "seqlen": held.seqlen, "windows": held.windows,
+        "scored": scored, "tokens": int(held.ids.numel()), "seqlen": held.seqlen, "windows": held.windows,
         **({"note": held.note} if held.note else {}),
     }))  # fmt: skip
     return 0
+
+
+def _what_eval_includes(data) -> str:
+    """What a reader must know about the score: eval holds nothing back, so text the model trained on counts too."""
+    if data.text_files or data.dataset_name or data.data_files:
+        return (
+            "every token of it, none held back: text the model was trained on is scored too (hf-elsa prune "
+            "records its held-out score in elsa_config.json)"
+        )
+    return "the embedded Wikipedia sample's held-out articles, which hf-elsa prune (default --eval_fraction) does not train on"
 
 
 # -- demo / memory ----------------------------------------------------------------------------------
@@ -235,10 +282,25 @@ def memory_command(args: argparse.Namespace) -> int:
 
 def bench_inference_command(args: argparse.Namespace) -> int:
     """Measure a sparse folder (or SmolLM2 pruned on the fly) dense vs sparse: hf-elsa bench-inference DIR ..."""
-    from .inference.bench import main as bench_main
+    from .showcase.inference_bench import main as bench_main
 
+    _check_bench_folders(args.options)
     result = bench_main(args.options, prog="hf-elsa bench-inference")
     return result if isinstance(result, int) else 0
+
+
+def _check_bench_folders(options: Sequence[str]) -> None:
+    """A folder argument that does not exist says so, before anything is built or measured (transformers would
+    read a missing path as a malformed Hub repo id: "Repo id must be in the form ...")."""
+    from .loading import looks_like_path
+
+    after_out = False  # --out names a folder to create: it may not exist yet
+    for option in options:
+        if after_out or option.startswith("-"):
+            after_out = option == "--out"
+            continue
+        if looks_like_path(option) and not os.path.exists(os.path.expanduser(option)):
+            raise FileNotFoundError(f"{option}: folder not found (a sparse model folder to measure).")
 
 
 # -- the command table ------------------------------------------------------------------------------

@@ -2,7 +2,11 @@
 
 transformers ships weekly; each touch point below is one function with the versions it was checked
 against, so an upstream change breaks here, in one file, with a test that names it.
-Checked: transformers 5.x (5.0-5.24), torch 2.13 (2026-11).
+Checked: transformers 5.0-5.25 (``version.TRANSFORMERS_REQUIREMENT``, the range setup.py installs), torch 2.13
+(2026-12). ``hf_elsa.version.check_transformers_version`` warns once when another transformers is installed anyway.
+
+The known-harmless log lines and warnings of upstream packages are silenced here too, in two dated tables
+(:data:`UPSTREAM_NOISE`: a filter on the one logger that emits each; :data:`UPSTREAM_WARNINGS`: a warnings filter).
 """
 
 from __future__ import annotations
@@ -10,9 +14,67 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import os
+import re
+import warnings
 
 import torch
+
+# -- known-harmless upstream noise ------------------------------------------------------------------------
+# (logger, start of the message, when and why it is harmless). A filter drops exactly these records; the
+# logger's other records pass. Drop an entry once the upstream release that stops printing it is the minimum.
+UPSTREAM_NOISE: tuple[tuple[str, str, str], ...] = (
+    (
+        "bitsandbytes.backends.cpu.ops",
+        "Failed to load CPU gemm_4bit_forward",
+        (
+            "2026-12, bitsandbytes 0.50 (imported by peft, which transformers imports when installed): on CPU it "
+            "tries to fetch an optional 4-bit kernel from the Hub at import time; hf_elsa runs no 4-bit kernels."
+        ),
+    ),
+    (
+        "kernels._internals.hf_hub",
+        "Skipping publisher trust check",
+        (
+            "2026-12, kernels 0.19 with HF_HUB_OFFLINE=1: the same optional bitsandbytes kernel fetch, announced at "
+            "import time by every command, --help included."
+        ),
+    ),
+)
+
+
+# (warning category, start of the message, when and why it is harmless): Python warnings, ignored by a filter.
+UPSTREAM_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
+    (
+        UserWarning,
+        "'pin_memory' argument is set as true but no accelerator is found",
+        (
+            "2026-12, torch 2.13 with transformers 5.25: TrainingArguments.dataloader_pin_memory defaults to True "
+            "and every CPU run's DataLoader warns that pinning is skipped; there is nothing to pin to on a CPU."
+        ),
+    ),
+)
+
+
+class _DropKnownNoise(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def silence_upstream_noise() -> None:
+    """Install the filters of :data:`UPSTREAM_NOISE` (idempotent). Runs on ``import hf_elsa``, before transformers
+    imports peft and bitsandbytes; a script that imports transformers' Trainer before hf_elsa gets them anyway."""
+    for name, prefix, _ in UPSTREAM_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownNoise) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropKnownNoise(prefix))
+    for category, prefix, _ in UPSTREAM_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(prefix), category=category)
 
 # 2026-11, transformers 5.x: the Trainer writes its step counter to this file in every checkpoint folder.
 TRAINER_STATE_NAME = "trainer_state.json"

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from datasets import Dataset
 
+from ._messages import shorten
+
 
 def split_documents(documents: Sequence[str], eval_fraction: float = 0.1, seed: int = 0):
     """Split documents (not tokens) into train and held-back eval lists, seeded."""
@@ -79,26 +81,56 @@ def load_documents(
     """
     if text_files and (dataset or data_files):
         raise ValueError("Pass text files or a dataset (--dataset_name / --data_files), not both.")
+    if isinstance(text_files, (str, os.PathLike)):  # one file, not its characters
+        text_files = [text_files]
     if text_files:
-        documents = []
-        for path in text_files:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"text file not found: {path}")
-            with open(path, encoding="utf-8") as f:
-                documents.append(f.read())
-        return documents
+        return [read_text_file(path) for path in text_files]
     if dataset or data_files:
         data = load_text_dataset(dataset, dataset_config, split, data_files)
+        source = shorten(dataset or data_files)
         if text_column not in data.column_names:
             raise ValueError(
-                f"dataset {dataset or data_files!r} has no column {text_column!r} (--dataset_text_field); "
-                f"its columns: {data.column_names}."
+                f"dataset {source} has no column {shorten(text_column)} (--dataset_text_field); "
+                f"its columns: {shorten(data.column_names, 400)}."
             )
-        return [t for t in data[text_column] if t and t.strip()]
+        return text_rows(data[text_column], text_column, source)
     raise ValueError(
         "load_documents needs text_files or a dataset; the embedded Wikipedia sample is "
         "hf_elsa.showcase.demo.wikipedia_sample()."
     )
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """One ``--text_files`` document; a folder, a missing file or a file that is not UTF-8 text is a clear error."""
+    if os.path.isdir(path):
+        raise ValueError(f"text file {shorten(os.fspath(path))} is a folder: pass the files in it (e.g. folder/*.txt).")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"text file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"text file {shorten(os.fspath(path))} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start}): --text_files takes plain text; a binary file is not text, and a text file in another "
+            "encoding converts with e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`."
+        ) from None
+
+
+def text_rows(values: Sequence, column: str, source: str) -> list[str]:
+    """The non-empty strings of a text column; a column of numbers or other values is refused, naming it."""
+    documents = []
+    for value in values:
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise ValueError(
+                f"dataset {source}: column {shorten(column)} holds {type(value).__name__} values (e.g. "
+                f"{shorten(value)}), not text: choose the text column with --dataset_text_field."
+            )
+        if value.strip():
+            documents.append(value)
+    return documents
 
 
 def load_text_dataset(
@@ -112,7 +144,7 @@ def load_text_dataset(
 
     if dataset_config and (os.path.sep in dataset_config or os.path.splitext(dataset_config)[1] in FILE_BUILDERS):
         raise ValueError(
-            f"--dataset_config {dataset_config!r} is a configuration name, not a file: pass data files with "
+            f"--dataset_config {shorten(dataset_config)} is a configuration name, not a file: pass data files with "
             f"--data_files {dataset_config}."
         )
     if dataset is None:
@@ -141,9 +173,11 @@ def choose_split(available: Sequence[str], split: str | None, name: str | None =
             return available[0]
         if "test" in available:
             return "test"
-        raise ValueError(f"dataset {name!r} has the splits {list(available)}: choose one with --dataset_split.")
+        raise ValueError(f"dataset {shorten(name)} has the splits {list(available)}: choose one with --dataset_split.")
     if split not in available:
-        raise ValueError(f"dataset {name!r} has no split {split!r} (--dataset_split); its splits: {list(available)}.")
+        raise ValueError(
+            f"dataset {shorten(name)} has no split {shorten(split)} (--dataset_split); its splits: {list(available)}."
+        )
     return split
 
 
@@ -205,7 +239,7 @@ def split_text(
 def check_eval_fraction(value: float, flag: str = "--eval_fraction") -> None:
     """``0 <= value < 1`` (NaN refused), with an error that names the flag."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0 <= value < 1:
-        raise ValueError(f"{flag} {value!r} must be in [0, 1): the share of the text held out for evaluation.")
+        raise ValueError(f"{flag} {shorten(value)} must be in [0, 1): the share of the text held out for evaluation.")
 
 
 def pack_text_dataset(
@@ -234,7 +268,7 @@ def pack_text_dataset(
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("The dataset has a 'messages' column but the tokenizer has no chat template to render it.")
     else:
-        raise ValueError(f"no {text_field!r} or 'messages' column to tokenize; columns: {columns}.")
+        raise ValueError(f"no {shorten(text_field)} or 'messages' column to tokenize; columns: {columns}.")
     if block_size < 2:
         raise ValueError(f"block size {block_size} must be >= 2.")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -255,7 +289,8 @@ def pack_text_dataset(
     packed = dataset.map(pack, batched=True, batch_size=batch_size, remove_columns=columns)
     if hasattr(packed, "__len__") and len(packed) == 0:
         raise ValueError(
-            f"the {field_name!r} column holds fewer tokens than one block of {block_size}: pass more text or a smaller "
+            f"the {shorten(field_name)} column holds fewer tokens than one block of {block_size}: pass more text or a "
+            "smaller "
             "max_length."
         )
     return packed.with_format("torch") if hasattr(packed, "with_format") else packed

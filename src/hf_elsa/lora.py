@@ -73,6 +73,7 @@ def base_layers(peft_model) -> dict[str, nn.Module]:
     its base layer; the adapters' own layers (``lora_A``, ``lora_B``, ...) are not candidates.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
 
     base = peft_model.get_base_model()
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -84,9 +85,23 @@ def base_layers(peft_model) -> dict[str, nn.Module]:
         if isinstance(module, BaseTunerLayer):
             inside.append(name)
             module = module.get_base_layer()
+        elif isinstance(module, ModulesToSaveWrapper):  # modules_to_save: the trainable copy replaces the layer
+            inside.append(name)
+            module = _trained_copy(module)
         if isinstance(module, PRUNABLE_TYPES) and module is not head:
             layers[name] = module
     return layers
+
+
+def _trained_copy(wrapper) -> nn.Module:
+    """The copy of a ``modules_to_save`` layer that the active adapter trains (what the merge keeps)."""
+    active = [a for a in wrapper.active_adapters if a in wrapper.modules_to_save]
+    return wrapper.modules_to_save[active[0]] if active else wrapper.original_module
+
+
+# Below this share of exact zeros in its Linear weights, a base without attached masks is a dense model whose few
+# zeros are chance (rounding, an init): keeping them as "the mask" would save a dense model as a sparse checkpoint.
+MIN_IMPLIED_SPARSITY = 0.01
 
 
 def keep_masks(peft_model) -> dict[str, torch.Tensor]:
@@ -102,6 +117,15 @@ def keep_masks(peft_model) -> dict[str, torch.Tensor]:
         weight = module.weight.detach()
         if bool((weight == 0).any()):
             masks[f"{name}.weight"] = (weight != 0).cpu()
+    zeros = sum(int((~m).sum()) for m in masks.values())
+    total = sum(m.weight.numel() for m in layers.values())
+    if masks and zeros < MIN_IMPLIED_SPARSITY * total:
+        raise ValueError(
+            f"the PEFT model's base has no masks attached and only {zeros:,} exact zeros ({100 * zeros / total:.3g}% "
+            f"of its {total:,} Linear weights): it is not a pruned model, and keeping those zeros as a mask would save "
+            "a dense model as a sparse one. Prune it first (ElsaTrainer, a one-shot pruner) or load a sparse "
+            "checkpoint with hf_elsa.load_sparse_model; for a dense model use the PeftModel's own merge_and_unload()."
+        )
     return masks
 
 
@@ -146,41 +170,64 @@ def prepare_peft_model(peft_model, args) -> LoraKeepMask:
     return LoraKeepMask(modules, 1 - kept / max(total, 1))
 
 
-def _adapter_description(peft_model) -> dict:
-    config = peft_model.peft_config.get(getattr(peft_model, "active_adapter", "default"))
-    if config is None:
-        return {"adapter": "peft"}
-    kind = getattr(getattr(config, "peft_type", None), "value", None) or type(config).__name__
-    description = {"adapter": str(kind).lower()}
-    for key in ("r", "lora_alpha", "lora_dropout", "target_modules"):
-        value = getattr(config, key, None)
-        if value is not None:
-            description[key] = sorted(value) if isinstance(value, set) else value
-    return description
+def _merged_adapters(peft_model, adapter_names) -> list[str]:
+    """The adapters a merge folds in: ``adapter_names``, else the active ones (PEFT's rule)."""
+    if adapter_names is not None:
+        return list(adapter_names)
+    active = getattr(peft_model, "active_adapters", None) or [getattr(peft_model, "active_adapter", "default")]
+    return [active] if isinstance(active, str) else list(active)
+
+
+def _adapter_description(peft_model, names: list[str]) -> dict:
+    """What the metadata says about the merged adapters: kind (``lora``, ``dora``, ``loha``, ...), rank, targets.
+
+    One adapter: its fields; several: the first one's fields and ``adapter_names`` (every merge lists them).
+    """
+    configs = [peft_model.peft_config[n] for n in names if n in peft_model.peft_config]
+    if not configs:
+        return {"adapter": "peft", "adapter_names": names}
+    descriptions = []
+    for config in configs:
+        kind = str(getattr(getattr(config, "peft_type", None), "value", None) or type(config).__name__).lower()
+        description = {"adapter": "dora" if getattr(config, "use_dora", False) else kind}
+        for key in ("r", "lora_alpha", "alpha", "lora_dropout", "target_modules", "use_dora", "modules_to_save"):
+            value = getattr(config, key, None)
+            if value is not None and value is not False:
+                description[key] = sorted(value) if isinstance(value, set) else value
+        descriptions.append(description)
+    first = dict(descriptions[0])
+    if len(descriptions) > 1:
+        first["adapter"] = "+".join(d["adapter"] for d in descriptions)
+    first["adapter_names"] = names
+    return first
 
 
 @torch.no_grad()
-def adapter_delta_dropped(peft_model, masks: dict[str, torch.Tensor]) -> float | None:
-    """Share of the adapters' merged delta (its Frobenius norm, over all masked layers) that falls on pruned
-    entries and is dropped by the masks: ``||delta * ~mask|| / ||delta||``. None when not measurable."""
+def _merge_layers_keeping_masks(peft_model, masks: dict[str, torch.Tensor], names: list[str], safe_merge: bool):
+    """Merge ``names`` into every adapted layer, one layer at a time, and re-apply its keep-mask right after.
+
+    Returns the share of the merged change's norm that fell on pruned entries (None when nothing changed). The
+    change is measured as merged minus base weight, so it is exact for any adapter (LoRA, DoRA's rescaling,
+    LoHa, LoKr, ...), not only for LoRA's ``B @ A``.
+    """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    base = peft_model.get_base_model()
     total = dropped = 0.0
-    for name, module in base.named_modules():
-        mask = masks.get(f"{name}.weight")
-        if mask is None or not isinstance(module, BaseTunerLayer) or not hasattr(module, "get_delta_weight"):
+    for name, module in peft_model.get_base_model().named_modules():
+        if not isinstance(module, BaseTunerLayer):
             continue
-        for adapter in module.active_adapters:
-            if adapter not in getattr(module, "lora_A", {}):
-                continue
-            delta = module.get_delta_weight(adapter).float()
-            pruned = ~mask.to(delta.device)
-            total += float(delta.pow(2).sum())
-            dropped += float(delta.masked_fill(~pruned, 0).pow(2).sum())
-    if total == 0:
-        return None
-    return math.sqrt(dropped / total)
+        keep = masks.get(f"{name}.weight")
+        weight = module.get_base_layer().weight
+        before = weight.detach().float().clone() if keep is not None else None
+        module.merge(safe_merge=safe_merge, adapter_names=names)
+        if keep is None:
+            continue
+        keep = keep.to(weight.device)
+        change = weight.detach().float() - before
+        total += float(change.pow(2).sum())
+        dropped += float(change.masked_fill(keep, 0).pow(2).sum())
+        weight.masked_fill_(~keep, 0)
+    return math.sqrt(dropped / total) if total > 0 else None
 
 
 def merge_and_unload(peft_model, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
@@ -197,6 +244,13 @@ def merge_and_unload(peft_model, progressbar: bool = False, safe_merge: bool = F
             f"hf_elsa.merge_and_unload takes a peft.PeftModel, got {type(peft_model).__name__}; a plain model has "
             "nothing to merge."
         )
+    config = getattr(peft_model, "active_peft_config", None)
+    if getattr(config, "is_prompt_learning", False):
+        raise ValueError(
+            f"merge_and_unload: {type(config).__name__} is prompt learning (virtual tokens fed to the model), not a "
+            "change of its weights: there is nothing to merge. Save the adapter with peft_model.save_pretrained() "
+            "and load it with peft.PeftModel.from_pretrained() on the sparse model."
+        )
     base = peft_model.get_base_model()
     masks = keep_masks(peft_model)
     if not masks:
@@ -204,18 +258,21 @@ def merge_and_unload(peft_model, progressbar: bool = False, safe_merge: bool = F
             "merge_and_unload: the base model has no masks attached and no zero weights, so there is no sparsity "
             "to keep; use the PeftModel's own merge_and_unload()."
         )
-    dropped = adapter_delta_dropped(peft_model, masks)
-    fine_tuning = {**_adapter_description(peft_model), **getattr(base, "elsa_lora_training", {}), "merged": True}
+    names = _merged_adapters(peft_model, adapter_names)
+    fine_tuning = {**_adapter_description(peft_model, names), **getattr(base, "elsa_lora_training", {}), "merged": True}
+    previous = get_sparsity(base)
+    # merged layer by layer (each mask re-applied at once, the dropped share measured exactly), then unloaded
+    dropped = _merge_layers_keeping_masks(peft_model, masks, names, safe_merge)
     if dropped is not None:
         fine_tuning["adapter_delta_norm_dropped"] = round(dropped, 6)
-    previous = get_sparsity(base)
-    merged = peft_model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+    merged = peft_model.unload()  # progressbar: accepted for PEFT's signature; the merge above is quick
     params = dict(merged.named_parameters(remove_duplicate=False))
     missing = sorted(set(masks) - set(params))
     if missing:
         raise ValueError(f"merge_and_unload: the merged model has no tensor {missing[0]!r} of the masks.")
-    for name, keep in masks.items():
-        params[name].masked_fill_(~keep.to(params[name].device), 0)
+    with torch.no_grad():  # a modules_to_save copy is a trainable leaf: re-masked without autograd
+        for name, keep in masks.items():
+            params[name].masked_fill_(~keep.to(params[name].device), 0)
     if previous is not None and previous.config.fine_tuning:
         fine_tuning = {**previous.config.fine_tuning, **fine_tuning}
     metadata = {"fine_tuning": fine_tuning}
@@ -225,8 +282,9 @@ def merge_and_unload(peft_model, progressbar: bool = False, safe_merge: bool = F
     merged.__dict__.pop("elsa_lora_training", None)
     if dropped is not None:
         logger.info(
-            "merge_and_unload: adapters merged, %d masks re-applied; the masks dropped %.1f%% of the adapters' delta "
-            "norm (its part on pruned weights)",
+            "merge_and_unload: adapters %s merged, %d masks re-applied; the masks dropped %.1f%% of the adapters' "
+            "change in norm (its part on pruned weights)",
+            names,
             len(masks),
             100 * dropped,
         )

@@ -12,16 +12,22 @@ from __future__ import annotations
 
 import math
 import textwrap
+import warnings
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from ._messages import shorten
 from .admm import LAMBDA_SCHEDULES, PENALTIES, SPARSITY_SCHEDULES
 from .allocation import ALLOCATIONS
 from .curvature import ESTIMATORS
+from .oneshot import PRUNERS
 from .patterns import SparsityPattern, sparsity_pattern
+from .registry import LiveChoices
 from .states import STORAGE_DTYPES
 
-ADMM_INITS = ("magnitude", "wanda", "sparsegpt")
+# The registries' names as they are when a value is checked or --help printed, so entries registered after this
+# module is imported (register_estimator(Mine()), then ElsaConfig(importance="mine")) are accepted and listed.
+ADMM_INITS = LiveChoices(PRUNERS)
 BASE_OPTIMIZERS = ("trainer", "sassha")
 
 # Topics, in the order the docstring and --help present them.
@@ -34,6 +40,7 @@ TOPICS = {
     "start": "Start and end of the run",
     "storage": "Memory (ELSA-L)",
 }
+
 
 class BySparsity:
     """A recipe default that follows the sparsity: ``high`` from ``high_at`` up (and for N:M), ``low`` up to
@@ -55,7 +62,9 @@ class BySparsity:
 
     def __repr__(self) -> str:
         how = "log-linear" if self.log else "linear"
-        return f"{self.high:g} from {self.high_at:.0%} sparsity and N:M, {self.low:g} to {self.low_at:.0%}, {how} between"
+        return (
+            f"{self.high:g} from {self.high_at:.0%} sparsity and N:M, {self.low:g} to {self.low_at:.0%}, {how} between"
+        )
 
 
 # Values of the recipe-controlled fields left at None. "paper" is the ICLR 2026 recipe verbatim; "elsa" is
@@ -104,8 +113,8 @@ def _setting(
     """A field of the table. ``bounds``: ``(low, high, low_inclusive, high_inclusive)``, ``None`` = unbounded;
     ``why``: the reason for bounds that are not obvious, added to the refusal."""
     metadata = {"help": help}
-    if choices is not None:
-        metadata["choices"] = tuple(choices)
+    if choices is not None:  # a LiveChoices stays live: HfArgumentParser hands the metadata to argparse as is
+        metadata["choices"] = choices if isinstance(choices, LiveChoices) else tuple(choices)
     made = field(default=default, metadata=metadata)
     _DETAILS[id(made)] = {"topic": topic, "doc": doc or help, "bounds": bounds, "example": example, "why": why}
     return made
@@ -130,20 +139,20 @@ class ElsaSettings:
         "unstructured",
         "sparsity",
         "'unstructured' (per tensor), 'row' (per output row) or N:M such as '2:4' or '4:8'.",
-        "`\"unstructured\"` (exactly `round(numel * sparsity)` zeros per tensor), `\"row\"` (the same per output "
-        "row) or an N:M pattern such as `\"2:4\"` / `\"4:8\"` (N kept in every M consecutive inputs, 1 <= N < M).",
+        '`"unstructured"` (exactly `round(numel * sparsity)` zeros per tensor), `"row"` (the same per output '
+        'row) or an N:M pattern such as `"2:4"` / `"4:8"` (N kept in every M consecutive inputs, 1 <= N < M).',
     )
     sparsity_allocation: str = _setting(
         "uniform",
         "sparsity",
-        "How the sparsity is spread over tensors: 'uniform', 'global' or 'owl'.",
-        "How the sparsity is spread over the prunable tensors: `\"uniform\"` (every tensor at `sparsity`), "
-        "`\"global\"` (one budget of exactly `round(N * sparsity)` zeros over all N prunable weights, scores "
-        "normalised per tensor so that a tensor's scale alone does not decide) or `\"owl\"` (per decoder layer, "
+        "How the sparsity is spread over tensors: one of %(choices)s.",
+        'How the sparsity is spread over the prunable tensors: `"uniform"` (every tensor at `sparsity`), '
+        '`"global"` (one budget of exactly `round(N * sparsity)` zeros over all N prunable weights, scores '
+        'normalised per tensor so that a tensor\'s scale alone does not decide) or `"owl"` (per decoder layer, '
         "less sparsity where the layer has more outlier activations; the weighted mean stays `sparsity`; needs "
-        "`importance=\"activation\"`). Every tensor stays within `[allocation_min_sparsity, "
+        '`importance="activation"`). Every tensor stays within `[allocation_min_sparsity, '
         "allocation_max_sparsity]`. Not for N:M patterns.",
-        choices=ALLOCATIONS,
+        choices=LiveChoices(ALLOCATIONS),
     )
     allocation_min_sparsity: float = _setting(
         0.0,
@@ -166,7 +175,7 @@ class ElsaSettings:
         0.08,
         "sparsity",
         "OWL: per-layer sparsities span sparsity +- this.",
-        "`sparsity_allocation=\"owl\"`: the per-layer sparsities span `sparsity - owl_spread` (the layer with the "
+        '`sparsity_allocation="owl"`: the per-layer sparsities span `sparsity - owl_spread` (the layer with the '
         "most outliers) to `sparsity + owl_spread` (the fewest).",
         bounds=(0.0, 1.0, True, False),
         example=0.08,
@@ -175,7 +184,7 @@ class ElsaSettings:
         5.0,
         "sparsity",
         "OWL: a weight is an outlier when its Wanda score exceeds this multiple of its layer's mean.",
-        "`sparsity_allocation=\"owl\"`: a weight is an outlier when its score `|W_ij| * ||X_j||` exceeds this "
+        '`sparsity_allocation="owl"`: a weight is an outlier when its score `|W_ij| * ||X_j||` exceeds this '
         "multiple of its layer's mean score.",
         bounds=(0.0, None, False, False),
         example=5.0,
@@ -184,7 +193,7 @@ class ElsaSettings:
         None,
         "sparsity",
         "Module name suffixes (or one regex) to prune. Default: every Linear but the LM head.",
-        "Modules whose weight is pruned: names matched as a suffix of the module name (`\"q_proj\"`), or one regular "
+        'Modules whose weight is pruned: names matched as a suffix of the module name (`"q_proj"`), or one regular '
         "expression matched against the full name. `None`: every `nn.Linear` (and GPT-2 `Conv1D`) except the output "
         "embedding (LM head).",
     )
@@ -197,9 +206,9 @@ class ElsaSettings:
         "elsa",
         "recipe",
         "Defaults for unset admm_* fields and importance: 'elsa' (converges in short runs) or 'paper'.",
-        "Defaults of the fields left unset that the recipe table above lists. `\"paper\"`: the published recipe "
+        'Defaults of the fields left unset that the recipe table above lists. `"paper"`: the published recipe '
         "(penalty through the gradient, constant lambda 0.01, interval 32, ADMM for the whole run, magnitude "
-        "projection, learning rate 1e-4, no distillation). `\"elsa\"`: starts from SparseGPT's weights and mask, "
+        'projection, learning rate 1e-4, no distillation). `"elsa"`: starts from SparseGPT\'s weights and mask, '
         "distils from the dense model, a decoupled proximal penalty (lambda 1), a cubic sparsity ramp for z, the "
         "activation-aware projection (SAFE+), the mask fixed after 15% of the steps, then masked fine-tuning; the "
         "distillation weight and learning rate follow the sparsity (docs/quality.md, docs/convergence.md).",
@@ -209,15 +218,15 @@ class ElsaSettings:
         None,
         "recipe",
         f"How the penalty acts: one of {PENALTIES}. Default from recipe.",
-        "`\"gradient\"` adds `lambda * (W - z + u)` to the gradient after clipping (so Adam normalises it); "
-        "`\"proximal\"` pulls the weights after the base step: `W <- W - lambda/(1+lambda) * (W - z + u)`.",
+        '`"gradient"` adds `lambda * (W - z + u)` to the gradient after clipping (so Adam normalises it); '
+        '`"proximal"` pulls the weights after the base step: `W <- W - lambda/(1+lambda) * (W - z + u)`.',
         choices=PENALTIES,
     )
     admm_lambda: float | None = _setting(
         None,
         "recipe",
         "Final ADMM penalty weight lambda, >= 0. Default from recipe.",
-        "Final penalty weight of the schedule (the constant value for `\"constant\"`).",
+        'Final penalty weight of the schedule (the constant value for `"constant"`).',
         bounds=(0.0, None, True, False),
         example=0.01,
     )
@@ -225,7 +234,7 @@ class ElsaSettings:
         None,
         "recipe",
         f"Lambda schedule: one of {LAMBDA_SCHEDULES}. Default from recipe.",
-        "`\"constant\"`, `\"linear\"`, `\"cosine\"` or `\"exponential\"`, from `admm_lambda_init` to `admm_lambda` "
+        '`"constant"`, `"linear"`, `"cosine"` or `"exponential"`, from `admm_lambda_init` to `admm_lambda` '
         "over the ADMM phase. Lambda changes at z-updates; the scaled dual is rescaled when it does.",
         choices=LAMBDA_SCHEDULES,
     )
@@ -233,7 +242,7 @@ class ElsaSettings:
         None,
         "recipe",
         "Start value of the lambda schedule, >= 0. Default from recipe.",
-        "Start value of the lambda schedule (must be > 0 for `\"exponential\"`).",
+        'Start value of the lambda schedule (must be > 0 for `"exponential"`).',
         bounds=(0.0, None, True, False),
         example=0.0,
     )
@@ -260,7 +269,7 @@ class ElsaSettings:
         None,
         "recipe",
         f"Sparsity target of z: one of {SPARSITY_SCHEDULES}. Default from recipe.",
-        "Sparsity target of z: `\"constant\"` (the final sparsity from the start, paper) or `\"cubic\"` (ramps over "
+        'Sparsity target of z: `"constant"` (the final sparsity from the start, paper) or `"cubic"` (ramps over '
         "the ADMM phase, from 0, or from the one-shot mask's ranking with `admm_init`). N:M patterns are not ramped.",
         choices=SPARSITY_SCHEDULES,
     )
@@ -269,14 +278,14 @@ class ElsaSettings:
     importance: str | None = _setting(
         None,
         "curvature",
-        f"Projection score: one of {tuple(ESTIMATORS)}. Default from recipe.",
-        "Score of the projection: `\"magnitude\"` (`|v|`), or `(h + delta)^alpha * v^2` with a Hessian-diagonal "
+        "Projection score: one of %(choices)s. Default from recipe.",
+        'Score of the projection: `"magnitude"` (`|v|`), or `(h + delta)^alpha * v^2` with a Hessian-diagonal '
         "estimate `h`: `\"adam\"` (Adam's `exp_avg_sq`, the paper's objective-aware projection; it also absorbs the "
-        "penalty), `\"fisher\"` (EMA of the squared task gradient before the penalty is added), `\"hutchinson\"` "
-        "(EMA of `|z * Hz|` by double backward every `hessian_interval` steps; with `base_optimizer=\"sassha\"` "
+        'penalty), `"fisher"` (EMA of the squared task gradient before the penalty is added), `"hutchinson"` '
+        '(EMA of `|z * Hz|` by double backward every `hessian_interval` steps; with `base_optimizer="sassha"` '
         "Sassha's own estimate) or `\"activation\"` (`mean(x_j^2)`, SAFE+'s generalized projection with Wanda's "
         "metric, from forward hooks on the training batches). Costs and limits: docs/curvature.md.",
-        choices=ESTIMATORS,
+        choices=LiveChoices(ESTIMATORS),
     )
     importance_alpha: float = _setting(
         1.0,
@@ -298,7 +307,7 @@ class ElsaSettings:
         0.99,
         "curvature",
         "EMA decay of the fisher and hutchinson estimates, in [0, 1).",
-        "EMA decay of the `\"fisher\"` (updated every step) and `\"hutchinson\"` (every refresh) estimates; both are "
+        'EMA decay of the `"fisher"` (updated every step) and `"hutchinson"` (every refresh) estimates; both are '
         "bias-corrected by their number of updates.",
         bounds=(0.0, 1.0, True, False),
         example=0.99,
@@ -307,7 +316,7 @@ class ElsaSettings:
         10,
         "curvature",
         "Optimizer steps between Hutchinson refreshes (hutchinson, sassha), >= 1.",
-        "Optimizer steps between Hutchinson refreshes (`importance=\"hutchinson\"`, and Sassha's Hessian); the first "
+        'Optimizer steps between Hutchinson refreshes (`importance="hutchinson"`, and Sassha\'s Hessian); the first '
         "step refreshes.",
         bounds=(1, None, True, False),
         example=10,
@@ -320,7 +329,7 @@ class ElsaSettings:
         "SAFE: SAM radius of the x-step gradient (0 = off); Sassha's rho.",
         "SAFE: radius of the SAM perturbation. `> 0` takes the x-step gradient at `x + rho * g / ||g||` (a second "
         "forward/backward of the same micro-batches; the ADMM penalty is added after). With "
-        "`base_optimizer=\"sassha\"` it is Sassha's `rho`. `0`: plain gradient.",
+        '`base_optimizer="sassha"` it is Sassha\'s `rho`. `0`: plain gradient.',
         bounds=(0.0, None, True, False),
         example=2e-4,
     )
@@ -328,7 +337,7 @@ class ElsaSettings:
         "trainer",
         "flatness",
         f"Optimizer of the x-step: one of {BASE_OPTIMIZERS} ('trainer' = what optim builds).",
-        "Optimizer of the x-step: `\"trainer\"` (whatever `optim` builds, AdamW by default) or `\"sassha\"` "
+        'Optimizer of the x-step: `"trainer"` (whatever `optim` builds, AdamW by default) or `"sassha"` '
         "([`hf_elsa.Sassha`] with `learning_rate`, `(adam_beta1, adam_beta2)`, `adam_epsilon`, `weight_decay`, "
         "`sam_rho` and `hessian_interval`; the paper uses `adam_beta2=0.999`, `adam_epsilon=1e-4`).",
         choices=BASE_OPTIMIZERS,
@@ -373,8 +382,8 @@ class ElsaSettings:
     admm_init: str | None = _setting(
         None,
         "start",
-        f"Initial z (or fixed mask): one of {ADMM_INITS}. Default from recipe.",
-        "How the initial z is chosen: `\"magnitude\"` (paper), `\"wanda\"` or `\"sparsegpt\"` (one-shot pruners run "
+        "Initial z (or fixed mask): one of %(choices)s. Default from recipe.",
+        'How the initial z is chosen: `"magnitude"` (paper), `"wanda"` or `"sparsegpt"` (one-shot pruners run '
         "on `admm_init_samples` training blocks; z starts from the pruner's weights, and a ramped z grows sparse in "
         "the order of the pruner's ranking). With `admm_fraction=0` it chooses the fixed mask (and, for SparseGPT, "
         "the updated weights): one-shot pruning followed by masked fine-tuning.",
@@ -406,7 +415,7 @@ class ElsaSettings:
         None,
         "storage",
         f"Storage dtype of z: one of {tuple(STORAGE_DTYPES)}. Default float32 (ELSA-L: FP8).",
-        "Storage dtype of z: `\"float32\"` (default), `\"bfloat16\"`, `\"float8_e4m3fn\"` or `\"float8_e5m2\"`. FP8 "
+        'Storage dtype of z: `"float32"` (default), `"bfloat16"`, `"float8_e4m3fn"` or `"float8_e5m2"`. FP8 '
         "keeps one fp32 scale per tensor (`max|z| / fp8_max * 1.05`); z is dequantized on every read and requantized "
         "on every write, and its support (`z != 0`) is kept exactly (docs/memory.md).",
         choices=STORAGE_DTYPES,
@@ -415,7 +424,7 @@ class ElsaSettings:
         None,
         "storage",
         f"Storage dtype of u: one of {tuple(STORAGE_DTYPES)}. Default float32 (ELSA-L: bf16).",
-        "Storage dtype of the scaled dual u, same choices as `admm_z_dtype` (default `\"float32\"`).",
+        'Storage dtype of the scaled dual u, same choices as `admm_z_dtype` (default `"float32"`).',
         choices=STORAGE_DTYPES,
     )
     elsa_l: bool = _setting(
@@ -423,7 +432,7 @@ class ElsaSettings:
         "storage",
         "ELSA-L preset: z float8_e4m3fn, u bfloat16, optim adamw_bnb_8bit (needs bitsandbytes).",
         "ELSA-L, the paper's memory-lean variant: z in `float8_e4m3fn`, u in `bfloat16` and bitsandbytes' 8-bit "
-        "AdamW (`optim=\"adamw_bnb_8bit\"`, needs `pip install \"hf_elsa[elsa-l]\"`). Fields set explicitly win; a "
+        'AdamW (`optim="adamw_bnb_8bit"`, needs `pip install "hf_elsa[elsa-l]"`). Fields set explicitly win; a '
         "`float32` z or u, or a base optimizer that is not 8-bit, contradicts it and raises. About 3 bytes of ADMM "
         "state per prunable weight instead of 8 (see `hf_elsa.estimate_memory`).",
     )
@@ -437,10 +446,12 @@ class ElsaSettings:
         owner = type(self).__name__
         recipe = self.recipe
         if recipe not in RECIPES:
-            raise ValueError(f"{owner}.recipe={recipe!r}: use one of {tuple(RECIPES)}.")
+            raise ValueError(f"{owner}.recipe={shorten(recipe)}: use one of {tuple(RECIPES)}.")
+        derived = {}  # defaults filled from other fields: validate() re-derives them when those fields change
         for key, value in RECIPES[recipe].items():
             if hasattr(self, key) and getattr(self, key) is None and not callable(value):
                 setattr(self, key, value)
+                derived[key] = value
         for name in ("target_modules", "exclude_modules"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])
@@ -453,6 +464,7 @@ class ElsaSettings:
                 )
             if getattr(self, name) is None:
                 setattr(self, name, ELSA_L_STORAGE[name] if self.elsa_l else "float32")
+                derived[name] = getattr(self, name)
         for f in elsa_fields():
             _check_field(owner, f, getattr(self, f.name))
         try:
@@ -462,9 +474,27 @@ class ElsaSettings:
         for key, value in RECIPES[recipe].items():  # defaults that depend on other settings (learning_rate)
             if hasattr(self, key) and getattr(self, key) is None and callable(value):
                 setattr(self, key, value(self))
+                derived[key] = getattr(self, key)
         if self.allocation_max_sparsity is None:
             self.allocation_max_sparsity = 1.0 - (1.0 - self.sparsity) / 3.0
+            derived["allocation_max_sparsity"] = self.allocation_max_sparsity
+        self._elsa_derived = derived
         self._check_relations(owner)
+
+    def validate(self) -> None:
+        """Check the ELSA fields again, as construction does.
+
+        transformers' habit (``GenerationConfig.validate``, called when the config is built and again by
+        ``generate``): a config is checked when it is built and again when it is used; ``ElsaTrainer`` calls this
+        at its start. So a field changed after construction (``args.sparsity = 0.9``, ``args.admm_lambda = nan``)
+        is checked before any training, naming the field, and the defaults derived from other fields
+        (``allocation_max_sparsity``, the recipe's values such as ``learning_rate``, the z/u storage dtypes)
+        follow the change -- unless they were set explicitly (after construction too).
+        """
+        for name, value in getattr(self, "_elsa_derived", {}).items():
+            if getattr(self, name, None) == value:  # still the derived value: derive it again
+                setattr(self, name, None)
+        self.resolve_elsa_settings()
 
     @property
     def distills(self) -> bool:
@@ -472,6 +502,21 @@ class ElsaSettings:
         return self.distill_weight > 0 or self.distill_hidden_weight > 0
 
     def _check_relations(self, owner: str) -> None:
+        if self.allocation_min_sparsity > self.allocation_max_sparsity:
+            raise ValueError(
+                f"{owner}.allocation_min_sparsity={self.allocation_min_sparsity} is above allocation_max_sparsity="
+                f"{self.allocation_max_sparsity}: no tensor could satisfy both; lower the floor or raise the cap."
+            )
+        derived = getattr(self, "_elsa_derived", {})
+        bounds_set = self.allocation_min_sparsity != 0.0 or "allocation_max_sparsity" not in derived
+        if self.sparsity_allocation == "uniform" and bounds_set:
+            warnings.warn(
+                f"{owner}: allocation_min_sparsity={self.allocation_min_sparsity} / allocation_max_sparsity="
+                f"{self.allocation_max_sparsity} are ignored: sparsity_allocation='uniform' gives every tensor "
+                f"sparsity={self.sparsity}. Use sparsity_allocation='global' or 'owl' for per-tensor bounds.",
+                UserWarning,
+                stacklevel=4,
+            )
         if self.admm_lambda_schedule == "exponential" and (self.admm_lambda_init <= 0 or self.admm_lambda <= 0):
             raise ValueError(
                 f"{owner}.admm_lambda_schedule='exponential' needs admm_lambda_init > 0 and admm_lambda > 0 "
@@ -488,12 +533,7 @@ class ElsaSettings:
                     f"{owner}.allocation_min_sparsity={self.allocation_min_sparsity} and allocation_max_sparsity="
                     f"{self.allocation_max_sparsity} must enclose sparsity={self.sparsity}."
                 )
-            if self.sparsity_allocation == "owl" and self.importance != "activation":
-                raise ValueError(
-                    f"{owner}.sparsity_allocation='owl' ranks layers by their outlier activations, which "
-                    f"importance={self.importance!r} does not collect: use importance='activation' (the default "
-                    "recipe's) or sparsity_allocation='global'."
-                )
+            ALLOCATIONS.get(self.sparsity_allocation).check_settings(self, owner)
         if self.base_optimizer == "sassha" and self.importance == "adam":
             raise ValueError(
                 f"{owner}.importance='adam' reads Adam's exp_avg_sq, which base_optimizer='sassha' does not keep: "
@@ -538,12 +578,13 @@ DETAILS: dict[str, dict[str, Any]] = {f.name: _DETAILS[id(f)] for f in elsa_fiel
 def _check_field(owner: str, f, value) -> None:
     """Check one value against its table entry: type, finiteness, bounds, choices."""
     meta = {**DETAILS[f.name], **f.metadata}
-    where = f"{owner}.{f.name}={value!r}"
+    where = f"{owner}.{f.name}={shorten(value)}"
     if value is None:
         if f.default is None:
             return
         raise ValueError(f"{where}: a value is required.")
-    if f.type in ("bool",) and not isinstance(value, bool):
+    # f.type is the annotation string, or the type itself once an HfArgumentParser has resolved it in place
+    if f.type in ("bool", bool) and not isinstance(value, bool):
         raise ValueError(f"{where} must be True or False.")
     if meta["bounds"] is not None:
         low, high, low_inclusive, high_inclusive = meta["bounds"]
@@ -580,9 +621,19 @@ def settings_docstring() -> str:
             default = f.default if f.default is not MISSING else None
             default_text = "set by `recipe`" if f.name in RECIPES["elsa"] else f"defaults to `{default!r}`"
             lines.append(f"        {f.name} (`{f.type}`, {default_text}):")
-            lines.extend(textwrap.wrap(DETAILS[f.name]["doc"], 108, initial_indent=" " * 12, subsequent_indent=" " * 12))
+            lines.extend(
+                textwrap.wrap(DETAILS[f.name]["doc"], 108, initial_indent=" " * 12, subsequent_indent=" " * 12)
+            )
         lines.append("")
     return "\n".join(lines)
+
+
+def help_text(f) -> str:
+    """A field's ``help`` with ``%(choices)s`` (which argparse fills in ``--help``) filled the same way."""
+    text = f.metadata["help"]
+    if "choices" in f.metadata:
+        text = text.replace("%(choices)s", ", ".join(map(str, f.metadata["choices"])))
+    return text
 
 
 def settings_markdown() -> str:
@@ -594,6 +645,6 @@ def settings_markdown() -> str:
             if DETAILS[f.name]["topic"] != topic:
                 continue
             default = "recipe" if f.name in RECIPES["elsa"] else f"`{f.default!r}`"
-            lines.append(f"| `{f.name}` | {default} | {f.metadata['help'].replace('|', '/')} |")
+            lines.append(f"| `{f.name}` | {default} | {help_text(f).replace('|', '/')} |")
         lines.append("")
     return "\n".join(lines)

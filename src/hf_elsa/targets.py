@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ._messages import shorten
 from .patterns import SparsityPattern, sparsity_pattern
 
 PRUNABLE_TYPES = (nn.Linear, Conv1D)
@@ -55,7 +56,7 @@ def find_prunable_modules(
         if not selected:
             examples = sorted({n.rsplit(".", 1)[-1] for n in candidates})[:12]
             raise ValueError(
-                f"target_modules={list(target_modules)} matches no Linear layer of {type(model).__name__}. "
+                f"target_modules={shorten(list(target_modules))} matches no Linear layer of {type(model).__name__}. "
                 f"Layer names end in: {examples}."
             )
     if exclude_modules:

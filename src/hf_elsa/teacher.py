@@ -3,7 +3,8 @@
 One rule (``ElsaTrainer``): the teacher is ``teacher_model=`` when given; otherwise the model entering ``train()``,
 copied before the warm start prunes it, but only if that model is dense. A model that is already sparse (LoRA or
 ``keep_mask`` on a pruned model, a pruned checkpoint passed as ``model=``) is no teacher: the run then trains on the
-next-token loss alone and says so. Everything a teacher must satisfy is checked here before any expensive step, and
+next-token loss alone and says so. Everything a teacher must satisfy is checked here before any expensive step (its weights' finiteness by
+``sparse_io.check_finite_weights``), and
 its fingerprint goes into the optimizer state so that a resume cannot silently switch teachers.
 
 Under FSDP2 the teacher is sharded like the student (``fully_shard`` per decoder layer and at the root, on the
@@ -101,29 +102,6 @@ def check_teacher(teacher: nn.Module, student: nn.Module, tokenizer, hidden_weig
                 f"{t_shape[0]} layers of width {t_shape[1]} and the student {s_shape[0]} of width {s_shape[1]}: set "
                 "distill_hidden_weight=0 (logit distillation works across sizes) or use a teacher of the same shape."
             )
-
-
-def nonfinite_parameters(model: nn.Module) -> list[tuple[str, int]]:
-    """``(name, count)`` of every parameter with NaN or infinite entries (this process's shards)."""
-    bad = []
-    for name, p in model.named_parameters():
-        if p.is_meta:
-            continue
-        count = int((~torch.isfinite(local(p.detach()))).sum())
-        if count:
-            bad.append((name, count))
-    return bad
-
-
-def check_finite(model: nn.Module, what: str) -> None:
-    """Refuse NaN/inf weights before the warm start, naming the tensors (a one-shot pruner would blame its Hessian)."""
-    bad = nonfinite_parameters(model)
-    if bad:
-        listed = ", ".join(f"{n} ({c})" for n, c in bad[:5]) + (" ..." if len(bad) > 5 else "")
-        raise FloatingPointError(
-            f"{what} holds NaN or infinite weights in {len(bad)} tensors: {listed}. Nothing was trained; check how the "
-            "model was loaded (dtype overflow, a damaged checkpoint)."
-        )
 
 
 @torch.no_grad()

@@ -44,13 +44,13 @@ from .curvature import (
     update_running_mean,
 )
 from .distillation import chunked_kl, hidden_state_loss, next_token_mask
-from .teacher import Teacher, check_finite, check_teacher, dense_copy, describe, fingerprint, same_fingerprint
-from .teacher import sparse_reason
+from .teacher import Teacher, check_teacher, dense_copy, describe, fingerprint, same_fingerprint, sparse_reason
 from .flatness import Sassha, perturbed, sam_perturbation
 from .inference import sparse_layers
 from .lora import is_peft_model, prepare_peft_model
 from .sparse_io import (
     attach_sparsity,
+    check_finite_weights,
     detach_sparsity,
     get_sparsity,
     record_evaluation,
@@ -341,7 +341,7 @@ class ElsaTrainer(Trainer):
         method = self.args.admm_init
         if method == "magnitude" or self.args.keep_mask or self.lora is not None:
             return {}
-        from . import oneshot
+        from .oneshot import PRUNERS
 
         dataset = self.train_dataset
         count = min(self.args.admm_init_samples, len(dataset))
@@ -359,7 +359,7 @@ class ElsaTrainer(Trainer):
             method, count, calibration.shape[1], f", split over {processes} processes" if processes > 1 else "", method,
         )
         started = time.perf_counter()
-        masks = getattr(oneshot, method)(
+        masks = PRUNERS.get(method)(
             self.accelerator.unwrap_model(self.model),
             calibration,
             sparsity=self.args.sparsity,
@@ -387,7 +387,7 @@ class ElsaTrainer(Trainer):
                     reason,
                 )
         if teacher is not None:
-            check_finite(teacher, "teacher_model")
+            check_finite_weights(teacher, "ElsaTrainer: the teacher")
             teacher.eval().requires_grad_(False)
             self._teacher = Teacher(teacher)
         self._teacher_fingerprint = fingerprint(teacher)
@@ -485,7 +485,8 @@ class ElsaTrainer(Trainer):
         self._distill_sums, self._distill_steps = {}, 0
         self._resume_checked = False
         # before anything expensive: NaN/inf weights named here, not blamed on a singular calibration Hessian later
-        check_finite(self.accelerator.unwrap_model(self.model), "The model")
+        self.args.validate()  # fields changed after construction are checked (and derived defaults follow) again
+        check_finite_weights(self.accelerator.unwrap_model(self.model), "ElsaTrainer.train(): the model")
         self._prepare_teacher()  # before the warm start prunes the model the default teacher is copied from
         started = self.elsa_optimizer is not None and bool(self.elsa_optimizer.state)
         if not self._elsa_resume_step and not started:

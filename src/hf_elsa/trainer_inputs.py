@@ -9,10 +9,11 @@
   :mod:`hf_elsa.lora`).
 - a dataset with a raw ``text`` column (``dataset_text_field``) or chat ``messages`` is tokenized (chat through
   the tokenizer's chat template) and packed into blocks of ``max_length`` tokens (default: 1024, or the
-  model's ``max_position_embeddings`` if smaller) -- needs ``processing_class``.
+  model's ``max_position_embeddings`` if smaller); with ``packing=False`` one example per row, truncated to
+  ``max_length`` and padded, the padding masked from the loss -- needs ``processing_class``.
 
-``model_init_kwargs``, ``max_length`` and ``dataset_text_field`` are ``ElsaTrainer`` keyword arguments (TRL keeps
-them in its configs; an ``ElsaConfig`` attribute of the same name is read too).
+``model_init_kwargs``, ``max_length``, ``dataset_text_field`` and ``packing`` are ``ElsaConfig`` fields, as in
+TRL's ``SFTConfig``. The ``ElsaTrainer`` keyword arguments of the same names still work, with a FutureWarning.
 """
 
 from __future__ import annotations
@@ -31,9 +32,20 @@ logger = get_logger(__name__)
 DEFAULT_MAX_LENGTH = 1024
 
 
+# TRL's SFTConfig names, ElsaConfig fields; ElsaTrainer(max_length=...) was the way before they were
+TRL_FIELDS = ("model_init_kwargs", "max_length", "dataset_text_field", "packing")
+
+
 def _option(kwargs: dict, args, name: str, default=None):
+    """``args.<name>``; the old ``ElsaTrainer(<name>=...)`` keyword wins, with a FutureWarning naming the field."""
     value = kwargs.pop(name, None)
-    if value is None:
+    if value is not None:
+        warnings.warn(
+            f"ElsaTrainer({name}=...) is deprecated: set ElsaConfig({name}=...) instead, as in TRL's SFTConfig.",
+            FutureWarning,
+            stacklevel=4,
+        )
+    else:
         value = getattr(args, name, None)
     return default if value is None else value
 
@@ -56,6 +68,7 @@ def prepare_trainer_inputs(model, args, kwargs: dict):
     model_init_kwargs = _option(kwargs, args, "model_init_kwargs", {})
     max_length = _option(kwargs, args, "max_length")
     text_field = _option(kwargs, args, "dataset_text_field", "text")
+    packing = _option(kwargs, args, "packing", True)
     peft_config = kwargs.pop("peft_config", None)
     if isinstance(model, (str, os.PathLike)):
         model_id = os.fspath(model)
@@ -76,7 +89,7 @@ def prepare_trainer_inputs(model, args, kwargs: dict):
     block_size = max_length or default_max_length(model)
     for key in ("train_dataset", "eval_dataset"):
         if kwargs.get(key) is not None:
-            kwargs[key] = prepare_dataset(kwargs[key], tokenizer, block_size, text_field, key)
+            kwargs[key] = prepare_dataset(kwargs[key], tokenizer, block_size, text_field, key, packing=packing)
     return model
 
 
@@ -85,12 +98,18 @@ def default_max_length(model: nn.Module) -> int:
     return min(DEFAULT_MAX_LENGTH, limit) if isinstance(limit, int) and limit > 1 else DEFAULT_MAX_LENGTH
 
 
-def prepare_dataset(dataset, tokenizer, block_size: int, text_field: str = "text", name: str = "train_dataset"):
-    """Token blocks as they are; a ``text_field`` or ``messages`` column tokenized and packed (TRL's habit)."""
+def prepare_dataset(
+    dataset, tokenizer, block_size: int, text_field: str = "text", name: str = "train_dataset", packing: bool = True
+):
+    """Token blocks as they are; a ``text_field`` or ``messages`` column tokenized and packed (TRL's habit), or
+    one example per row with ``packing=False``."""
     from .data import pack_text_dataset
 
     if isinstance(dataset, dict):
-        return {k: prepare_dataset(v, tokenizer, block_size, text_field, f"{name}[{k!r}]") for k, v in dataset.items()}
+        return {
+            k: prepare_dataset(v, tokenizer, block_size, text_field, f"{name}[{k!r}]", packing)
+            for k, v in dataset.items()
+        }
     columns = getattr(dataset, "column_names", None)
     if columns is None and hasattr(dataset, "features") and hasattr(dataset, "map"):  # IterableDataset, no features
         columns = list(next(iter(dataset), {}))
@@ -101,7 +120,8 @@ def prepare_dataset(dataset, tokenizer, block_size: int, text_field: str = "text
     if text_field not in columns and "messages" not in columns:
         raise ValueError(
             f"{name} has the columns {columns}: ElsaTrainer needs 'input_ids' (token blocks, e.g. "
-            f"hf_elsa.data.token_blocks), a {text_field!r} text column (dataset_text_field=...) or a 'messages' "
+            f"hf_elsa.data.token_blocks), a {text_field!r} text column (ElsaConfig(dataset_text_field=...)) or a "
+            "'messages' "
             "chat column."
         )
     column = text_field if text_field in columns else "messages"
@@ -110,9 +130,44 @@ def prepare_dataset(dataset, tokenizer, block_size: int, text_field: str = "text
             f"{name} has a {column!r} column: pass processing_class=tokenizer so that ElsaTrainer tokenizes and packs "
             "it into blocks, or pass token blocks (hf_elsa.data.token_blocks)."
         )
+    if not packing:
+        rows = pad_text_dataset(dataset, tokenizer, block_size, column, chat=column != text_field)
+        logger.info("%s: the %r column tokenized, one example per row of %d tokens (padded)", name, column, block_size)
+        return rows
     packed = pack_text_dataset(dataset, tokenizer, block_size, text_field=text_field)
     logger.info("%s: the %r column tokenized and packed into blocks of %d tokens", name, column, block_size)
     return packed
+
+
+def pad_text_dataset(dataset, tokenizer, max_length: int, column: str, chat: bool = False):
+    """``packing=False``: each example (chat rendered with the template) tokenized with EOS, truncated to
+    ``max_length`` and right-padded to it; ``attention_mask`` 0 and ``labels`` -100 on the padding.
+
+    Every row has the same length, so the default collator and the SparseGPT/Wanda calibration (which stacks
+    training rows) take them as they take packed blocks; the calibration then also sees the pad tokens."""
+    if chat and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("The dataset has a 'messages' column but the tokenizer has no chat template to render it.")
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+
+    def rows(batch):
+        out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
+        for value in batch[column]:
+            text = tokenizer.apply_chat_template(value, tokenize=False) if chat else value
+            ids = (tokenizer(text, add_special_tokens=False)["input_ids"] + eos)[:max_length] if text else []
+            if not ids:
+                continue  # an empty example would be a row of padding with no token to learn
+            fill = max_length - len(ids)
+            out["input_ids"].append(ids + [pad] * fill)
+            out["attention_mask"].append([1] * len(ids) + [0] * fill)
+            out["labels"].append(ids + [-100] * fill)
+        return out
+
+    columns = list(getattr(dataset, "column_names", None) or next(iter(dataset), {}))
+    padded = dataset.map(rows, batched=True, remove_columns=columns)
+    if hasattr(padded, "__len__") and len(padded) == 0:
+        raise ValueError(f"the {column!r} column holds no text to train on (every example is empty).")
+    return padded.with_format("torch") if hasattr(padded, "with_format") else padded
 
 
 def frozen_weights_message(model: nn.Module, frozen: list[str]) -> str:

@@ -138,3 +138,15 @@ def test_card_has_a_per_layer_sparsity_chart(tmp_path):
     assert chart[2] == f"    1  {'#' * 40}  100.00%"
     model.save_pretrained(tmp_path / "again")
     assert (tmp_path / "again" / "README.md").read_text() == text  # deterministic
+
+
+def test_uniform_sparsity_is_one_line_and_the_tensors_are_collapsed(tmp_path):
+    """A uniform run (every tensor at the same sparsity) gets one sentence, not a bar per layer and a row per type."""
+    model = pruned_model(sparsity=0.5)
+    model.save_pretrained(tmp_path / "m")
+    text = (tmp_path / "m" / "README.md").read_text()
+    section = text.split("## Sparsity\n")[1].split("\n## ")[0]
+    tensors = len(get_sparsity(model).masks)
+    assert f"Uniform: each of the {tensors} pruned tensors in 2 layers is 50.00% sparse" in section
+    assert "```text" not in section and "| layers | tensors |" not in section
+    assert "<details><summary>Per tensor</summary>" in section and section.count("| `model.layers.") == tensors

@@ -120,7 +120,7 @@ def test_compressed_pruned_tensors_take_at_most_015x_at_90_percent(dtype, tmp_pa
 
 def test_a_third_format_is_one_class_and_one_registration(monkeypatch, tmp_path):
     """A format that stores every tensor in one file named elsa_flat.safetensors: save, load, inspect, card."""
-    monkeypatch.setattr(formats, "_REGISTRY", dict(formats._REGISTRY))  # the registration ends with the test
+    monkeypatch.setattr(formats, "SAVE_FORMATS", formats.SAVE_FORMATS.copy())  # the registration ends with the test
 
     @formats.register_format
     class FlatFormat(formats.CompressedFormat):

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_elsa import load_sparse_model
-from hf_elsa.sparse_io import COMPRESSED_NAME
+from hf_elsa.sparse_io import COMPRESSED_NAME, finish_interrupted_save
 from hf_elsa.sparse_io import commit as commit_module
 from hf_elsa.sparse_io import save as save_module
 from hf_elsa.sparse_io.commit import IN_PLACE_PREFIX, NEW_PREFIX, OLD_PREFIX, TMP_PREFIX
@@ -130,22 +130,30 @@ def _old_folder(tmp_path, old_format: str, cache: dict) -> tuple[Path, dict]:
     return folder, old_state
 
 
-def _assert_old_or_new(folder: Path, old: dict, new: dict) -> str:
-    """``folder`` loads as exactly the old or exactly the new model, with the files that are not ours."""
-    loaded = load_sparse_model(folder)  # recovers what the killed save left first
+def _which(loaded, folder: Path, old: dict, new: dict) -> str:
     got = state(loaded)
     for name, expected in (("old", old), ("new", new)):
         if all(torch.equal(got[k], v) for k, v in expected.items()):  # pruned -0.0 == +0.0: canonical zeros
-            which = name
-            break
-    else:
-        raise AssertionError(f"{folder} loads as neither the old nor the new model")
+            return name
+    raise AssertionError(f"{folder} loads as neither the old nor the new model")
+
+
+def _assert_old_or_new(folder: Path, old: dict, new: dict) -> str:
+    """``folder`` loads as exactly the old or exactly the new model, with the files that are not ours.
+
+    A load only reads: what the killed save left stays until finish_interrupted_save (or the next save)."""
+    before = sorted(os.listdir(folder.parent))
+    if (folder / "config.json").is_file():  # else the folder is mid-swap: nothing loads until it is finished
+        _which(load_sparse_model(folder), folder, old, new)
+    assert sorted(os.listdir(folder.parent)) == before  # the load deleted and moved nothing
+    finish_interrupted_save(folder)
+    which = _which(load_sparse_model(folder), folder, old, new)
     assert (folder / "tokenizer.json").read_text() == '{"mine": true}'
     assert (folder / "checkpoint-1" / "optimizer.pt").read_bytes() == b"optimizer state"
     leftovers = [
         p.name for p in folder.parent.iterdir() if p.name.startswith((NEW_PREFIX, OLD_PREFIX, IN_PLACE_PREFIX))
     ]
-    assert not leftovers, leftovers  # the load finished or undid the swap
+    assert not leftovers, leftovers  # finish_interrupted_save finished or undid the swap
     return which
 
 
@@ -306,7 +314,7 @@ KILLED_SWAP = textwrap.dedent(
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch + transformers: ~10 s
-def test_a_save_process_killed_before_the_swap_is_rolled_forward_by_the_next_load(tmp_path):
+def test_a_save_process_killed_before_the_swap_is_rolled_forward_by_finish_interrupted_save(tmp_path):
     target, flag = tmp_path / "m", tmp_path / "swapping"
     old, new = pruned_model(seed=1), pruned_model(seed=2)
     old.save_pretrained(target)
@@ -325,7 +333,10 @@ def test_a_save_process_killed_before_the_swap_is_rolled_forward_by_the_next_loa
     finally:
         proc.wait()
     assert_bit_identical(state(old), AutoModelForCausalLM.from_pretrained(target))  # still the old one on disk
-    assert_bit_identical(state(new), load_sparse_model(target))  # the load rolls the complete new folder forward
+    assert_bit_identical(state(old), load_sparse_model(target))  # a load only reads: the old model, leftovers kept
+    assert len(list(tmp_path.glob(f"{NEW_PREFIX}m-*"))) == 1
+    finish_interrupted_save(target)  # rolls the complete new folder forward
+    assert_bit_identical(state(new), load_sparse_model(target))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "swapping"]
 
 

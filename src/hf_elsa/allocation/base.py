@@ -9,9 +9,12 @@ reaches the same allocation.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 
 import torch
+
+from ..registry import Registry
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -32,6 +35,17 @@ class SparsityAllocation:
         self.min_sparsity = min_sparsity
         self.max_sparsity = max_sparsity
 
+    @classmethod
+    def from_settings(cls, settings) -> SparsityAllocation:
+        """The allocation with its bounds (and, in subclasses, its own options) read from ``settings``."""
+        low = getattr(settings, "allocation_min_sparsity", 0.0)
+        high = getattr(settings, "allocation_max_sparsity", 1.0)
+        return cls(low, 1.0 if high is None else high)
+
+    @classmethod
+    def check_settings(cls, settings, owner: str) -> None:
+        """Refuse settings this allocation cannot work with (called by ``ElsaSettings`` for a non-uniform one)."""
+
     def bounds(self, sparsity: float) -> tuple[float, float]:
         """Per-tensor sparsity bounds at mean ``sparsity`` (widened to include it, e.g. early in the ramp)."""
         return min(self.min_sparsity, sparsity), max(self.max_sparsity, sparsity)
@@ -45,6 +59,20 @@ class SparsityAllocation:
     ) -> dict[str, float]:
         """``{name: sparsity}`` for every tensor of ``scores`` (local shards; ``numels``: whole sizes)."""
         return {name: sparsity for name in scores}
+
+
+# allocations by name (``ElsaConfig.sparsity_allocation``); each module registers its own class
+ALLOCATIONS: Registry[type[SparsityAllocation]] = Registry("sparsity_allocation")
+
+
+def register_allocation(cls: type[SparsityAllocation], *, replace: bool = False) -> type[SparsityAllocation]:
+    """Make ``cls`` available as ``ElsaConfig(sparsity_allocation=cls.name)`` (usable as a class decorator)."""
+    return ALLOCATIONS.register(cls.name, cls, replace=replace)
+
+
+def make_allocation(settings) -> SparsityAllocation:
+    """The allocation ``settings.sparsity_allocation`` names, built by its ``from_settings``."""
+    return ALLOCATIONS.get(getattr(settings, "sparsity_allocation", "uniform")).from_settings(settings)
 
 
 def bounded_counts(
@@ -63,8 +91,15 @@ def bounded_counts(
         sign = 1 if missing > 0 else -1
         # one entry at a time, to the tensors whose rounding moved them furthest the other way
         movable = [n for n in counts if (hi[n] - counts[n] if sign > 0 else counts[n] - lo[n]) > 0]
-        if not movable:
-            break  # the bounds cannot hold the total: the closest feasible counts
+        if not movable:  # the bounds cannot hold the total: the closest feasible counts, said (not silent)
+            warnings.warn(
+                f"sparsity allocation: the per-tensor bounds [{low:g}, {high:g}] cannot hold exactly {total:,} zeros "
+                f"over these {len(counts)} tensors; the closest is {sum(counts.values()):,} (each tensor's bound "
+                "rounds to whole weights). Widen allocation_min_sparsity / allocation_max_sparsity for the exact budget.",
+                UserWarning,
+                stacklevel=2,
+            )
+            break
         movable.sort(key=lambda n: (-sign * (wanted[n] * numels[n] - counts[n]), n))
         for name in movable[: abs(missing)]:
             counts[name] += sign

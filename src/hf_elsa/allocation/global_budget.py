@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .base import Reduce, SparsityAllocation, bounded_counts, no_reduce
+from .base import Reduce, SparsityAllocation, bounded_counts, no_reduce, register_allocation
 
 
 class NormalisedScores:
@@ -107,10 +107,14 @@ def _sampled_bracket(bits: list[NormalisedScores], k: int, reduce: Reduce) -> tu
     local = sum(b.numel() for b in bits)
     total, processes = (float(v) for v in reduce(torch.tensor([float(local), 1.0], dtype=torch.float64)))
     gen = torch.Generator(device="cpu").manual_seed(_SEED)
-    sample = torch.cat(
-        [b.sample(math.ceil(SAMPLE * b.numel() / local), gen) for b in bits if b.numel()]
-        or [torch.zeros(0, dtype=torch.int32)]
-    ).sort().values
+    sample = (
+        torch.cat(
+            [b.sample(math.ceil(SAMPLE * b.numel() / local), gen) for b in bits if b.numel()]
+            or [torch.zeros(0, dtype=torch.int32)]
+        )
+        .sort()
+        .values
+    )
     size = sample.numel()
     q = min(k / max(total, 1.0), 1.0)
     spread = MARGIN_SD * math.sqrt(size * q * (1.0 - q)) + 1.0
@@ -178,3 +182,6 @@ class GlobalBudget(SparsityAllocation):
         wanted = {n: counts[n] / numels[n] for n in counts}
         counts = bounded_counts(wanted, numels, total, low, high)  # exact total even if the bounds rounded
         return {n: counts[n] / numels[n] for n in counts}
+
+
+register_allocation(GlobalBudget)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .base import Reduce, SparsityAllocation, bounded_counts, no_reduce
+from .base import Reduce, SparsityAllocation, bounded_counts, no_reduce, register_allocation
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|decoder\.layers)\.(\d+)\.")
 
@@ -64,6 +64,20 @@ class Owl(SparsityAllocation):
         self.outlier_threshold = outlier_threshold
         self.spread = spread
 
+    @classmethod
+    def check_settings(cls, settings, owner: str) -> None:
+        if settings.importance != "activation":
+            raise ValueError(
+                f"{owner}.sparsity_allocation='owl' ranks layers by their outlier activations, which "
+                f"importance={settings.importance!r} does not collect: use importance='activation' (the default "
+                "recipe's) or sparsity_allocation='global'."
+            )
+
+    @classmethod
+    def from_settings(cls, settings) -> Owl:
+        low, high = getattr(settings, "allocation_min_sparsity", 0.0), getattr(settings, "allocation_max_sparsity", 1.0)
+        return cls(low, high, settings.owl_outlier_threshold, settings.owl_spread)
+
     def tensor_sparsities(
         self,
         scores: Mapping[str, torch.Tensor],
@@ -78,3 +92,6 @@ class Owl(SparsityAllocation):
         low, high = self.bounds(sparsity)
         counts = bounded_counts(wanted, numels, round(sum(numels.values()) * sparsity), low, high)
         return {n: counts[n] / numels[n] for n in counts}
+
+
+register_allocation(Owl)

@@ -1,8 +1,8 @@
 """Diagonal curvature (Hessian-diagonal) estimates for the objective-aware projection.
 
-One ``CurvatureEstimator`` per ``ElsaConfig.importance``, each in its own module; adding one is a subclass
-and one ``register_estimator``. The optimizer, the trainer, the config and ``estimate_memory`` ask the
-estimator (``get_estimator(name)``) instead of comparing strings. Costs and limits: docs/curvature.md.
+One ``CurvatureEstimator`` per ``ElsaConfig.importance``, each in its own module that registers it; adding
+one is a subclass and one ``register_estimator``. The optimizer, the trainer, the config and ``estimate_memory``
+ask the estimator (``get_estimator(name)``) instead of comparing strings. Costs and limits: docs/curvature.md.
 """
 
 from __future__ import annotations
@@ -17,7 +17,14 @@ from .activation import (
     merge_statistics,
 )
 from .adam import Adam
-from .base import CurvatureEstimator, accumulation_dtype, update_running_mean
+from .base import (
+    ESTIMATORS,
+    CurvatureEstimator,
+    accumulation_dtype,
+    get_estimator,
+    register_estimator,
+    update_running_mean,
+)
 from .fisher import FISHER, FISHER_COUNT, Fisher, update_fisher
 from .hutchinson import (
     DOUBLE_BACKWARD_ATTENTION,
@@ -33,26 +40,6 @@ from .hutchinson import (
     rademacher_like,
 )
 from .magnitude import Magnitude
-
-ESTIMATORS: dict[str, CurvatureEstimator] = {}
-
-
-def register_estimator(estimator: CurvatureEstimator) -> CurvatureEstimator:
-    """Make ``estimator`` available as ``ElsaConfig(importance=estimator.name)``."""
-    ESTIMATORS[estimator.name] = estimator
-    return estimator
-
-
-for _estimator in (Magnitude(), Adam(), Fisher(), Hutchinson(), Activation()):
-    register_estimator(_estimator)
-
-
-def get_estimator(name: str) -> CurvatureEstimator:
-    """The estimator registered as ``name``."""
-    if name not in ESTIMATORS:
-        raise ValueError(f"importance={name!r}: use one of {tuple(ESTIMATORS)}.")
-    return ESTIMATORS[name]
-
 
 __all__ = [
     "ACT_NEW_SUM",

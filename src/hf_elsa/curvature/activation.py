@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import CurvatureEstimator
+from .base import CurvatureEstimator, register_estimator
 
 # merged statistics (identical on every process) and this process's not yet merged ones
 ACT_SUM, ACT_TOKENS = "elsa_act_sq_sum", "elsa_act_tokens"
@@ -95,3 +95,4 @@ def merge_statistics(state: dict) -> None:
     state[ACT_TOKENS] = state.get(ACT_TOKENS, 0) + new_tokens
 
 
+register_estimator(Activation())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import CurvatureEstimator
+from .base import CurvatureEstimator, register_estimator
 
 
 class Adam(CurvatureEstimator):
@@ -22,3 +22,6 @@ class Adam(CurvatureEstimator):
                 f"state keys {sorted(state)}. Use importance='magnitude' or an Adam optimizer."
             )
         return h  # None before the first base step: magnitude
+
+
+register_estimator(Adam())

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..registry import Registry
+
 
 class CurvatureEstimator:
     """The no-curvature estimator's behaviour; subclasses override what their ``h`` needs."""
@@ -41,6 +43,20 @@ class CurvatureEstimator:
     def state_bytes(self, prunable: int, input_features: int) -> int:
         """Bytes of this estimator's state for ``prunable`` weights with ``input_features`` inputs in all."""
         return self.bytes_per_weight * prunable + self.bytes_per_input_feature * input_features
+
+
+# estimators by name (``ElsaConfig.importance``); each module registers its own
+ESTIMATORS: Registry[CurvatureEstimator] = Registry("importance")
+
+
+def register_estimator(estimator: CurvatureEstimator, *, replace: bool = False) -> CurvatureEstimator:
+    """Make ``estimator`` available as ``ElsaConfig(importance=estimator.name)``."""
+    return ESTIMATORS.register(estimator.name, estimator, replace=replace)
+
+
+def get_estimator(name: str) -> CurvatureEstimator:
+    """The estimator registered as ``name``."""
+    return ESTIMATORS.get(name)
 
 
 def accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:

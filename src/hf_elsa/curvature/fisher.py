@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import CurvatureEstimator, accumulation_dtype, update_running_mean
+from .base import CurvatureEstimator, accumulation_dtype, register_estimator, update_running_mean
 
 FISHER, FISHER_COUNT = "elsa_fisher", "elsa_fisher_updates"
 
@@ -23,3 +23,6 @@ class Fisher(CurvatureEstimator):
 
     def on_task_gradient(self, state: dict, grad: torch.Tensor, beta: float) -> None:
         update_fisher(state, grad, beta)
+
+
+register_estimator(Fisher())

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .base import CurvatureEstimator, accumulation_dtype
+from .base import CurvatureEstimator, accumulation_dtype, register_estimator
 
 HESSIAN, HESSIAN_COUNT = "elsa_hessian", "elsa_hessian_refreshes"
 # Sassha keeps its own (bias-corrected) Hessian-diagonal estimate under this key: importance="hutchinson"
@@ -118,3 +118,6 @@ def all_reduce_mean(tensors: Sequence[torch.Tensor]) -> None:
         for t in tensors:
             dist.all_reduce(t)
             t.div_(dist.get_world_size())
+
+
+register_estimator(Hutchinson())

@@ -15,6 +15,7 @@ import itertools
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .._messages import shorten
 from ..targets import PRUNABLE_TYPES, is_transposed
 from . import densify, native, scipy_csr, semi_structured, torch_csr  # noqa: F401  (register the kernels)
 from .kernels import KERNELS, Kernel
@@ -93,8 +95,10 @@ class SparseLinear(nn.Module):
         self._cuts = [math.sqrt(a * b) for a, b in itertools.pairwise(sizes)]
 
     def kernel(self, name: str) -> Kernel:
+        """The bound kernel that serves plan entry ``name``: ``name`` itself, or, when it cannot run for the
+        buffers' current dtype or device (after ``.half()``, ``.double()``, ``.to(device)``), a kernel that can."""
         if name not in self._kernels:
-            kernel = KERNELS[name]()
+            kernel = KERNELS[_runnable_kernel(self, name)]()
             kernel.bind(self)
             self._kernels[name] = kernel
         return self._kernels[name]
@@ -143,6 +147,26 @@ class SparseLinear(nn.Module):
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     # -- compute ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply_keep_mask(self, keep: torch.Tensor) -> None:
+        """Zero the stored values where ``keep`` (the dense layer's ``(out, in)`` keep-mask, or ``(in, out)`` for a
+        GPT-2 ``Conv1D``) prunes: what :func:`~hf_elsa.sparse_io.apply_masks` does to a dense weight."""
+        keep = keep.T if self.conv1d else keep
+        if tuple(keep.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"keep-mask of shape {tuple(keep.shape)} for a {self.out_features}x{self.in_features} layer"
+            )
+        rows = torch.repeat_interleave(
+            torch.arange(self.out_features, device=self.values.device),
+            (self.crow_indices[1:] - self.crow_indices[:-1]).long(),
+        )
+        kept = keep.to(self.values.device)[rows, self.col_indices.long()]
+        self.values.masked_fill_(~kept, 0)
+
+    def stored_zeros(self) -> int:
+        """Zeros of the dense weight this layer computes with (not stored, or stored as 0)."""
+        return self.in_features * self.out_features - int(self.values.count_nonzero())
+
     def dense_weight(self) -> torch.Tensor:
         """The dense ``(out, in)`` weight rebuilt from the buffers (exact, zeros where nothing is stored)."""
         weight = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
@@ -184,6 +208,33 @@ class SparseLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"sparsity={self.sparsity:.3f}, bias={self.bias is not None}, plan=[{plan}]"
         )
+
+
+def _runnable_kernel(module: SparseLinear, name: str) -> str:
+    """``name`` if that kernel runs on ``module``'s buffers as they are now, else the kernel that replaces it.
+
+    A plan is measured for the dtype and device at conversion; a later ``.to()`` can leave a kernel that cannot
+    read the new buffers (the C kernel reads fp32/bf16 bytes only). Replacements, in order: the other kernels of
+    the plan, the other registered kernels, ``densify`` (any dtype and device). Said once, with how to re-measure.
+    """
+    dtype, device = module.values.dtype, module.values.device
+
+    def runs(kernel: str) -> tuple[bool, str]:
+        ok, why = KERNELS[kernel].available(dtype, device)
+        return KERNELS[kernel].accepts(module) if ok else (ok, why)
+
+    ok, why = runs(name)
+    if ok:
+        return name
+    order = [k for _, k in module.plan] + [k for k in KERNELS if k != "densify"] + ["densify"]
+    other = next(k for k in dict.fromkeys(order) if k != name and runs(k)[0])
+    warnings.warn(
+        f"SparseLinear: kernel {name!r} cannot run for {dtype} on {device} ({why}); using {other!r} instead. "
+        "Call hf_elsa.to_sparse_inference(model) again after a dtype or device change to measure the kernels anew.",
+        UserWarning,
+        stacklevel=4,
+    )
+    return other
 
 
 def _csr(weight: torch.Tensor, index_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -379,8 +430,14 @@ def to_sparse_inference(
     a -0.0 comes back as +0.0).
     The decisions are in ``model.hf_elsa_inference`` (:class:`InferenceReport`).
     """
+    _check_measurement(tokens, prefill_tokens, min_speedup, prefill_min_speedup, repeats)
     candidates = _candidates(model, modules)
     report = InferenceReport(tokens=tuple(tokens), prefill_tokens=prefill_tokens)
+    previous = getattr(model, REPORT_ATTR, None)
+    if isinstance(previous, InferenceReport):  # a second call measures what is left: keep the layers converted before
+        converted = sparse_layers(model)
+        report.layers = {name: c for name, c in previous.layers.items() if name in converted}
+        report.kernels = dict(previous.kernels)
     setattr(model, REPORT_ATTR, report)
     if not candidates:
         return model
@@ -481,6 +538,35 @@ def to_sparse_inference(
     if verbose:
         print(report.summary())
     return model
+
+
+def _check_measurement(tokens, prefill_tokens, min_speedup, prefill_min_speedup, repeats) -> None:
+    """Refuse measurement settings that cannot decide anything, before any timing (a NaN threshold compares False
+    and converted every layer; ``repeats=0`` ended in ``statistics.StatisticsError``)."""
+
+    def positive_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    def finite_number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+    if not positive_int(repeats):
+        raise ValueError(f"to_sparse_inference: repeats must be a positive int (timed passes), got {shorten(repeats)}.")
+    if isinstance(tokens, (str, bytes)) or not tokens or not all(positive_int(n) for n in tokens):
+        raise ValueError(
+            "to_sparse_inference: tokens must be a non-empty list of positive ints (tokens per call), "
+            f"got {shorten(tokens)}."
+        )
+    if prefill_tokens is not None and not positive_int(prefill_tokens):
+        raise ValueError(
+            f"to_sparse_inference: prefill_tokens must be a positive int or None, got {shorten(prefill_tokens)}."
+        )
+    for name, value in (("min_speedup", min_speedup), ("prefill_min_speedup", prefill_min_speedup)):
+        if not (value is None and name == "prefill_min_speedup") and not finite_number(value):
+            raise ValueError(
+                f"to_sparse_inference: {name} must be a finite number >= 0 (1.1 = 10% faster than dense, "
+                f"0 = any speed), got {shorten(value)}."
+            )
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import torch
 
-KERNELS: dict[str, type[Kernel]] = {}
+from ..registry import Registry
+
+KERNELS: Registry[type[Kernel]] = Registry("kernel")
 
 
 def register_kernel(cls: type[Kernel]) -> type[Kernel]:
-    """Class decorator: make ``cls`` a candidate of :func:`~hf_elsa.inference.to_sparse_inference`."""
-    if not cls.name or cls.name in KERNELS and KERNELS[cls.name] is not cls:
-        raise ValueError(f"kernel name {cls.name!r} is empty or already registered")
-    KERNELS[cls.name] = cls
-    return cls
+    """Class decorator: make ``cls`` a candidate of :func:`~hf_elsa.inference.to_sparse_inference` (a taken or
+    empty name is refused)."""
+    return KERNELS.register(cls.name, cls)
 
 
 class Kernel:

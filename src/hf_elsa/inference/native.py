@@ -176,6 +176,10 @@ class NativeCsrKernel(Kernel):
         return True, ""
 
     def bind(self, module) -> None:
+        # the C code reads the value bytes as fp32 or bf16: any other dtype would be read as garbage (NaN logits)
+        ok, why = self.available(module.values.dtype, module.values.device)
+        if not ok:
+            raise ValueError(f"native_csr cannot serve this layer: {why}")
         lib = load_library()
         suffix = {torch.int16: "i16", torch.int32: "i32"}[module.col_indices.dtype]
         if module.values.dtype == torch.bfloat16:
@@ -185,6 +189,9 @@ class NativeCsrKernel(Kernel):
         self.module_buffers = (module.crow_indices, module.col_indices, module.values)  # keep them alive
 
     def __call__(self, module, x):
+        bound = self.module_buffers
+        if bound[0] is not module.crow_indices or bound[1] is not module.col_indices or bound[2] is not module.values:
+            self.bind(module)  # buffers replaced behind the module's back (not through .to()): raw pointers are stale
         # SparseLinear hands over x in the weight's dtype (fp32 or bf16); the kernel reads and sums in fp32
         dtype = x.dtype
         x = x.float().contiguous()

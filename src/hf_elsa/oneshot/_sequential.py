@@ -307,8 +307,10 @@ def prune_layerwise(
             for index in tqdm(range(used[-1] + 1), desc=f"{desc} (layers)", disable=not progress):
                 layer, kind = layers[index], kinds[index]
 
+                # run_all is called only in this iteration, before `hidden` is reassigned; bound as a default it
+                # would keep the last layer's activations alive past `del hidden`
                 def run_all(layer=layer, kind=kind):
-                    return [_run_layer(layer, h, *extras[kind][b]) for b, h in enumerate(hidden)]
+                    return [_run_layer(layer, h, *extras[kind][b]) for b, h in enumerate(hidden)]  # noqa: B023
 
                 if per_layer[index]:
                     stats = _collect(per_layer[index], make_statistic, run_all)

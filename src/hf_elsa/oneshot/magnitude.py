@@ -7,11 +7,25 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..targets import find_prunable_modules
-from ._weights import check_arguments, oriented_weight, write_pruned
+from ..patterns import SparsityPattern
+from ._weights import oriented_weight, write_pruned
+from .base import OneShotPruner, register_pruner
 
 
-@torch.no_grad()
+class Magnitude(OneShotPruner):
+    """Score ``|W|``, compared within the pattern's groups. Cost: one ``kthvalue`` per tensor, no forward pass."""
+
+    name = "magnitude"
+    requires_calibration = False
+
+    def prune_module(self, name, module, pattern: SparsityPattern, sparsity: float, statistic) -> torch.Tensor:
+        weight = oriented_weight(module)
+        return write_pruned(module, weight, pattern.keep_mask(weight.abs(), sparsity))
+
+
+register_pruner(Magnitude())
+
+
 def magnitude(
     model: nn.Module,
     sparsity: float = 0.5,
@@ -27,11 +41,10 @@ def magnitude(
     :func:`hf_elsa.targets.find_prunable_modules` (every ``nn.Linear`` / ``Conv1D`` but the LM head).
     Cost: one ``kthvalue`` per tensor, no forward pass.
     """
-    pattern = check_arguments(sparsity, sparsity_type)
-    modules = find_prunable_modules(model, target_modules, exclude_modules, pattern)
-    masks = {}
-    for name, module in modules.items():
-        weight = oriented_weight(module)
-        keep = pattern.keep_mask(weight.abs(), sparsity)
-        masks[name] = write_pruned(module, weight, keep)
-    return masks
+    return Magnitude()(
+        model,
+        sparsity=sparsity,
+        sparsity_type=sparsity_type,
+        target_modules=target_modules,
+        exclude_modules=exclude_modules,
+    )

@@ -21,9 +21,9 @@ from torch import nn
 
 from ..patterns import NM
 from ..projection import keep_mask
-from ..targets import find_prunable_modules
-from ._sequential import all_reduce_sum, prune_layerwise
+from ._sequential import all_reduce_sum
 from ._weights import check_arguments, oriented_weight, write_pruned
+from .base import OneShotPruner, register_pruner
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +178,35 @@ def sparsegpt_prune_weight(
     return W.masked_fill(prune, 0.0), ~prune
 
 
+class SparseGPT(OneShotPruner):
+    """OBS pruning with lazy batch updates from the calibration Hessian ``2 X^T X / n`` of each module."""
+
+    name = "sparsegpt"
+    requires_calibration = True
+
+    def __init__(self, blocksize: int = 128, percdamp: float = 0.01):
+        self.blocksize, self.percdamp = blocksize, percdamp
+
+    def check(self, pattern) -> None:
+        if self.blocksize < 1 or (isinstance(pattern, NM) and self.blocksize % pattern.m != 0):
+            raise ValueError(
+                f"sparsegpt: blocksize={self.blocksize} must be a positive multiple of M for {pattern.name!r}."
+            )
+
+    def make_statistic(self, module: nn.Module) -> InputHessian:
+        weight = oriented_weight(module)
+        return InputHessian(weight.shape[1], weight.device)
+
+    def prune_module(self, name, module, pattern, sparsity: float, statistic) -> torch.Tensor:
+        new_weight, keep = sparsegpt_prune_weight(
+            oriented_weight(module), statistic.matrix(), sparsity, pattern, self.blocksize, self.percdamp
+        )
+        return write_pruned(module, new_weight, keep)
+
+
+register_pruner(SparseGPT())
+
+
 def sparsegpt(
     model: nn.Module,
     calibration: Any,
@@ -205,23 +234,6 @@ def sparsegpt(
     plus ``O(in^3 + out * in^2 / blocksize + out * in * blocksize)`` per module; memory: one layer's
     activations plus the ``in x in`` Hessians of one layer's modules.
     """
-    pattern = check_arguments(sparsity, sparsity_type)
-    modules = find_prunable_modules(model, target_modules, exclude_modules, pattern)
-    if blocksize < 1 or (isinstance(pattern, NM) and blocksize % pattern.m != 0):
-        raise ValueError(f"sparsegpt: blocksize={blocksize} must be a positive multiple of M for {sparsity_type!r}.")
-
-    def make_statistic(module: nn.Module) -> InputHessian:
-        weight = oriented_weight(module)
-        return InputHessian(weight.shape[1], weight.device)
-
-    def prune(name: str, module: nn.Module, stat: InputHessian) -> torch.Tensor:
-        if stat.tokens == 0:
-            raise RuntimeError(f"sparsegpt: {name} saw no calibration input (is it used in the forward pass?).")
-        new_weight, keep = sparsegpt_prune_weight(
-            oriented_weight(module), stat.matrix(), sparsity, sparsity_type, blocksize, percdamp
-        )
-        return write_pruned(module, new_weight, keep)
-
-    return prune_layerwise(
-        model, calibration, modules, make_statistic, prune, batch_size=batch_size, progress=progress, desc="sparsegpt"
+    return SparseGPT(blocksize, percdamp)(
+        model, calibration, sparsity, sparsity_type, target_modules, exclude_modules, batch_size, progress
     )

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from ..patterns import Row, SparsityPattern, Unstructured, sparsity_pattern
-from ..targets import find_prunable_modules
-from ._sequential import all_reduce_sum, prune_layerwise
-from ._weights import check_arguments, oriented_weight, write_pruned
+from ._sequential import all_reduce_sum
+from ._weights import oriented_weight, write_pruned
+from .base import OneShotPruner, register_pruner
 
 
 class InputNorms:
@@ -46,6 +46,25 @@ def wanda_comparison_type(sparsity_type: str | SparsityPattern) -> SparsityPatte
     return Row() if isinstance(pattern, Unstructured) else pattern
 
 
+class Wanda(OneShotPruner):
+    """Score ``|W_ij| * ||X_j||_2`` from the calibration inputs; no weight update."""
+
+    name = "wanda"
+    requires_calibration = True
+
+    def make_statistic(self, module: nn.Module) -> InputNorms:
+        weight = oriented_weight(module)
+        return InputNorms(weight.shape[1], weight.device)
+
+    def prune_module(self, name, module, pattern: SparsityPattern, sparsity: float, statistic) -> torch.Tensor:
+        weight = oriented_weight(module)
+        keep = wanda_comparison_type(pattern).keep_mask(wanda_score(weight, statistic.norms()), sparsity)
+        return write_pruned(module, weight, keep)
+
+
+register_pruner(Wanda())
+
+
 def wanda(
     model: nn.Module,
     calibration: Any,
@@ -70,21 +89,4 @@ def wanda(
     (``hf_elsa.data.token_blocks``). Cost: two forward passes of each decoder layer over the
     calibration set; memory: one layer's activations plus one vector per module.
     """
-    pattern = check_arguments(sparsity, sparsity_type)
-    modules = find_prunable_modules(model, target_modules, exclude_modules, pattern)
-    comparison = wanda_comparison_type(pattern)
-
-    def make_statistic(module: nn.Module) -> InputNorms:
-        weight = oriented_weight(module)
-        return InputNorms(weight.shape[1], weight.device)
-
-    def prune(name: str, module: nn.Module, stat: InputNorms) -> torch.Tensor:
-        if stat.tokens == 0:
-            raise RuntimeError(f"wanda: {name} saw no calibration input (is it used in the forward pass?).")
-        weight = oriented_weight(module)
-        keep = comparison.keep_mask(wanda_score(weight, stat.norms()), sparsity)
-        return write_pruned(module, weight, keep)
-
-    return prune_layerwise(
-        model, calibration, modules, make_statistic, prune, batch_size=batch_size, progress=progress, desc="wanda"
-    )
+    return Wanda()(model, calibration, sparsity, sparsity_type, target_modules, exclude_modules, batch_size, progress)

@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from ..registry import Registry
 from ..selection import prune_smallest
 
 
@@ -25,6 +26,8 @@ class SparsityPattern(ABC):
     groups_within_rows: bool = True
     #: the sparsity may differ per tensor (non-uniform allocation)
     allows_allocation: bool = True
+    #: how error messages and docs spell the strings this pattern parses
+    spelling: str = ""
 
     @property
     @abstractmethod
@@ -77,3 +80,27 @@ class SparsityPattern(ABC):
 
     def __hash__(self) -> int:
         return hash(self.name)
+
+
+# pattern families by name ("unstructured", "row", "n:m"); ``sparsity_pattern`` asks each one's ``parse``
+PATTERNS: Registry[type[SparsityPattern]] = Registry("sparsity_type")
+
+
+def register_pattern(cls: type[SparsityPattern], name: str | None = None, *, replace: bool = False):
+    """Make ``sparsity_pattern`` recognise the strings ``cls.parse`` accepts (``name``: default the class name,
+    lower case). Usable as a class decorator."""
+    return PATTERNS.register(name or cls.__name__.lower(), cls, replace=replace)
+
+
+def sparsity_pattern(value: str | SparsityPattern) -> SparsityPattern:
+    """The pattern named by ``value`` (``"unstructured"``, ``"row"``, ``"2:4"``, ...); patterns pass through."""
+    if isinstance(value, SparsityPattern):
+        return value
+    if isinstance(value, str):
+        for cls in PATTERNS.values():
+            pattern = cls.parse(value.strip())
+            if pattern is not None:
+                return pattern
+    spellings = [cls.spelling or repr(name) for name, cls in PATTERNS.items()]
+    listed = ", ".join(spellings[:-1]) + f" or {spellings[-1]}" if len(spellings) > 1 else spellings[0]
+    raise ValueError(f"sparsity_type={value!r} is not supported: use {listed}.")

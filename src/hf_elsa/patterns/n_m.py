@@ -6,13 +6,15 @@ import re
 
 import torch
 
-from .base import SparsityPattern
+from .base import SparsityPattern, register_pattern
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
 class NM(SparsityPattern):
     """``n`` kept of every ``m`` consecutive inputs (2:4 is the pattern sparse tensor cores accelerate)."""
+
+    spelling = "an N:M pattern such as '2:4' or '4:8'"
 
     can_ramp = False
     allows_allocation = False
@@ -49,3 +51,6 @@ class NM(SparsityPattern):
 
     def zeros(self, group_size: int, sparsity: float) -> int:
         return self.m - self.n  # the requested sparsity does not apply
+
+
+register_pattern(NM, "n:m")

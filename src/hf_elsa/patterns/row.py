@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import SparsityPattern
+from .base import SparsityPattern, register_pattern
 
 
 class Row(SparsityPattern):
     """Exactly ``round(in_features * sparsity)`` zeros in every output row."""
+
+    spelling = "'row' (per output row)"
 
     @property
     def name(self) -> str:
@@ -23,3 +25,6 @@ class Row(SparsityPattern):
 
     def zeros(self, group_size: int, sparsity: float) -> int:
         return round(group_size * sparsity)
+
+
+register_pattern(Row, "row")

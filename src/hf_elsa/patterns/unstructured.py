@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import SparsityPattern
+from .base import SparsityPattern, register_pattern
 
 
 class Unstructured(SparsityPattern):
     """Exactly ``round(numel * sparsity)`` zeros per tensor, anywhere in it."""
+
+    spelling = "'unstructured' (per tensor)"
 
     groups_within_rows = False
 
@@ -28,3 +30,6 @@ class Unstructured(SparsityPattern):
 
     def zeros(self, group_size: int, sparsity: float) -> int:
         return round(group_size * sparsity)
+
+
+register_pattern(Unstructured, "unstructured")

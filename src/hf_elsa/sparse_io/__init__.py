@@ -27,6 +27,7 @@ The modules, one concept each:
 
 from .attach import apply_masks, attach_sparsity, detach_sparsity, record_evaluation
 from .card import build_model_card, write_model_card
+from .commit import recover as finish_interrupted_save
 from .formats import (
     COMPRESSED_NAME,
     COMPRESSED_NOTE,
@@ -48,7 +49,7 @@ from .metadata import (
     sparsity_metadata,
 )
 from .report import SparsityReport, TensorSparsity, sparsity_report
-from .state import SparsityState, get_sparsity
+from .state import SparsityState, check_finite_weights, get_sparsity
 
 FORMATS = registered_formats()  # the built-in formats; registered_formats() also lists formats added later
 
@@ -71,7 +72,9 @@ __all__ = [
     "apply_masks",
     "attach_sparsity",
     "build_model_card",
+    "check_finite_weights",
     "detach_sparsity",
+    "finish_interrupted_save",
     "get_format",
     "get_sparsity",
     "load_sparse_model",

@@ -17,7 +17,7 @@ from .hub import sparse_push_to_hub
 from .masks import PackedMask
 from .metadata import CONFIG_KEY, ElsaSparsityConfig
 from .save import sparse_save_pretrained
-from .state import SparsityState, get_sparsity, require_state
+from .state import SparsityState, converted_layers, get_sparsity, require_state
 
 
 def _resolve_tensor_name(model: nn.Module, name: str, params: Mapping[str, torch.Tensor]) -> str:
@@ -105,7 +105,13 @@ def apply_masks(model: nn.Module) -> None:
     """Zero every weight that the attached masks prune (e.g. after an update that densified them)."""
     state = require_state(model)
     params = dict(model.named_parameters(remove_duplicate=False))
+    converted = converted_layers(model)
     for key, packed in state.masks.items():
+        if key in converted:  # a to_sparse_inference layer stores kept values only: zero those the mask prunes
+            converted[key].apply_keep_mask(packed.unpack())
+            continue
+        if key not in params:
+            raise ValueError(f"apply_masks: the masks cover {key!r} but the model has no such tensor.")
         # masked_fill, not mul: a pruned inf/NaN becomes 0 (mul keeps NaN) and zeros stay +0.0
         params[key].masked_fill_(~packed.unpack(params[key].device), 0)
 
@@ -124,8 +130,45 @@ def _patch_methods(model: nn.Module) -> None:
     """Bind the sparse ``save_pretrained`` / ``push_to_hub`` to this instance (not its class)."""
     if not hasattr(type(model), "save_pretrained"):
         return  # a bare nn.Module: masks are recorded for sparsity_report, nothing to save
-    model.save_pretrained = types.MethodType(_wrapper_for(type(model)), model)
-    model.push_to_hub = types.MethodType(sparse_push_to_hub, model)
+    model.save_pretrained = SparseMethod(model, "save_pretrained")
+    model.push_to_hub = SparseMethod(model, "push_to_hub")
+
+
+class SparseMethod:
+    """``model.save_pretrained`` / ``model.push_to_hub`` of an attached model: a bound method that pickles.
+
+    Why not ``types.MethodType``: a bound method in the instance ``__dict__`` pickles as ``getattr(model,
+    func.__name__)``, which names a function the class does not have (``sparse_push_to_hub``), so ``torch.load`` of
+    a pickled model failed; and one that unpickled would have been the class's dense ``save_pretrained``. This
+    object pickles and deep-copies as ``(model, method name)`` (the copy's methods are bound to the copy) and finds
+    the function from the model's class when called.
+    """
+
+    def __init__(self, model: nn.Module, name: str):
+        self.__self__ = model
+        self.name = name
+
+    @property
+    def __func__(self):
+        return _wrapper_for(type(self.__self__)) if self.name == "save_pretrained" else sparse_push_to_hub
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(types.MethodType(self.__func__, self.__self__))
+
+    @property
+    def __doc__(self) -> str | None:  # type: ignore[override]  # help(model.save_pretrained) shows the function's doc
+        return self.__func__.__doc__
+
+    @property
+    def __name__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"<hf_elsa sparse {self.name} of {type(self.__self__).__name__}>"
 
 
 _WRAPPERS: dict[type, Any] = {}

@@ -6,6 +6,7 @@ Our section sits between two markers, so a user's own README text and metadata a
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from torch import nn
 
 from ..version import __version__
 from .formats import get_format
-from .metadata import CARD_NAME, ElsaSparsityConfig
+from .metadata import CARD_NAME, ELSA_CONFIG_NAME, ElsaSparsityConfig
 from .report import SparsityReport, TensorSparsity, report_from_config
 from .state import measure, require_state
 
@@ -34,6 +35,12 @@ CITATION = """@inproceedings{lee2026unseen,
 }"""
 FRAMEWORKS = ("hf_elsa", "transformers", "torch", "accelerate", "datasets")
 _PROTOCOL_FIELDS = ("dataset", "dataset_name", "dataset_config", "split", "revision")
+# protocol keys that describe the run, not the evaluation dataset: shown in the card, not in model-index entries
+TRAINING_DATA = "training_data"
+# results of the dense model on the same windows (recorded beside the pruned model's): shown, not model-index entries
+DENSE_PREFIX = "dense_"
+UNIFORM_TOLERANCE = 1e-3  # tensors whose sparsities differ by less are "uniform" (rounding of per-tensor counts)
+PAPER = "https://arxiv.org/abs/2510.01650"
 _BAR = 40  # characters of a 100% bar in the per-layer chart
 
 
@@ -66,7 +73,7 @@ def build_model_card(
     all_tags = list(dict.fromkeys(["elsa", "sparse", "pruned", "hf_elsa", *extra_tags]))
     if config.sparsity_type and ":" in config.sparsity_type:
         all_tags.append(f"sparsity-{config.sparsity_type.replace(':', '-')}")
-    title = model_name or (f"{config.base_model.split('/')[-1]}, pruned" if config.base_model else "Sparse model")
+    title = model_name or _title(config)
     model_index = _eval_results(results, protocol)
     data = ModelCardData(
         library_name=fmt.library_name,
@@ -83,11 +90,18 @@ def build_model_card(
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{CARD_START}\n{body}\n{CARD_END}\n")
 
 
+def _title(config: ElsaSparsityConfig) -> str:
+    if config.base_model:
+        return f"{config.base_model.split('/')[-1]}, pruned"
+    return f"A causal LM pruned with {config.method or 'hf_elsa'}"
+
+
 def _eval_results(results: Mapping[str, Any], protocol: Mapping[str, Any] | str | None) -> list:
-    """``model-index`` entries: one per finite numeric result, with the dataset the protocol names."""
+    """``model-index`` entries: one per finite numeric result of this model (the dense model's are not), with the
+    dataset the protocol names."""
     from huggingface_hub import EvalResult
 
-    spec = dict(protocol) if isinstance(protocol, Mapping) else {}
+    spec = {k: v for k, v in protocol.items() if k != TRAINING_DATA} if isinstance(protocol, Mapping) else {}
     dataset = str(spec.get("dataset") or "custom")
     name = str(
         spec.get("dataset_name") or spec.get("dataset") or (protocol if isinstance(protocol, str) else "held-out text")
@@ -108,6 +122,7 @@ def _eval_results(results: Mapping[str, Any], protocol: Mapping[str, Any] | str 
         )
         for metric, value in results.items()
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        and not metric.startswith(DENSE_PREFIX)
     ]
 
 
@@ -124,9 +139,9 @@ def _card_body(
     base = f" from [{config.base_model}](https://huggingface.co/{config.base_model})" if config.base_model else ""
     lines += [
         (
-            f"Pruned{base} with [hf_elsa](https://pypi.org/project/hf-elsa/) (method: `{config.method or 'unknown'}`, "
-            f"pattern: `{config.sparsity_type or 'unstructured'}`, target sparsity: {_pct(config.sparsity)}). "
-            f"Checkpoint format: **{config.format}**."
+            f"Pruned{base} with hf_elsa, the Hugging Face implementation of [ELSA]({PAPER}) (method: "
+            f"`{config.method or 'unknown'}`, pattern: `{config.sparsity_type or 'unstructured'}`, target sparsity: "
+            f"{_pct(config.sparsity)}). Checkpoint format: **{config.format}**."
         ),
         "",
         "## Loading",
@@ -141,20 +156,7 @@ def _card_body(
     lines += get_format(config.format).card_loading_lines()
     lines += ["## Sparsity", ""]
     if report is not None and report.tensors:
-        lines += _layer_chart(report)
-        lines += _group_table(report)
-        rows = "\n".join(f"| `{t.name}` | {'x'.join(map(str, t.shape))} | {_pct(t.sparsity)} |" for t in report.tensors)
-        lines += [
-            "",
-            "<details><summary>Per tensor</summary>",
-            "",
-            "| tensor | shape | sparsity |",
-            "|---|---|---|",
-            rows,
-            "",
-            "</details>",
-            "",
-        ]
+        lines += _sparsity_section(report)
     lines += ["## Method and hyper-parameters", ""]
     settings = {
         "method": config.method,
@@ -167,12 +169,16 @@ def _card_body(
     lines += _kv_table(settings)
     if config.fine_tuning:
         lines += ["", "Mask-keeping fine-tuning (the zeros stay fixed):", ""] + _kv_table(config.fine_tuning)
+    training_data = protocol.get(TRAINING_DATA) if isinstance(protocol, Mapping) else None
+    if training_data:
+        lines += ["", "## Training data", "", str(training_data)]
     lines += ["", "## Evaluation", ""]
     if isinstance(protocol, Mapping):
-        lines += ["Protocol:", ""] + _kv_table(protocol) + [""]
+        described = {k: v for k, v in protocol.items() if k != TRAINING_DATA}
+        lines += ["Protocol:", ""] + _kv_table(described) + [""]
     elif protocol:
         lines += [f"Protocol: {protocol}", ""]
-    lines += _kv_table(results, ("metric", "value")) if results else ["Not evaluated yet."]
+    lines += _results_table(results) if results else ["Not evaluated yet."]
     lines += ["", "## Framework versions", ""]
     lines += [f"- {name}: {_version_of(name)}" for name in FRAMEWORKS]
     lines += ["", "## Citation", "", "ELSA, the method behind hf_elsa:", "", "```bibtex", CITATION, "```"]
@@ -183,6 +189,18 @@ def _card_body(
     return "\n".join(lines)
 
 
+def _results_table(results: Mapping[str, Any]) -> list[str]:
+    """``metric | value``; with the dense model's results (``dense_<metric>``) a ``dense | pruned`` table instead."""
+    dense = {k.removeprefix(DENSE_PREFIX): v for k, v in results.items() if k.startswith(DENSE_PREFIX)}
+    own = {k: v for k, v in results.items() if not k.startswith(DENSE_PREFIX)}
+    if not dense:
+        return _kv_table(own, ("metric", "value"))
+    rows = ["The dense model was scored on the same windows before pruning.", "",
+            "| metric | dense | pruned |", "|---|---|---|"]  # fmt: skip
+    rows += [f"| {k} | {dense.get(k, '')} | {v} |" for k, v in own.items() if v is not None]
+    return rows
+
+
 def _version_of(package: str) -> str:
     if package == "hf_elsa":
         return __version__
@@ -190,6 +208,67 @@ def _version_of(package: str) -> str:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+def _sparsity_section(report: SparsityReport) -> list[str]:
+    """One line when every pruned tensor has the same sparsity (a uniform run: 30 equal bars say nothing), else
+    the per-layer chart and the per-type table; the per-tensor table always, collapsed."""
+    shares = [t.sparsity for t in report.tensors]
+    layers = {next((p for p in t.name.split(".") if p.isdigit()), None) for t in report.tensors} - {None}
+    if max(shares) - min(shares) < UNIFORM_TOLERANCE:
+        where = f" in {len(layers)} layers" if layers else ""
+        lines = [
+            (
+                f"Uniform: each of the {len(report.tensors)} pruned tensors{where} is {_pct(report.sparsity)} sparse "
+                f"({report.numel:,} weights); the whole model is {_pct(report.overall_sparsity)} sparse "
+                f"({report.total_params:,} parameters, embeddings and norms dense)."
+            ),
+        ]
+    else:
+        lines = _layer_chart(report) + _group_table(report)
+    rows = "\n".join(f"| `{t.name}` | {'x'.join(map(str, t.shape))} | {_pct(t.sparsity)} |" for t in report.tensors)
+    return [*lines, "", "<details><summary>Per tensor</summary>", "", "| tensor | shape | sparsity |", "|---|---|---|",
+            rows, "", "</details>", ""]  # fmt: skip
+
+
+def recorded_base_model(name_or_path: str | None) -> str | None:
+    """The Hub id of the dense model behind ``name_or_path``: the id itself, or what a local folder records (the
+    ``base_model`` of its README.md metadata or of its elsa_config.json); None when nothing says."""
+    if not name_or_path:
+        return None
+    folder = Path(os.path.expanduser(str(name_or_path)))
+    if not folder.is_dir():
+        looks_like_id = str(name_or_path).count("/") <= 1 and not str(name_or_path).startswith((".", "/", "~"))
+        return str(name_or_path) if looks_like_id else None
+    for read in (_card_base_model, _elsa_config_base_model):
+        try:
+            found = read(folder)
+        except (OSError, ValueError):  # an unreadable record says nothing; the card is written anyway
+            found = None
+        if isinstance(found, str) and found:
+            return found
+    return None
+
+
+def _card_base_model(folder: Path) -> Any:
+    from huggingface_hub import ModelCard
+
+    path = folder / CARD_NAME
+    base = ModelCard.load(path).data.to_dict().get("base_model") if path.is_file() else None
+    return base[0] if isinstance(base, list) and base else base
+
+
+def _elsa_config_base_model(folder: Path) -> Any:
+    path = folder / ELSA_CONFIG_NAME
+    return json.loads(path.read_text(encoding="utf-8")).get("base_model") if path.is_file() else None
+
+
+def fill_base_model(model: nn.Module) -> str | None:
+    """Set the attached config's ``base_model`` from where the model was loaded when it is not set yet."""
+    config = require_state(model).config
+    if config.base_model is None:
+        config.base_model = recorded_base_model(getattr(model, "name_or_path", None))
+    return config.base_model
 
 
 def _layer_chart(report: SparsityReport) -> list[str]:
@@ -271,6 +350,7 @@ def write_model_card(model: nn.Module, folder: str | os.PathLike, **card_kwargs)
     if card_kwargs.get("base_model"):
         config.base_model = card_kwargs["base_model"]
     card_kwargs.pop("base_model", None)
+    fill_base_model(model)
     measure(state, model.state_dict(), "model card")  # the weights may have changed since the last save
     path = Path(folder) / CARD_NAME
     text = merge_card(path, str(build_model_card(config, report_from_config(config, model), **card_kwargs)))

@@ -12,8 +12,8 @@ The promise: at every instant, ``target`` loads as the old model or as the new o
    moved over, then the old folder is deleted.
 
 A process killed at any point leaves ``target`` intact (old or new) plus siblings that say what to do;
-:func:`recover`, run by every save into the folder and every ``load_sparse_model`` of it, finishes the swap (a
-complete new folder is rolled forward) or removes the leftovers. Each save holds an ``flock`` on its folders, so
+:func:`recover`, run by every save into the folder (and by ``finish_interrupted_save``; a load only reads), finishes
+the swap (a complete new folder is rolled forward) or removes the leftovers. Each save holds an ``flock`` on its folders, so
 recovery never touches a save that is still running.
 
 Where ``target`` cannot be renamed (a mount point, the working directory of this process, a file system that
@@ -105,7 +105,7 @@ def save_id_of(folder: Path) -> str | None:
     try:
         entry = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("elsa_sparsity")
         return entry.get("save_id") if isinstance(entry, dict) else None
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
 
 
@@ -242,7 +242,7 @@ def _listed_files(folder: Path) -> set[str] | None:
     try:
         files = json.loads((folder / ELSA_CONFIG_NAME).read_text(encoding="utf-8"))["files"]
         return {*files, ELSA_CONFIG_NAME} if isinstance(files, dict) else None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
 
@@ -302,6 +302,36 @@ def recover(target: Path) -> None:
                 shutil.rmtree(old)
             else:
                 os.rename(old, target)  # the new folder never arrived: the old one is the model
+
+
+def is_locked(path: Path) -> bool:
+    """Whether another process holds ``path``'s save lock (a save that is running). Reads only: a shared lock
+    taken and released at once."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing releases the shared lock, if taken
+    return False
+
+
+def pending_saves(target: Path) -> tuple[list[Path], list[Path]]:
+    """``(running, abandoned)``: the sibling folders of saves into ``target`` (``.hf_elsa_tmp-``, ``-new-``,
+    ``-old-``, ``-inplace-``), split by whether their save still holds its lock."""
+    running, abandoned = [], []
+    for prefix in (TMP_PREFIX, NEW_PREFIX, OLD_PREFIX, IN_PLACE_PREFIX):
+        for path, _ in _siblings(target, prefix):
+            (running if is_locked(path) else abandoned).append(path)
+    return running, abandoned
 
 
 def remove_abandoned(parent: Path) -> None:

@@ -44,6 +44,25 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc}); the file is truncated or corrupted.") from exc
+    except RecursionError:  # "[[[[...": Python's parser recurses per level
+        raise ValueError(
+            f"{path}: its JSON values nest too deep to be checkpoint metadata; the file is corrupted or forged."
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}); the file is corrupted.") from None
+
+
+def shard_files(folder: Path, index_name: str) -> list[str]:
+    """The shard files a ``*.safetensors.index.json`` names in its ``weight_map`` (checked to be a mapping of
+    tensor names to file names), for the containment check before transformers opens them."""
+    index = read_json(folder / index_name)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+        raise ValueError(
+            f"{folder / index_name}: 'weight_map' must map tensor names to shard file names; the index is "
+            "corrupted or forged."
+        )
+    return sorted(set(weight_map.values()))
 
 
 def check_inside(folder: Path, names, source: Any) -> None:
@@ -58,7 +77,13 @@ def check_inside(folder: Path, names, source: Any) -> None:
     if folder.parent.name == "snapshots":
         roots.append((folder.parent.parent / "blobs").resolve())
     for name in names:
-        real = (folder / name).resolve()
+        try:
+            real = (folder / name).resolve()
+        except (RuntimeError, OSError) as exc:  # Python < 3.13: RuntimeError("Symlink loop ..."); then OSError ELOOP
+            raise ValueError(
+                f"{source}: {name!r} is a symlink loop (or a link that cannot be followed: {exc}); replace it with "
+                "the file itself."
+            ) from None
         if not any(real == r or r in real.parents for r in roots):
             raise ValueError(
                 f"{source}: {name!r} resolves to {real}, outside the checkpoint folder {folder} (an absolute path, "

@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from ..registry import Registry
 from .files import open_safetensors, saved_weight_files
 from .masks import PackedMask
 from .metadata import ELSA_CONFIG_NAME, FORMAT_VERSION, ElsaSparsityConfig
@@ -104,23 +105,25 @@ class SaveFormat:
         return []
 
 
-_REGISTRY: dict[str, SaveFormat] = {}
+# formats by name (``save_pretrained(format=...)``, ``elsa_config.json``'s ``format``); each registers itself
+SAVE_FORMATS: Registry[SaveFormat] = Registry("format")
 DEFAULT_FORMAT = "dense"
 
 
 def register_format(cls: type[SaveFormat]) -> type[SaveFormat]:
-    """Register a :class:`SaveFormat` subclass under its ``name`` (usable as a class decorator)."""
-    _REGISTRY[cls.name] = cls()
+    """Register a :class:`SaveFormat` subclass under its ``name`` (usable as a class decorator; a taken name is
+    refused)."""
+    SAVE_FORMATS.register(cls.name, cls())
     return cls
 
 
 def registered_formats() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
+    return tuple(SAVE_FORMATS)
 
 
 def get_format(name: str, source: Any = None) -> SaveFormat:
     """The registered format ``name``; ``source`` (a file) is named in the error for an unknown one."""
-    fmt = _REGISTRY.get(name) if isinstance(name, str) else None
+    fmt = SAVE_FORMATS.get(name) if isinstance(name, str) and name in SAVE_FORMATS else None
     if fmt is None:
         where = f"{source}: " if source is not None else ""
         raise ValueError(f"{where}format={name!r} is unknown; expected one of {registered_formats()} (newer hf_elsa?).")
@@ -138,16 +141,16 @@ def resolve_format(format: str | None, compressed: bool) -> SaveFormat:
 
 def detect_format(folder: Path) -> SaveFormat:
     """The format whose weights ``folder`` holds; the default when no other format claims it."""
-    for name, fmt in _REGISTRY.items():
+    for name, fmt in SAVE_FORMATS.items():
         if name != DEFAULT_FORMAT and fmt.detect(folder):
             return fmt
-    return _REGISTRY[DEFAULT_FORMAT]
+    return SAVE_FORMATS[DEFAULT_FORMAT]
 
 
 def stale_file_patterns() -> tuple[str, ...]:
     """Files of an earlier save that a new save into the same folder (or Hub repo) must remove: left behind,
     plain ``from_pretrained`` could pick them up (e.g. a stale model.safetensors next to a compressed save)."""
-    patterns = [p for fmt in _REGISTRY.values() for p in fmt.weight_patterns]
+    patterns = [p for fmt in SAVE_FORMATS.values() for p in fmt.weight_patterns]
     return tuple(dict.fromkeys([*patterns, *LEGACY_WEIGHT_PATTERNS, "elsa_*.safetensors", ELSA_CONFIG_NAME]))
 
 

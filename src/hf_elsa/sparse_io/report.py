@@ -14,7 +14,7 @@ from .files import check_inside
 from .formats import DEFAULT_FORMAT, detect_format
 from .masks import read_masks
 from .metadata import MASKS_NAME, ElsaSparsityConfig
-from .state import get_sparsity
+from .state import converted_layers, get_sparsity
 
 
 @dataclass
@@ -144,13 +144,20 @@ def _model_report(model: nn.Module) -> SparsityReport:
     from ..targets import find_prunable_modules
 
     params = dict(model.named_parameters(remove_duplicate=False))
+    converted = converted_layers(model)  # to_sparse_inference layers: counted from their CSR buffers
     state = get_sparsity(model)
     names = list(state.masks) if state else [f"{n}.weight" for n in find_prunable_modules(model)]
-    tensors = [
-        TensorSparsity(n, tuple(params[n].shape), _zeros(params[n]), masked=state is not None, dtype=str(params[n].dtype))
-        for n in names
-    ]
-    total = sum(p.numel() for p in model.parameters())
+    names += [] if state else [n for n in converted if n not in names]
+    tensors = []
+    for n in names:
+        if n in converted:
+            layer = converted[n]
+            shape = (layer.in_features, layer.out_features) if layer.conv1d else (layer.out_features, layer.in_features)
+            tensors.append(TensorSparsity(n, shape, layer.stored_zeros(), state is not None, str(layer.values.dtype)))
+        else:
+            p = params[n]
+            tensors.append(TensorSparsity(n, tuple(p.shape), _zeros(p), state is not None, str(p.dtype)))
+    total = sum(p.numel() for p in model.parameters()) + sum(m.in_features * m.out_features for m in converted.values())
     return SparsityReport(tensors, total, format=None, source=type(model).__name__)
 
 

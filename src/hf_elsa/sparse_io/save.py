@@ -4,10 +4,13 @@ for the target folder atomically (:mod:`.commit`): at every instant the folder l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import stat
+import threading
 import uuid
 from pathlib import Path
 
@@ -70,7 +73,7 @@ def save_sparse(model, cls, state: SparsityState, target: Path, fmt: SaveFormat,
     target.parent.mkdir(parents=True, exist_ok=True)
     recover(target)  # an earlier save into this folder that was killed: finish or undo it first
     remove_abandoned(target.parent)
-    with Locks() as locks:
+    with Locks() as locks, _sigterm_as_exit():
         tmp = sibling(target, TMP_PREFIX, config.save_id)
         os.mkdir(tmp)
         locks.claim(tmp)
@@ -81,6 +84,26 @@ def save_sparse(model, cls, state: SparsityState, target: Path, fmt: SaveFormat,
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return written
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    """During a save, SIGTERM (``kill PID``, a scheduler's stop, a timeout) raises ``SystemExit(143)`` like Ctrl-C
+    raises ``KeyboardInterrupt``, so the temporary copy is removed before the process ends instead of staying until
+    the next save. Only where Python's default handler is in place (never over a handler of the application), and
+    only in the main thread (where signal handlers run)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _write(model, cls, state: SparsityState, fmt: SaveFormat, params: dict, tmp: Path, target: Path, tags) -> list[str]:

@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from pathlib import PurePosixPath
 from typing import Any
 
+from .._messages import shorten
+
 Check = Callable[[Any], Any]
 MAX_NDIM = 8
 MAX_NUMEL = 2**48  # far above any weight; keeps byte counts of a declared shape in machine range
@@ -28,8 +30,7 @@ class Invalid(ValueError):
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return shorten(value, 60)  # the one bounded repr of user values (hf_elsa._messages)
 
 
 def _type_name(value: Any) -> str:

@@ -32,6 +32,20 @@ def get_sparsity(model: nn.Module) -> SparsityState | None:
     return state if isinstance(state, SparsityState) else None
 
 
+def converted_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{"<module>.weight": layer}`` of the layers that keep their weight in another form than a ``weight`` parameter
+    (``to_sparse_inference``'s ``SparseLinear``: CSR buffers, the dense ``weight`` only in the state dict).
+
+    Such a layer provides ``apply_keep_mask(keep)`` and ``stored_zeros()``; found by those methods, not by class,
+    because inference sits above sparse_io.
+    """
+    return {
+        f"{name}.weight": m
+        for name, m in model.named_modules()
+        if callable(getattr(m, "apply_keep_mask", None)) and callable(getattr(m, "stored_zeros", None))
+    }
+
+
 def require_state(model: nn.Module) -> SparsityState:
     state = get_sparsity(model)
     if state is None:
@@ -114,4 +128,20 @@ def check_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
             f"{where}: {describe_non_finite(found)}. Nothing was written. Usually the training diverged: lower "
             "learning_rate (or set max_grad_norm) and train again; if the model you started from already had them, "
             "check it before pruning (all(torch.isfinite(p).all() for p in model.parameters()))."
+        )
+
+
+def check_finite_weights(model: nn.Module, where: str) -> None:
+    """Refuse a model that holds NaN/inf in any parameter or buffer, before training starts.
+
+    The save refuses non-finite weights too, but only after the whole run: a NaN/inf in a weight that is not pruned
+    (a norm, an embedding) trains to the end first. Call it where the work starts (``ElsaTrainer``)."""
+    tensors = dict(model.named_parameters(remove_duplicate=True))
+    tensors.update((n, b) for n, b in model.named_buffers() if torch.is_floating_point(b))
+    found = non_finite(tensors)
+    if found:
+        raise ValueError(
+            f"{where}: {describe_non_finite(found)} before training: nothing was trained. The model was loaded from a "
+            "diverged or damaged checkpoint, or changed after loading; fix or reload it (a finite model passes "
+            "all(torch.isfinite(p).all() for p in model.parameters()))."
         )

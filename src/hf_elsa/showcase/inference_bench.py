@@ -1,4 +1,6 @@
-"""Dense vs sparse inference of one sparse folder, measured in one run (docs/deployment.md).
+"""Dense vs sparse inference of one sparse folder, measured in one run: ``hf-elsa bench-inference`` (docs/deployment.md).
+
+A benchmark around the library, not part of inference: it lives with the showcase (it builds SmolLM2 folders).
 
 ``bench_inference(path)`` loads the folder (``load_sparse_model`` for an hf_elsa checkpoint, plain
 ``from_pretrained`` otherwise), converts a copy with :func:`to_sparse_inference`, checks that both give the
@@ -6,14 +8,17 @@ same logits and the same ``generate()`` tokens, then times dense and sparse taki
 the KV cache step by step (one forward per token, as ``generate()`` runs it) at each batch size, the prefill
 of one prompt, and the weight memory of the pruned Linears. Speed-ups are medians of per-step (per-run)
 ratios, tokens/s come from median step times, so load from other processes hits both sides alike.
+When a layer stays dense, the result says why: its measured speed-up at each token count against the margin.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -43,6 +48,10 @@ class BenchResult:
     max_position_rel_error: float = 0.0  # the same per token position, worst position
     same_greedy_tokens: bool = True
     kernel_usage: dict[str, int] = field(default_factory=dict)
+    device: str = "cpu"
+    margin: dict[int, float] = field(default_factory=dict)  # token count -> speed-up a layer needs to convert
+    # layer -> {"converted", "speedup": {tokens: dense/sparse}, "reason"}: why each Linear converted or stayed dense
+    layers: dict[str, dict] = field(default_factory=dict)
 
     def speedup(self, batch: int) -> float:
         return self.decode_speedup[batch]
@@ -66,7 +75,7 @@ def load_for_inference(path: str | os.PathLike, dtype: torch.dtype = torch.float
 
 
 def _pruned_sparsity(model) -> float | None:
-    from .convert import _candidates
+    from ..inference.convert import _candidates
 
     layers = [m for _, m in _candidates(model, None)]
     total = sum(m.weight.numel() for m in layers)
@@ -133,11 +142,12 @@ def bench_inference(
     verbose: bool = True,
 ) -> BenchResult:
     """Benchmark dense vs :func:`to_sparse_inference` on the folder ``path`` (or an in-memory ``model``)."""
-    from .convert import REPORT_ATTR, to_sparse_inference
+    from ..inference.convert import REPORT_ATTR, to_sparse_inference
 
     if threads:
         torch.set_num_threads(threads)
     dense = load_for_inference(path) if model is None else model.eval()
+    name = name or (Path(path).name if path is not None else type(dense).__name__)
     vocab = dense.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     prompts = {b: torch.randint(3, vocab, (b, prompt_tokens), generator=gen) for b in batch_sizes}
@@ -150,9 +160,15 @@ def bench_inference(
     convert_s = time.perf_counter() - start
     report = getattr(sparse, REPORT_ATTR)
     result = BenchResult(
-        name or str(path), _pruned_sparsity(dense), torch.get_num_threads(), prompt_tokens, new_tokens, prefill_tokens
+        name, _pruned_sparsity(dense), torch.get_num_threads(), prompt_tokens, new_tokens, prefill_tokens
     )
     result.weight_mib = {"dense": report.dense_nbytes / 2**20, "sparse": report.nbytes / 2**20}
+    result.device = next(dense.parameters()).device.type
+    result.margin = conversion_margin(kwargs)
+    result.layers = {
+        layer: {"converted": c.converted, "speedup": dict(c.speedup), "reason": c.reason}
+        for layer, c in report.layers.items()
+    }
     converted = [c for c in report.layers.values() if c.converted]
     result.converted_layers = f"{len(converted)}/{len(report.layers)}"
     for c in converted:
@@ -189,6 +205,46 @@ def bench_inference(
     return result
 
 
+def conversion_margin(convert_kwargs: dict) -> dict[int, float]:
+    """The speed-up over dense a layer needs at each token count to be converted (to_sparse_inference's rule)."""
+    from ..inference.convert import to_sparse_inference
+
+    defaults = {k: p.default for k, p in inspect.signature(to_sparse_inference).parameters.items()}
+    merged = {**defaults, **convert_kwargs}
+    margin = {n: merged["min_speedup"] for n in merged["tokens"]}
+    if merged["prefill_tokens"] and merged["prefill_min_speedup"] is not None:
+        margin.setdefault(merged["prefill_tokens"], merged["prefill_min_speedup"])
+    return margin
+
+
+def why_dense(r: BenchResult) -> list[str]:
+    """Why Linears stayed dense: per kind of layer, the measured speed-ups (min-max over its layers) against the
+    margin, or the reason when nothing was measured."""
+    kept = {name: layer for name, layer in r.layers.items() if not layer["converted"]}
+    if not kept:
+        return []
+    need = ", ".join(f"{m:.2f}x at {n} tok" for n, m in sorted(r.margin.items()))
+    head = (
+        f"why {len(kept)} of {len(r.layers)} Linears stayed dense: a layer converts when its best sparse kernel beats "
+        f"dense by the margin at every token count ({need}); measured best sparse speed-up per layer:"
+    )
+    lines = [head]
+    kinds: dict[str, list[dict]] = {}
+    for name, layer in kept.items():
+        kinds.setdefault(re.sub(r"^.*?\.\d+\.", "", name), []).append(layer)
+    for kind, layers in kinds.items():
+        counts = sorted({n for layer in layers for n in layer["speedup"]})
+        if not counts:  # not measured: no kernel runs here, or accepts this layer
+            lines.append(f"  {kind} x{len(layers)}: {layers[0]['reason'] or 'not measured'}")
+            continue
+        spans = []
+        for n in counts:
+            values = [layer["speedup"][n] for layer in layers if n in layer["speedup"]]
+            spans.append(f"{n} tok {min(values):.2f}-{max(values):.2f}x (needs {r.margin.get(n, 0):.2f}x)")
+        lines.append(f"  {kind} x{len(layers)}: " + ", ".join(spans))
+    return lines
+
+
 def format_result(r: BenchResult) -> str:
     sp = f"{100 * r.sparsity:.1f}%" if r.sparsity is not None else "?"
     lines = [
@@ -207,7 +263,8 @@ def format_result(r: BenchResult) -> str:
         f"relative logit error {r.rel_logit_error:.1e} (worst position {r.max_position_rel_error:.1e}); "
         f"same greedy tokens: {r.same_greedy_tokens}"
     )
-    lines.append("kernels: " + ", ".join(f"{k} x{v}" for k, v in sorted(r.kernel_usage.items())))
+    lines.append("kernels: " + (", ".join(f"{k} x{v}" for k, v in sorted(r.kernel_usage.items())) or "none"))
+    lines += why_dense(r)
     return "\n".join(lines)
 
 
@@ -232,8 +289,8 @@ sparse runs are interleaved in one process (medians of ``--repeats``), one threa
 def make_smollm2_folder(spec: str, folder: str) -> str:
     """SmolLM2-135M pruned by magnitude to ``spec`` ("0.9" unstructured per tensor, or "2:4"), saved with masks."""
     from ..oneshot import magnitude
-    from ..showcase.demo import load_smollm2
     from ..sparse_io import attach_sparsity
+    from .demo import load_smollm2
 
     model, tokenizer = load_smollm2()
     if ":" in spec:
@@ -317,10 +374,19 @@ def plot(results, path: Path) -> None:
     ax.axhline(1.0, color="k", lw=0.6)
     ax.set_xlabel("sparsity of the pruned Linears (%)")
     ax.set_ylabel("speed-up over dense (end to end)")
-    ax.set_title(f"SmolLM2-135M, CPU, {results[0].threads if results else 1} thread, fp32")
+    ax.set_title(plot_title(results))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def plot_title(results) -> str:
+    """The models' name (what their names share, e.g. "SmolLM2-135M"), device, threads."""
+    names = [r.name for r in results]
+    shared = os.path.commonprefix(names).strip(" _-/%") if len(names) > 1 else (names[0] if names else "")
+    who = shared or f"{len(names)} models"
+    threads = results[0].threads if results else 1
+    return f"{who}, {(results[0].device if results else 'cpu').upper()}, {threads} thread{'s' * (threads != 1)}"
 
 
 def main(argv=None, prog: str | None = None):
