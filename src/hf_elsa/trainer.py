@@ -32,16 +32,12 @@ from .admm import ElsaOptimizer
 from .compat import checkpoint_step, loss_scale, prepare_inputs
 from .config import ElsaConfig
 from .curvature import (
-    HESSIAN,
-    HESSIAN_COUNT,
-    ActivationStatistics,
     all_reduce_mean,
     check_double_backward,
     double_backward_attention,
     get_estimator,
     hutchinson_diagonal,
     probe_generator,
-    update_running_mean,
 )
 from .distillation import chunked_kl, hidden_state_loss, next_token_mask
 from .teacher import Teacher, check_teacher, dense_copy, describe, fingerprint, same_fingerprint, sparse_reason
@@ -154,7 +150,7 @@ class ElsaTrainer(Trainer):
         if getattr(tokenizer, "pad_token", "") is None and getattr(tokenizer, "eos_token", None) is not None:
             tokenizer.pad_token = tokenizer.eos_token  # as TRL does: the padding collator needs one
         self.elsa_optimizer: ElsaOptimizer | None = None
-        self._activation_hooks: ActivationStatistics | None = None
+        self._activation_hooks = None  # the curvature estimator's forward hooks (estimator.forward_hooks)
         self._sam_window: list[tuple[dict, object]] = []  # micro-batches of the current window, for the replay
         super().__init__(model, args, *pargs, **kwargs)
 
@@ -171,10 +167,9 @@ class ElsaTrainer(Trainer):
             transposed = {name for name, module in self.prunable_modules.items() if is_transposed(module)}
             self.optimizer = ElsaOptimizer(optimizer, prunable, self.args, transposed=transposed)
         self.elsa_optimizer = self.optimizer
-        if self.elsa_optimizer.estimator.needs_activation_hooks and self._activation_hooks is None:
-            self._activation_hooks = ActivationStatistics(
-                self.prunable_modules, self.elsa_optimizer.state_for, self.elsa_optimizer.transposed
-            )
+        if self._activation_hooks is None:  # the estimator's forward hooks, if it collects statistics that way
+            opt = self.elsa_optimizer
+            self._activation_hooks = opt.estimator.forward_hooks(self.prunable_modules, opt.state_for, opt.transposed)
         if self._start_masks and not self.elsa_optimizer.state:
             self.elsa_optimizer.set_initial_masks(self._start_masks)
         return self.optimizer
@@ -251,12 +246,7 @@ class ElsaTrainer(Trainer):
     def _after_accumulation(self, model, inputs, window) -> None:
         """Hutchinson refresh at x; SAM replay of ``window`` at x + e (Sassha's refresh there); x restored."""
         opt, sassha, args = self.elsa_optimizer, self.sassha_optimizer, self.args
-        if (
-            opt.estimator.needs_double_backward
-            and sassha is None
-            and opt.in_admm_phase
-            and opt.steps_done % args.hessian_interval == 0
-        ):
+        if sassha is None and opt.in_admm_phase and opt.estimator.hessian_refresh_due(opt.steps_done, args.hessian_interval):
             self._refresh_hutchinson(model, inputs)
         sassha_due = sassha is not None and sassha.hessian_refresh_due()
         if args.sam_rho <= 0:
@@ -319,10 +309,9 @@ class ElsaTrainer(Trainer):
         opt = self.elsa_optimizer
         names = list(opt.prunable)
         params = [opt.prunable[n] for n in names]
-        refresh = opt.state_for(names[0]).get(HESSIAN_COUNT, 0)
-        generator = probe_generator(self.args.seed, refresh, params[0].device)
+        generator = probe_generator(self.args.seed, opt.estimator.refreshes(opt.state_for(names[0])), params[0].device)
         for name, diagonal in zip(names, self._hessian_diagonal(model, inputs, params, generator)):
-            update_running_mean(opt.state_for(name), HESSIAN, HESSIAN_COUNT, diagonal, self.args.importance_beta)
+            opt.estimator.on_hessian_diagonal(opt.state_for(name), diagonal, self.args.importance_beta)
 
     def _refresh_sassha(self, model, inputs, sassha: Sassha) -> None:
         params = [p for group in sassha.param_groups for p in group["params"] if p.requires_grad]

@@ -30,6 +30,9 @@ class Activation(CurvatureEstimator):
     def merge(self, state: dict) -> None:
         merge_statistics(state)
 
+    def forward_hooks(self, modules: dict, state_of, transposed: frozenset[str]) -> ActivationStatistics:
+        return ActivationStatistics(modules, state_of, transposed)
+
     def checkpoint_template(self, state: dict, input_features: int, device) -> None:
         state[ACT_SUM] = torch.zeros(input_features, device=device)
         state[ACT_TOKENS] = 0

@@ -40,6 +40,23 @@ class CurvatureEstimator:
     def checkpoint_template(self, state: dict, input_features: int, device) -> None:
         """Create placeholder state keys a checkpoint of a run past its first step holds (sharded loading)."""
 
+    # -- what the trainer asks of it (it only calls these) -----------------------------------------------
+    def forward_hooks(self, modules: dict, state_of, transposed: frozenset[str]):
+        """An object with ``attach()`` / ``remove()`` / ``attached`` that collects statistics from the prunable
+        layers' forwards during the ADMM phase, or ``None`` when this estimator needs none."""
+        return None
+
+    def hessian_refresh_due(self, steps_done: int, interval: int) -> bool:
+        """Whether the trainer should compute a Hessian diagonal (a double backward) after this step's window."""
+        return False
+
+    def refreshes(self, state: dict) -> int:
+        """How many Hessian diagonals were folded in so far (seeds the next probes identically on every rank)."""
+        return 0
+
+    def on_hessian_diagonal(self, state: dict, diagonal: torch.Tensor, beta: float) -> None:
+        """Fold one Hessian-diagonal estimate of the weight whose optimizer state is ``state`` in."""
+
     def state_bytes(self, prunable: int, input_features: int) -> int:
         """Bytes of this estimator's state for ``prunable`` weights with ``input_features`` inputs in all."""
         return self.bytes_per_weight * prunable + self.bytes_per_input_feature * input_features

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .base import CurvatureEstimator, accumulation_dtype, register_estimator
+from .base import CurvatureEstimator, accumulation_dtype, register_estimator, update_running_mean
 
 HESSIAN, HESSIAN_COUNT = "elsa_hessian", "elsa_hessian_refreshes"
 # Sassha keeps its own (bias-corrected) Hessian-diagonal estimate under this key: importance="hutchinson"
@@ -31,6 +31,15 @@ class Hutchinson(CurvatureEstimator):
     def curvature(self, name: str, state: dict) -> torch.Tensor | None:
         h = state.get(HESSIAN)
         return h if h is not None else state.get(SASSHA_HESSIAN)
+
+    def hessian_refresh_due(self, steps_done: int, interval: int) -> bool:
+        return steps_done % interval == 0
+
+    def refreshes(self, state: dict) -> int:
+        return state.get(HESSIAN_COUNT, 0)
+
+    def on_hessian_diagonal(self, state: dict, diagonal: torch.Tensor, beta: float) -> None:
+        update_running_mean(state, HESSIAN, HESSIAN_COUNT, diagonal, beta)
 
 
 def rademacher_like(tensors: Sequence[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
