@@ -276,3 +276,29 @@ def test_the_unconverged_warning_is_about_admm(recipe, fraction, warns, tmp_path
         trainer.train()
     assert trainer.elsa_optimizer.final_removed > 0.1  # both projections remove much: only one is ADMM's fault
     assert any("had not converged" in str(w.message) for w in caught) == warns
+
+
+def test_oneshot_kd_keeps_the_one_shot_mask_and_the_default_searches(tmp_path, monkeypatch):
+    """recipe="oneshot_kd" is the default without the mask search; both log how far the mask moved from the start."""
+    import hf_elsa.oneshot
+
+    start_masks = {}
+    pruner = type(hf_elsa.oneshot.PRUNERS.get("sparsegpt"))
+    original = pruner.__call__
+
+    def recording(self, model, *args, **kwargs):
+        masks = original(self, model, *args, **kwargs)
+        start_masks.update({name: mask.clone() for name, mask in masks.items()})
+        return masks
+
+    monkeypatch.setattr(pruner, "__call__", recording)
+    frozen = train_quietly(make_model("llama"), elsa_args(tmp_path / "k", recipe="oneshot_kd", max_steps=8))
+    assert frozen.args.admm_fraction == 0 and frozen.teacher_model is not None
+    assert all(torch.equal(frozen.elsa_optimizer.masks()[n], m) for n, m in start_masks.items())
+    moved = [h["elsa/mask_moved_from_start"] for h in frozen.state.log_history if "elsa/mask_moved_from_start" in h]
+    assert moved and moved[-1] == 0.0
+    searched = train_quietly(make_model("llama"), elsa_args(tmp_path / "e", max_steps=12, admm_fraction=0.5))
+    changed = sum(int((searched.elsa_optimizer.masks()[n] != m).sum()) for n, m in start_masks.items())
+    total = sum(m.numel() for m in start_masks.values())
+    logged = [h["elsa/mask_moved_from_start"] for h in searched.state.log_history if "elsa/mask_moved_from_start" in h]
+    assert logged[-1] == pytest.approx(changed / total)

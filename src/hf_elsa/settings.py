@@ -97,6 +97,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         "learning_rate": BySparsity(3e-4, 1e-3, log=True),
     },
 }
+# "oneshot_kd": the one-shot mask kept as it is (no mask search), then fine-tuning with distillation; for tiny
+# budgets, and the baseline that shows what the mask search adds (docs/quality.md)
+RECIPES["oneshot_kd"] = {**RECIPES["elsa"], "admm_fraction": 0.0}
 
 # ELSA-L: z in FP8, u in bf16 (the 8-bit base optimizer is a TrainingArguments matter: ElsaConfig).
 ELSA_L_STORAGE = {"admm_z_dtype": "float8_e4m3fn", "admm_u_dtype": "bfloat16"}
@@ -205,13 +208,15 @@ class ElsaSettings:
     recipe: str = _setting(
         "elsa",
         "recipe",
-        "Defaults for unset admm_* fields and importance: 'elsa' (converges in short runs) or 'paper'.",
+        "Defaults for unset admm_* fields and importance: 'elsa' (converges in short runs), 'paper' or 'oneshot_kd'.",
         'Defaults of the fields left unset that the recipe table above lists. `"paper"`: the published recipe '
         "(penalty through the gradient, constant lambda 0.01, interval 32, ADMM for the whole run, magnitude "
         'projection, learning rate 1e-4, no distillation). `"elsa"`: starts from SparseGPT\'s weights and mask, '
         "distils from the dense model, a decoupled proximal penalty (lambda 1), a cubic sparsity ramp for z, the "
         "activation-aware projection (SAFE+), the mask fixed after 15% of the steps, then masked fine-tuning; the "
-        "distillation weight and learning rate follow the sparsity (docs/quality.md, docs/convergence.md).",
+        "distillation weight and learning rate follow the sparsity (docs/quality.md, docs/convergence.md). "
+        '`"oneshot_kd"`: `"elsa"` without the mask search (`admm_fraction=0`): SparseGPT\'s mask is kept and the '
+        "run fine-tunes with distillation.",
         choices=RECIPES,
     )
     admm_penalty: str | None = _setting(

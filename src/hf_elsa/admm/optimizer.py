@@ -97,6 +97,8 @@ class ElsaOptimizer(torch.optim.Optimizer):
         self._pending: dict[torch.nn.Parameter, dict] = {}
         # {name: keep mask} chosen before the run (a one-shot pruner, masks recorded on a loaded model)
         self.initial_masks: dict[str, torch.Tensor] = {}
+        # the start's masks (this process's shards) until the mask is fixed: how far the mask search moved
+        self._start_masks: dict[str, torch.Tensor] = {}
         # what else defines the run (e.g. the distillation teacher's fingerprint): written into the state at the
         # first step, so that a resume can compare (``recorded``)
         self.run_record: dict[str, float | int] = {}
@@ -438,6 +440,8 @@ class ElsaOptimizer(torch.optim.Optimizer):
             z = p.detach().clone()
             initial = self._take_initial_mask(name, p)
             mask = initial if initial is not None else self._keep_mask(name, p, local(z), sparsities[name])
+            if initial is not None:
+                self._start_masks[name] = initial
             local(z).mul_(mask)
             self.storage.write(state, z, torch.zeros_like(p))
             state[LAMBDA] = self.lambda_at(0)
@@ -447,7 +451,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
         """Enter the fixed-mask phase: hard-project every W (or read its zeros for keep_mask); log what it removed."""
         s = self.settings
         self.check_finite(f"when the mask is fixed (step {self.steps_done})")
-        sums = ShardSums(3)  # removed, norm^2 and zeros, over whole tensors
+        sums = ShardSums(4)  # removed, norm^2, zeros and entries whose mask differs from the start's, whole tensors
         if s.keep_mask or not s.final_projection:
             sparsities = {}
         else:
@@ -471,14 +475,18 @@ class ElsaOptimizer(torch.optim.Optimizer):
                 state[MASK] = like(mask, p)
             for key in ADMM_ONLY_KEYS:
                 state.pop(key, None)
-            sums.add(p, [removed, w.float().square().sum(), (w == 0).sum()])
-        removed, norm_sq, zeros = sums.total()
+            start = self._start_masks.pop(name, None)
+            moved = (start != mask).sum() if start is not None and mask is not None else 0
+            sums.add(p, [removed, w.float().square().sum(), (w == 0).sum(), moved])
+        removed, norm_sq, zeros, moved = sums.total()
         self.final_removed = math.sqrt(removed) / max(math.sqrt(removed + norm_sq), 1e-30)
         # keep the last ADMM diagnostics: they describe the state the mask was fixed in
         self.metrics.update(
             {
                 "elsa/final_projection_removed": self.final_removed,
                 "elsa/weight_sparsity": zeros / sum(p.numel() for p in self.prunable.values()),
+                # share of the prunable weights whose kept/pruned state the mask search changed from the one-shot start
+                "elsa/mask_moved_from_start": moved / sum(p.numel() for p in self.prunable.values()),
             }
         )
 
