@@ -16,7 +16,6 @@ import hashlib
 import os
 import time
 
-import torch
 import torch.distributed as dist
 
 from hf_elsa.data import token_blocks

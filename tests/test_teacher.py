@@ -121,7 +121,9 @@ def test_resume_with_foreign_optimizer_state_is_refused(tmp_path):
         train_quietly(make_model("llama"), args, lm_dataset(48, seed=text), callbacks=[StopAt(4)])
     mixed = tmp_path / "a" / "out" / "checkpoint-4"
     shutil.copy(tmp_path / "b" / "out" / "checkpoint-4" / "optimizer.pt", mixed / "optimizer.pt")
-    with pytest.raises(ValueError, match=r"resuming at step 4: \d+ weights are nonzero where the optimizer's fixed mask"):
+    with pytest.raises(
+        ValueError, match=r"resuming at step 4: \d+ weights are nonzero where the optimizer's fixed mask"
+    ):
         train_quietly(make_model("llama"), elsa_args(tmp_path / "c", max_steps=8), resume=str(mixed))
 
 
@@ -138,7 +140,9 @@ def _refused(tmp_path, match, model=None, teacher=None, tokenizer=None, **overri
 
 
 def test_teacher_with_another_vocabulary_is_refused(tmp_path):
-    _refused(tmp_path, r"teacher_model predicts 160 tokens, the student 128", teacher=make_model("llama", vocab_size=160))
+    _refused(
+        tmp_path, r"teacher_model predicts 160 tokens, the student 128", teacher=make_model("llama", vocab_size=160)
+    )
 
 
 def test_teacher_smaller_than_the_tokenizer_is_refused(tmp_path):

@@ -137,21 +137,22 @@ class Teacher:
         self.backbone = self.causal_lm.base_model
         self.head = self.causal_lm.get_output_embeddings()
         self.softcap = getattr(self.causal_lm.config, "final_logit_softcapping", None)
-        self.sharded = False
+        self.placed = self.sharded = False
 
     def place(self, student: nn.Module, device: torch.device) -> None:
-        """Put the teacher where the student is: sharded on its mesh under FSDP2, on its device otherwise."""
+        """Put the teacher where the (prepared) student is, once: sharded on its mesh under FSDP2 (each decoder
+        layer moved to the device and sharded in turn), on its device otherwise."""
+        if self.placed:
+            return
+        self.placed = True
         mesh = next((p.device_mesh for p in student.parameters() if is_sharded(p)), None)
         if mesh is None:
             self.model.to(device)
-            return
-        if self.sharded:
             return
         from torch.distributed.fsdp import fully_shard
 
         from .oneshot._sequential import find_decoder_layers
 
-        self.model.to(mesh.device_type)
         for layer in find_decoder_layers(self.causal_lm) or ():
             fully_shard(layer, mesh=mesh, reshard_after_forward=True)
         fully_shard(self.causal_lm, mesh=mesh, reshard_after_forward=True)

@@ -40,7 +40,6 @@ from .curvature import (
     probe_generator,
 )
 from .distillation import chunked_kl, hidden_state_loss, next_token_mask
-from .teacher import Teacher, check_teacher, dense_copy, describe, fingerprint, same_fingerprint, sparse_reason
 from .flatness import Sassha, perturbed, sam_perturbation
 from .inference import sparse_layers
 from .lora import is_peft_model, prepare_peft_model
@@ -55,6 +54,7 @@ from .sparse_io import (
     write_model_card,
 )
 from .targets import find_prunable_modules, is_transposed
+from .teacher import Teacher, check_teacher, dense_copy, describe, fingerprint, same_fingerprint, sparse_reason
 from .trainer_inputs import frozen_weights_message, prepare_trainer_inputs, warn_short_budget
 
 logger = get_logger(__name__)
@@ -103,8 +103,10 @@ class ElsaTrainer(Trainer):
         # when the adapters are merged (hf_elsa.lora.merge_and_unload).
         self.lora = prepare_peft_model(model, args) if is_peft_model(model) else None
         # Fail fast on bad targets, before the Trainer moves the model or builds anything.
-        self.prunable_modules = self.lora.modules if self.lora is not None else find_prunable_modules(
-            model, args.target_modules, args.exclude_modules, args.sparsity_type
+        self.prunable_modules = (
+            self.lora.modules
+            if self.lora is not None
+            else find_prunable_modules(model, args.target_modules, args.exclude_modules, args.sparsity_type)
         )
         frozen = [name for name, module in self.prunable_modules.items() if not module.weight.requires_grad]
         if frozen and self.lora is None:
@@ -246,7 +248,11 @@ class ElsaTrainer(Trainer):
     def _after_accumulation(self, model, inputs, window) -> None:
         """Hutchinson refresh at x; SAM replay of ``window`` at x + e (Sassha's refresh there); x restored."""
         opt, sassha, args = self.elsa_optimizer, self.sassha_optimizer, self.args
-        if sassha is None and opt.in_admm_phase and opt.estimator.hessian_refresh_due(opt.steps_done, args.hessian_interval):
+        if (
+            sassha is None
+            and opt.in_admm_phase
+            and opt.estimator.hessian_refresh_due(opt.steps_done, args.hessian_interval)
+        ):
             self._refresh_hutchinson(model, inputs)
         sassha_due = sassha is not None and sassha.hessian_refresh_due()
         if args.sam_rho <= 0:
@@ -335,7 +341,11 @@ class ElsaTrainer(Trainer):
         dataset = self.train_dataset
         count = min(self.args.admm_init_samples, len(dataset))
         try:  # a datasets.Dataset in one slice, any map-style dataset of {"input_ids": ...} items otherwise
-            rows = dataset[:count]["input_ids"] if hasattr(dataset, "column_names") else [dataset[i]["input_ids"] for i in range(count)]
+            rows = (
+                dataset[:count]["input_ids"]
+                if hasattr(dataset, "column_names")
+                else [dataset[i]["input_ids"] for i in range(count)]
+            )
             calibration = torch.stack([torch.as_tensor(row) for row in rows])
         except (KeyError, TypeError, IndexError, RuntimeError) as error:
             raise ValueError(
@@ -345,7 +355,11 @@ class ElsaTrainer(Trainer):
         processes = self.args.world_size
         logger.info(
             "hf_elsa: warm start: %s on %d calibration blocks of %d tokens%s (admm_init=%r)",
-            method, count, calibration.shape[1], f", split over {processes} processes" if processes > 1 else "", method,
+            method,
+            count,
+            calibration.shape[1],
+            f", split over {processes} processes" if processes > 1 else "",
+            method,
         )
         started = time.perf_counter()
         masks = PRUNERS.get(method)(

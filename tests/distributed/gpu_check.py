@@ -37,7 +37,7 @@ from hf_elsa.data import token_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import make_char_tokenizer, make_model  # noqa: E402  (tests/ is not a package)
+from conftest import make_char_tokenizer, make_model
 
 SPARSITY = 0.7
 STEPS = 8
@@ -126,7 +126,11 @@ def main() -> int:
         _, w_resumed, m_resumed = _run(
             # the same script run again: the dense model goes in (distillation's teacher), the checkpoint restores
             # the pruned student and the ADMM state
-            os.path.join(out, f"resumed{step}"), seed=0, resume=checkpoint, use_cpu=cli.cpu, **fields
+            os.path.join(out, f"resumed{step}"),
+            seed=0,
+            resume=checkpoint,
+            use_cpu=cli.cpu,
+            **fields,
         )
         same_masks = m_resumed.keys() == masks.keys() and all(torch.equal(m_resumed[n], masks[n]) for n in masks)
         diff = max((w_resumed[n] - weights[n]).abs().max().item() for n in weights)

@@ -47,7 +47,9 @@ def _free_port() -> int:
 
 def _run(cmd: list[str], env: dict | None = None) -> None:
     proc = subprocess.run(cmd, check=False, env=env or _env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,9 @@ def results(tmp_path_factory):
 
 def _reference(results, name):
     case = worker.CASES[name]
-    return results["one"][name.removeprefix("fsdp2_").replace("fsdp2", "default")] if case.fsdp2 else results["one"][name]
+    return (
+        results["one"][name.removeprefix("fsdp2_").replace("fsdp2", "default")] if case.fsdp2 else results["one"][name]
+    )
 
 
 def _assert_exactly_sparse(record, name):
@@ -129,7 +133,9 @@ def test_resume_equals_the_straight_run(results, name):
     for record in records:
         resumed = record["resumed"]
         for tensor, w in record["weights"].items():
-            assert torch.equal(resumed["weights"][tensor], w), f"{name}: resumed {tensor} differs (world {record['world_size']})"
+            assert torch.equal(resumed["weights"][tensor], w), (
+                f"{name}: resumed {tensor} differs (world {record['world_size']})"
+            )
         for tensor, mask in record["masks"].items():
             assert torch.equal(resumed["masks"][tensor], mask)
 

@@ -72,7 +72,7 @@ CASES = {
 
 
 def _world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _mark_gloo_group_as_gpu_type() -> None:
@@ -175,7 +175,9 @@ def _record(trainer, seconds: float) -> dict:
     prunable = {name: _full(module.weight) for name, module in trainer.prunable_modules.items()}
     opt = trainer.elsa_optimizer
     masks = {n: _full(m) for n, m in opt.masks().items()} if opt is not None else {}
-    history = [{k: v for k, v in h.items() if k in ("loss", "loss_ce", "loss_distill")} for h in trainer.state.log_history]
+    history = [
+        {k: v for k, v in h.items() if k in ("loss", "loss_ce", "loss_distill")} for h in trainer.state.log_history
+    ]
     return {
         "memory": _memory(trainer),
         "weights": prunable,

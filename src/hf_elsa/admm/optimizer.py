@@ -339,7 +339,9 @@ class ElsaOptimizer(torch.optim.Optimizer):
         gather = is_sharded(p) and not (self.pattern.groups_within_rows and rows_whole(p, 1 if transposed else 0))
         if gather:
             score = full_tensor(score, p)
-        mask = self.pattern.keep_mask(score.t(), sparsity).t() if transposed else self.pattern.keep_mask(score, sparsity)
+        mask = (
+            self.pattern.keep_mask(score.t(), sparsity).t() if transposed else self.pattern.keep_mask(score, sparsity)
+        )
         if gather:
             return shard_of(mask.contiguous(), p)
         return mask

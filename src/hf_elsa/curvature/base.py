@@ -44,7 +44,7 @@ class CurvatureEstimator:
     def forward_hooks(self, modules: dict, state_of, transposed: frozenset[str]):
         """An object with ``attach()`` / ``remove()`` / ``attached`` that collects statistics from the prunable
         layers' forwards during the ADMM phase, or ``None`` when this estimator needs none."""
-        return None
+        return
 
     def hessian_refresh_due(self, steps_done: int, interval: int) -> bool:
         """Whether the trainer should compute a Hessian diagonal (a double backward) after this step's window."""
