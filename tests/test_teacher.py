@@ -180,7 +180,8 @@ def test_a_vanishing_temperature_is_refused_with_the_reason(tmp_path):
 def test_nan_in_a_teacher_is_named_before_the_warm_start(tmp_path, monkeypatch):
     import hf_elsa.oneshot
 
-    monkeypatch.setattr(hf_elsa.oneshot, "sparsegpt", lambda *a, **k: pytest.fail("the warm start ran"))
+    pruner = type(hf_elsa.oneshot.PRUNERS.get("sparsegpt"))
+    monkeypatch.setattr(pruner, "__call__", lambda *a, **k: pytest.fail("the warm start ran"))
     teacher = make_model("llama")
     with torch.no_grad():
         teacher.lm_head.weight[0, 0] = float("inf")  # tied: the embedding too
@@ -194,13 +195,14 @@ def test_the_warm_start_runs_once_before_the_loop(tmp_path, monkeypatch):
     pruned weights again and left stale masks that replaced the final projection (DDP then parted from one process)."""
     import hf_elsa.oneshot
 
-    calls, original = [], hf_elsa.oneshot.sparsegpt
+    calls, pruner = [], type(hf_elsa.oneshot.PRUNERS.get("sparsegpt"))
+    original = pruner.__call__
 
-    def counting(model, *args, **kwargs):
+    def counting(self, model, *args, **kwargs):
         calls.append(model.training)
-        return original(model, *args, **kwargs)
+        return original(self, model, *args, **kwargs)
 
-    monkeypatch.setattr(hf_elsa.oneshot, "sparsegpt", counting)
+    monkeypatch.setattr(pruner, "__call__", counting)
     args = elsa_args(tmp_path, max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2)
     trainer = train_quietly(make_model("llama"), args)
     assert len(calls) == 1 and trainer.warm_start_seconds > 0
@@ -209,7 +211,8 @@ def test_the_warm_start_runs_once_before_the_loop(tmp_path, monkeypatch):
 def test_resume_skips_the_warm_start(checkpoint, tmp_path, monkeypatch):
     import hf_elsa.oneshot
 
-    monkeypatch.setattr(hf_elsa.oneshot, "sparsegpt", lambda *a, **k: pytest.fail("the warm start ran on resume"))
+    pruner = type(hf_elsa.oneshot.PRUNERS.get("sparsegpt"))
+    monkeypatch.setattr(pruner, "__call__", lambda *a, **k: pytest.fail("the warm start ran on resume"))
     train_quietly(make_model("llama"), elsa_args(tmp_path / "b", max_steps=8), resume=checkpoint)
 
 
