@@ -362,13 +362,16 @@ class ElsaTrainer(Trainer):
             method,
         )
         started = time.perf_counter()
-        masks = PRUNERS.get(method)(
+        masks = PRUNERS.get(
+            method
+        )(
             self.accelerator.unwrap_model(self.model),
             calibration,
             sparsity=self.args.sparsity,
             sparsity_type=self.args.pattern,
             target_modules=list(self.prunable_modules),
             progress=not self.args.disable_tqdm and self.is_local_process_zero(),
+            execution_device=self.args.device,  # a model left on the CPU (FSDP before sharding) runs layer by layer there
         )
         self.warm_start_seconds = time.perf_counter() - started
         logger.info("hf_elsa: warm start done in %.1f s; training starts", self.warm_start_seconds)

@@ -269,11 +269,14 @@ def prune_layerwise(
     batch_size: int = 8,
     progress: bool = True,
     desc: str = "pruning",
+    execution_device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Prune ``modules`` of ``model`` one decoder layer at a time; return their keep masks.
 
     Modules outside the decoder layers (e.g. OPT's ``project_in`` / ``project_out``) are pruned last,
-    from one forward pass of the whole, already pruned model.
+    from one forward pass of the whole, already pruned model. ``execution_device``: a model kept on the CPU (FSDP
+    before sharding) has each decoder layer moved there for its turn and back after it, so calibration runs on
+    the accelerator while only one layer's weights occupy it.
     """
     ids = as_token_ids(calibration)
     batches = _batches(ids, batch_size)
@@ -306,6 +309,12 @@ def prune_layerwise(
             hidden, extras = capture_layer_inputs(model, layers, batches)
             for index in tqdm(range(used[-1] + 1), desc=f"{desc} (layers)", disable=not progress):
                 layer, kind = layers[index], kinds[index]
+                home = _device_of(layer, torch.device("cpu"))
+                onload = (
+                    execution_device is not None and home.type == "cpu" and torch.device(execution_device).type != "cpu"
+                )
+                if onload:
+                    layer.to(execution_device)
 
                 # run_all is called only in this iteration, before `hidden` is reassigned; bound as a default it
                 # would keep the last layer's activations alive past `del hidden`
@@ -317,6 +326,8 @@ def prune_layerwise(
                     masks.update(_prune_modules(per_layer[index], stats, prune_module))
                 if index < used[-1]:
                     hidden = run_all()  # outputs of the pruned layer feed the next one
+                if onload:
+                    layer.to(home)
             del hidden, extras
         if outside:
             logger.info(

@@ -60,11 +60,13 @@ class OneShotPruner:
         exclude_modules: Sequence[str] | None = None,
         batch_size: int = 8,
         progress: bool = True,
+        execution_device: torch.device | str | None = None,
     ) -> dict[str, torch.Tensor]:
         """Prune ``model`` in place; return ``{module_name: keep_mask}`` (True = kept).
 
         ``calibration``: a LongTensor ``[num_samples, seqlen]`` or a ``datasets.Dataset`` with an ``input_ids``
-        column; ignored by pruners that need none.
+        column; ignored by pruners that need none. ``execution_device``: for a model on the CPU, where each
+        decoder layer runs during calibration (moved there for its turn and back).
         """
         pattern = check_arguments(sparsity, sparsity_type)
         modules = find_prunable_modules(model, target_modules, exclude_modules, pattern)
@@ -88,6 +90,7 @@ class OneShotPruner:
             batch_size=batch_size,
             progress=progress,
             desc=self.name,
+            execution_device=execution_device,
         )
 
 
