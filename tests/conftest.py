@@ -198,17 +198,13 @@ def dataset_factory():
     return lm_dataset
 
 
-# Settings a test of the bare ADMM mechanics overrides, each saying why: the magnitude start (z0 = Proj(W), no
-# one-shot pruning) and no teacher (the next-token loss alone), so that a test can predict the state exactly.
-BARE_ADMM = {"admm_init": "magnitude", "distill_weight": 0.0}
-
-
 def elsa_args(tmp_path, **overrides):
     """A small, fast, CPU-only ElsaConfig for tiny-model tests, on the default recipe users get.
 
     The recipe's own fields (SparseGPT start, distillation from the dense model, its learning rate) are left at
     their defaults; only the run's size is small: 12 steps, and 16 calibration blocks for the warm start
-    (tiny models and 48-block datasets). A test of other mechanics overrides with ``**BARE_ADMM`` and says why.
+    (tiny models and 48-block datasets). A test of the bare ADMM mechanics overrides ``admm_init="magnitude"`` (z0 =
+    Proj(W), no one-shot pruning) or ``distill_weight=0`` (no teacher) itself, and says why.
     """
     from hf_elsa import ElsaConfig
 
