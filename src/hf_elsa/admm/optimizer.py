@@ -57,6 +57,19 @@ def _decode(codes) -> str | None:
     return None if codes is None else bytes(codes).decode()
 
 
+def _offenders(named_params, count: Callable[[torch.nn.Parameter], torch.Tensor]) -> list[tuple[str, int]]:
+    """``(name, n)`` of the weights where ``count`` (of this process's shard) sums to ``n > 0`` over the processes."""
+    named_params = list(named_params)
+    if not named_params:
+        return []
+    sums = ShardSums(len(named_params))
+    for i, (_, p) in enumerate(named_params):
+        row = [0.0] * len(named_params)
+        row[i] = count(p)
+        sums.add(p, row)
+    return [(name, int(n)) for (name, _), n in zip(named_params, sums.total()) if n > 0]
+
+
 class ElsaOptimizer(torch.optim.Optimizer):
     """ADMM around any ``torch.optim.Optimizer``.
 
@@ -349,12 +362,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def check_finite(self, when: str) -> None:
         """Raise a clear error naming the prunable weights with NaN or infinite entries (all processes agree)."""
-        sums = ShardSums(len(self.prunable))
-        for i, p in enumerate(self.prunable.values()):
-            row = [0.0] * len(self.prunable)
-            row[i] = (~torch.isfinite(local(p.detach()))).sum()
-            sums.add(p, row)
-        bad = [(name, int(n)) for name, n in zip(self.prunable, sums.total()) if n > 0]
+        bad = _offenders(self.prunable.items(), lambda p: (~torch.isfinite(local(p.detach()))).sum())
         if bad:
             listed = ", ".join(f"{name} ({n})" for name, n in bad[:5]) + (" ..." if len(bad) > 5 else "")
             raise FloatingPointError(
@@ -618,15 +626,8 @@ class ElsaOptimizer(torch.optim.Optimizer):
     def check_masks_hold(self, when: str) -> None:
         """Refuse weights that are nonzero where their fixed mask prunes (a checkpoint's optimizer state from
         another run, weights changed behind the optimizer's back), naming the tensors; all processes agree."""
-        fixed = [(n, p, self.state[p][MASK]) for n, p in self.prunable.items() if MASK in self.state.get(p, {})]
-        if not fixed:
-            return
-        sums = ShardSums(len(fixed))
-        for i, (_, p, mask) in enumerate(fixed):
-            row = [0.0] * len(fixed)
-            row[i] = (local(p.detach())[~local(mask)] != 0).sum()
-            sums.add(p, row)
-        bad = [(name, int(n)) for (name, _, _), n in zip(fixed, sums.total()) if n > 0]
+        fixed = [(n, p) for n, p in self.prunable.items() if MASK in self.state.get(p, {})]
+        bad = _offenders(fixed, lambda p: (local(p.detach())[~local(self.state[p][MASK])] != 0).sum())
         if bad:
             listed = ", ".join(f"{name} ({n} entries)" for name, n in bad[:5]) + (" ..." if len(bad) > 5 else "")
             raise ValueError(
