@@ -62,7 +62,9 @@ def test_owl_allocation_survives_resume(tmp_path):
     straight = make_model("llama")
     train_quietly(straight, elsa_args(tmp_path / "a", **common))
     interrupted = make_model("llama")
-    train_quietly(interrupted, elsa_args(tmp_path / "b", save_strategy="steps", save_steps=4, **common), callbacks=[StopAt(4)])
+    train_quietly(
+        interrupted, elsa_args(tmp_path / "b", save_strategy="steps", save_steps=4, **common), callbacks=[StopAt(4)]
+    )
     resumed = make_model("llama", seed=1)
     train_quietly(resumed, elsa_args(tmp_path / "c", **common), resume=str(tmp_path / "b" / "out" / "checkpoint-4"))
     for name, w in straight.state_dict().items():
@@ -150,7 +152,9 @@ def test_resume_with_a_shorter_run_keeps_the_checkpoints_phase_and_ends_exactly_
     # fraction would put it at step 5 -- the checkpoint's own boundary (10) is kept.
     ckpt = _checkpoint(tmp_path, 4, 40, sparsity=0.5, admm_fraction=0.25)
     model = make_model("llama", seed=1)
-    trainer = train_quietly(model, elsa_args(tmp_path / "r", sparsity=0.5, admm_fraction=0.25, max_steps=20), resume=ckpt)
+    trainer = train_quietly(
+        model, elsa_args(tmp_path / "r", sparsity=0.5, admm_fraction=0.25, max_steps=20), resume=ckpt
+    )
     assert trainer.elsa_optimizer.admm_steps == 10
     assert all(z == round(0.5 * w.numel()) for z, w in zip(_zeros(model).values(), prunable_weights(model).values()))
 
@@ -169,7 +173,9 @@ def test_resume_of_a_fixed_mask_checkpoint_with_a_longer_run(tmp_path):
     assert all(z == round(0.5 * w.numel()) for z, w in zip(_zeros(model).values(), prunable_weights(model).values()))
 
 
-@pytest.mark.parametrize("change,match", [({"sparsity": 0.9}, "sparsity=0.5"), ({"sparsity_type": "2:4"}, "'unstructured'")])
+@pytest.mark.parametrize(
+    "change,match", [({"sparsity": 0.9}, "sparsity=0.5"), ({"sparsity_type": "2:4"}, "'unstructured'")]
+)
 def test_resume_with_other_sparsity_settings_is_refused(change, match, tmp_path):
     ckpt = _checkpoint(tmp_path, 6, 12, sparsity=0.5, admm_fraction=0.25)
     settings = {"sparsity": 0.5, "admm_fraction": 0.25, "max_steps": 12, **change}
