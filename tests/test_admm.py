@@ -469,7 +469,8 @@ def _batches(n, seed=21):
 
 def _make_opt(model, total):
     base = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
-    settings = ElsaSettings(recipe="paper", 
+    settings = ElsaSettings(
+        recipe="paper",
         sparsity=0.7,
         admm_interval=2,
         admm_penalty="gradient",

@@ -127,7 +127,9 @@ def test_global_search_is_exact_whatever_the_sampled_bracket(monkeypatch, sample
     monkeypatch.setattr(global_budget, "MARGIN_SD", margin)
     ranges = []
     bisect = global_budget._bisect
-    monkeypatch.setattr(global_budget, "_bisect", lambda b, k, r, lo, hi: ranges.append((lo, hi)) or bisect(b, k, r, lo, hi))
+    monkeypatch.setattr(
+        global_budget, "_bisect", lambda b, k, r, lo, hi: ranges.append((lo, hi)) or bisect(b, k, r, lo, hi)
+    )
     for seed in range(4):
         scores = _scores(seed, shapes=((40, 30), (25, 20), (30, 64)))
         scores["t0"][:5] = 0.5  # ties across the threshold

@@ -172,7 +172,14 @@ def test_elsa_settings_carry_the_fields(tmp_path):
     )
     s = config.elsa_settings()
     assert type(s) is ElsaSettings
-    assert (s.sparsity, s.sparsity_type, s.admm_interval, s.admm_lambda, s.admm_lambda_schedule, s.admm_lambda_init) == (
+    assert (
+        s.sparsity,
+        s.sparsity_type,
+        s.admm_interval,
+        s.admm_lambda,
+        s.admm_lambda_schedule,
+        s.admm_lambda_init,
+    ) == (
         0.6,
         "4:8",
         3,

@@ -146,7 +146,14 @@ def test_fisher_is_the_ema_of_squared_task_gradients_without_the_penalty():
     opt = ElsaOptimizer(
         torch.optim.SGD([w], lr=0.05),
         {"w": w},
-        ElsaSettings(recipe="paper", sparsity=0.5, importance="fisher", importance_beta=beta, admm_penalty="gradient", admm_lambda=0.5),
+        ElsaSettings(
+            recipe="paper",
+            sparsity=0.5,
+            importance="fisher",
+            importance_beta=beta,
+            admm_penalty="gradient",
+            admm_lambda=0.5,
+        ),
         total_steps=10,
     )
     gen = torch.Generator().manual_seed(2)

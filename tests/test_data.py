@@ -132,7 +132,9 @@ def test_pack_text_dataset_text_and_chat(char_tokenizer):
                                  char_tokenizer, block_size=8)  # fmt: skip
     assert [list(r["input_ids"]) for r in streamed] == packed[:]["input_ids"].tolist()
 
-    chat = Dataset.from_dict({"messages": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]]})
+    chat = Dataset.from_dict(
+        {"messages": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]]}
+    )
     with pytest.raises(ValueError, match="chat template"):
         pack_text_dataset(chat, char_tokenizer, block_size=4)
     tok = char_tokenizer.__class__(tokenizer_object=char_tokenizer.backend_tokenizer, eos_token="<eos>")

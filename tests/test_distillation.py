@@ -76,6 +76,7 @@ def test_next_token_mask_follows_the_labels():
 # the trainer
 # ---------------------------------------------------------------------------------------------------
 
+
 def test_weight_zero_is_exactly_the_plain_run(tmp_path, monkeypatch):
     plain, zero = make_model("llama"), make_model("llama")
     trainer = train_quietly(zero, elsa_args(tmp_path / "b", distill_weight=0.0))
@@ -119,8 +120,14 @@ def test_distillation_only_with_a_teacher_equal_to_the_student_has_zero_kl_at_th
 @pytest.mark.parametrize("accumulation,sam_rho", [(1, 0.0), (2, 0.0), (1, 0.05)])
 def test_logged_parts_are_per_step_means_that_add_up_to_the_logged_loss(accumulation, sam_rho, tmp_path):
     w = 0.25
-    args = elsa_args(tmp_path, distill_weight=w, max_steps=6, logging_steps=3, sam_rho=sam_rho,
-                     gradient_accumulation_steps=accumulation)
+    args = elsa_args(
+        tmp_path,
+        distill_weight=w,
+        max_steps=6,
+        logging_steps=3,
+        sam_rho=sam_rho,
+        gradient_accumulation_steps=accumulation,
+    )
     trainer = train_quietly(make_model("llama"), args)
     logged = [h for h in trainer.state.log_history if "loss_distill" in h]
     assert len(logged) == 2
@@ -146,10 +153,11 @@ def test_gradient_accumulation_equals_one_big_batch(hidden, tmp_path):
     common = dict(distill_weight=0.7, distill_hidden_weight=hidden, max_steps=6, learning_rate=3e-3, admm_init="magnitude")
     one, two = make_model("llama"), make_model("llama")
     train_quietly(one, elsa_args(tmp_path / "a", per_device_train_batch_size=4, **common), dataset)
-    train_quietly(two, elsa_args(tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=2, **common), dataset)
+    train_quietly(
+        two, elsa_args(tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=2, **common), dataset
+    )
     for name, w in one.state_dict().items():
         torch.testing.assert_close(two.state_dict()[name], w, rtol=0, atol=1e-6, msg=name)
-
 
 
 def test_resume_with_distillation_equals_a_straight_run(tmp_path):
@@ -158,11 +166,17 @@ def test_resume_with_distillation_equals_a_straight_run(tmp_path):
     straight = make_model("llama")
     train_quietly(straight, elsa_args(tmp_path / "a", **common), dataset)
     interrupted = make_model("llama")
-    train_quietly(interrupted, elsa_args(tmp_path / "b", save_strategy="steps", save_steps=6, **common), dataset,
-           callbacks=[StopAt(6)])
+    train_quietly(
+        interrupted,
+        elsa_args(tmp_path / "b", save_strategy="steps", save_steps=6, **common),
+        dataset,
+        callbacks=[StopAt(6)],
+    )
     # the same script run again: the dense model is passed in, the checkpoint restores the pruned student
     resumed = make_model("llama")
-    train_quietly(resumed, elsa_args(tmp_path / "c", **common), dataset, resume=str(tmp_path / "b" / "out" / "checkpoint-6"))
+    train_quietly(
+        resumed, elsa_args(tmp_path / "c", **common), dataset, resume=str(tmp_path / "b" / "out" / "checkpoint-6")
+    )
     for name, w in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], w, rtol=0, atol=1e-6, msg=name)
 
@@ -177,7 +191,9 @@ def test_sam_replays_the_distillation_loss(tmp_path, monkeypatch):
         return loss
 
     monkeypatch.setattr(ElsaTrainer, "compute_loss", counting)
-    train_quietly(make_model("llama"), elsa_args(tmp_path, distill_weight=1.0, sam_rho=0.05, max_steps=2, logging_steps=10))
+    train_quietly(
+        make_model("llama"), elsa_args(tmp_path, distill_weight=1.0, sam_rho=0.05, max_steps=2, logging_steps=10)
+    )
     # 2 steps x (first pass + SAM replay): every pass added a distillation term
     assert len(calls) == 4 and all(c is not None for c in calls) and calls == sorted(calls)
 

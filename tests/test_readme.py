@@ -39,7 +39,10 @@ def test_makefile_runs_every_command_with_the_given_python():
     python = "/nowhere/venv/bin/python"
     dry = subprocess.run(
         ["make", "-n", "-B", "demo", "test", "test-fast", f"PYTHON={python}"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     commands = [line for line in dry.stdout.splitlines() if line.strip()]
     assert commands and all(line.startswith(f"{python} -m ") for line in commands), dry.stdout

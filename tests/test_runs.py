@@ -172,7 +172,9 @@ def test_resume_of_a_fixed_mask_checkpoint_with_a_longer_run(tmp_path):
     assert all(z == round(0.5 * w.numel()) for z, w in zip(_zeros(model).values(), prunable_weights(model).values()))
 
 
-@pytest.mark.parametrize("change,match", [({"sparsity": 0.9}, "sparsity=0.5"), ({"sparsity_type": "2:4"}, "'unstructured'")])
+@pytest.mark.parametrize(
+    "change,match", [({"sparsity": 0.9}, "sparsity=0.5"), ({"sparsity_type": "2:4"}, "'unstructured'")]
+)
 def test_resume_with_other_sparsity_settings_is_refused(change, match, tmp_path):
     ckpt = _checkpoint(tmp_path, 6, 12, sparsity=0.5, admm_fraction=0.25)
     settings = {"sparsity": 0.5, "admm_fraction": 0.25, "max_steps": 12, **change}

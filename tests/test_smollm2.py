@@ -50,8 +50,15 @@ def test_short_elsa_run_on_smollm2_is_exactly_sparse_and_round_trips(smollm2, do
     train_docs, _ = split_documents(documents[:20], eval_fraction=0.1, seed=0)
     train = token_blocks(train_docs, tokenizer, block_size=64, num_blocks=16)
     args = ElsaConfig(
-        output_dir=str(tmp_path / "run"), sparsity=0.9, max_steps=4, per_device_train_batch_size=2,
-        admm_interval=1, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
+        output_dir=str(tmp_path / "run"),
+        sparsity=0.9,
+        max_steps=4,
+        per_device_train_batch_size=2,
+        admm_interval=1,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
     )
     trainer = ElsaTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     trainer.train()

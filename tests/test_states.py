@@ -119,7 +119,15 @@ def _optimizer(weight, z_dtype, u_dtype, **settings):
     with torch.no_grad():
         layer.weight.copy_(weight)
     base = torch.optim.SGD(layer.parameters(), lr=0.05)
-    s = ElsaSettings(recipe="paper", sparsity=0.5, admm_interval=1, admm_lambda=0.5, admm_z_dtype=z_dtype, admm_u_dtype=u_dtype, **settings)
+    s = ElsaSettings(
+        recipe="paper",
+        sparsity=0.5,
+        admm_interval=1,
+        admm_lambda=0.5,
+        admm_z_dtype=z_dtype,
+        admm_u_dtype=u_dtype,
+        **settings,
+    )
     return layer, ElsaOptimizer(base, {"layer": layer.weight}, s, total_steps=50)
 
 

@@ -32,4 +32,3 @@ def check_transformers_version(installed: str | None = None) -> bool:
             stacklevel=2,
         )
     return False
-

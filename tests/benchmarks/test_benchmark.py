@@ -117,7 +117,11 @@ def test_plot_one_setting_as_bars_and_a_sweep_with_ratio_to_dense(tmp_path):
     from hf_elsa.showcase.benchmark import Result, plot
 
     dense = Result("dense", "dense", 0.0, 20.0, 1.0, 0.0)
-    one = [dense, Result("magnitude", "unstructured", 0.5, 300.0, 1, 0.5), Result("elsa", "unstructured", 0.5, 30, 1, 0.5)]
+    one = [
+        dense,
+        Result("magnitude", "unstructured", 0.5, 300.0, 1, 0.5),
+        Result("elsa", "unstructured", 0.5, 30, 1, 0.5),
+    ]
     assert plot(one, str(tmp_path / "one.png")) == "bars"
     sweep = one + [
         Result("magnitude", "unstructured", 0.9, 1e8, 1, 0.9),  # far above the ratio panel's cut
@@ -158,18 +162,34 @@ def test_quality_table_reads_logs_and_earlier_tables(tmp_path):
     """benchmarks/quality.py table: RESULT + COMMAND lines of logs, plus the cells of an earlier results.json."""
     quality = load_script("benchmarks/quality.py")
     config = {c: None for c in quality.COLUMNS}
-    cell = {"tag": "T1", "sparsity": 0.7, "sparsity_type": "unstructured", "ppl": 70.04, "step_s": 5.0, "config": config}
+    cell = {
+        "tag": "T1",
+        "sparsity": 0.7,
+        "sparsity_type": "unstructured",
+        "ppl": 70.04,
+        "step_s": 5.0,
+        "config": config,
+    }
     log = tmp_path / "T1.log"
-    log.write_text("COMMAND OMP_NUM_THREADS=1 python benchmarks/quality.py run T1 --sparsity 0.7 --warmup_steps 10\n"
-                   "noise\nRESULT " + json.dumps(cell) + "\n")
+    log.write_text(
+        "COMMAND OMP_NUM_THREADS=1 python benchmarks/quality.py run T1 --sparsity 0.7 --warmup_steps 10\n"
+        "noise\nRESULT " + json.dumps(cell) + "\n"
+    )
     earlier = tmp_path / "results.json"
-    earlier.write_text(json.dumps([{**cell, "tag": "T0", "ppl": 80.0, "sparsity_type": "2:4", "command": "x run T0 --a"}]))
+    earlier.write_text(
+        json.dumps([{**cell, "tag": "T0", "ppl": 80.0, "sparsity_type": "2:4", "command": "x run T0 --a"}])
+    )
     (tmp_path / "unfinished.log").write_text("COMMAND x\n")
     with pytest.raises(ValueError, match="no RESULT line"):
         quality.read_results([str(tmp_path / "unfinished.log")])
     quality.main(["table", str(earlier), str(log), "--output_dir", str(tmp_path / "out")])
     rows = (tmp_path / "out" / "results.md").read_text().splitlines()[2:]
-    assert len(rows) == 2 and "| 70% |" in rows[0] and "70.0" in rows[0] and "`--sparsity 0.7 --warmup_steps 10`" in rows[0]
+    assert (
+        len(rows) == 2
+        and "| 70% |" in rows[0]
+        and "70.0" in rows[0]
+        and "`--sparsity 0.7 --warmup_steps 10`" in rows[0]
+    )
     assert "| 2:4 |" in rows[1] and "`--a`" in rows[1]
     assert len(json.loads((tmp_path / "out" / "results.json").read_text())) == 2
 
