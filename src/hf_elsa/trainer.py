@@ -338,6 +338,30 @@ class ElsaTrainer(Trainer):
             return {}
         from .oneshot import PRUNERS
 
+        pruner = PRUNERS.get(method)
+        calibration = self._calibration_blocks(method) if pruner.requires_calibration else None
+        processes = self.args.world_size
+        blocks = (
+            "" if calibration is None else f" on {len(calibration)} calibration blocks of {calibration.shape[1]} tokens"
+        )
+        split = f", split over {processes} processes" if processes > 1 and calibration is not None else ""
+        logger.info("hf_elsa: warm start: %s%s%s", method, blocks, split)
+        started = time.perf_counter()
+        masks = pruner(
+            self.accelerator.unwrap_model(self.model),
+            calibration,
+            sparsity=self.args.sparsity,
+            sparsity_type=self.args.pattern,
+            target_modules=list(self.prunable_modules),
+            progress=not self.args.disable_tqdm and self.is_local_process_zero(),
+            execution_device=self.args.device,  # a model left on the CPU (FSDP before sharding): its layers run there
+        )
+        self.warm_start_seconds = time.perf_counter() - started
+        logger.info("hf_elsa: warm start done in %.1f s; training starts", self.warm_start_seconds)
+        return masks
+
+    def _calibration_blocks(self, method: str) -> torch.Tensor:
+        """The first ``admm_init_samples`` training blocks as ``[blocks, tokens]`` ids."""
         dataset = self.train_dataset
         count = min(self.args.admm_init_samples, len(dataset))
         try:  # a datasets.Dataset in one slice, any map-style dataset of {"input_ids": ...} items otherwise
@@ -346,36 +370,12 @@ class ElsaTrainer(Trainer):
                 if hasattr(dataset, "column_names")
                 else [dataset[i]["input_ids"] for i in range(count)]
             )
-            calibration = torch.stack([torch.as_tensor(row) for row in rows])
+            return torch.stack([torch.as_tensor(row) for row in rows])
         except (KeyError, TypeError, IndexError, RuntimeError) as error:
             raise ValueError(
                 f"ElsaConfig.admm_init={method!r} calibrates a one-shot pruner on training blocks: the train_dataset "
                 f"must hold equal-length 'input_ids' blocks ({error}), or use admm_init='magnitude'."
             ) from None
-        processes = self.args.world_size
-        logger.info(
-            "hf_elsa: warm start: %s on %d calibration blocks of %d tokens%s (admm_init=%r)",
-            method,
-            count,
-            calibration.shape[1],
-            f", split over {processes} processes" if processes > 1 else "",
-            method,
-        )
-        started = time.perf_counter()
-        masks = PRUNERS.get(
-            method
-        )(
-            self.accelerator.unwrap_model(self.model),
-            calibration,
-            sparsity=self.args.sparsity,
-            sparsity_type=self.args.pattern,
-            target_modules=list(self.prunable_modules),
-            progress=not self.args.disable_tqdm and self.is_local_process_zero(),
-            execution_device=self.args.device,  # a model left on the CPU (FSDP before sharding) runs layer by layer there
-        )
-        self.warm_start_seconds = time.perf_counter() - started
-        logger.info("hf_elsa: warm start done in %.1f s; training starts", self.warm_start_seconds)
-        return masks
 
     # -- distillation (hf_elsa.teacher, hf_elsa.distillation) ---------------------------------------
     def _prepare_teacher(self) -> None:
