@@ -54,7 +54,10 @@ def test_prune_eval_inspect_round_trip(base, tmp_path, capsys):
     assert meta["evaluation"]["results"]["perplexity"] > 1.0
     protocol = meta["evaluation"]["protocol"]
     assert "2 non-overlapping 16-token windows" in protocol["description"]
-    assert protocol["training_data"] == "6 text file(s); 1 of 6 documents held out (seed 0); 566 training blocks of 16 tokens"
+    assert (
+        protocol["training_data"]
+        == "6 text file(s); 1 of 6 documents held out (seed 0); 566 training blocks of 16 tokens"
+    )
     assert "Not evaluated yet" not in (tmp_path / "pruned" / "README.md").read_text()
 
     # eval scores exactly the files it is given: all of them, every window
@@ -213,11 +216,29 @@ def test_help_lists_elsa_fields_first(capsys):
     with pytest.raises(SystemExit):
         main(["prune", "--help"])
     out = capsys.readouterr().out
-    groups = [out.index(title) for title in ("--config", "ElsaConfig options", "model options", "data options",
-                                              "run options", "training options (transformers.TrainingArguments)")]
+    groups = [
+        out.index(title)
+        for title in (
+            "--config",
+            "ElsaConfig options",
+            "model options",
+            "data options",
+            "run options",
+            "training options (transformers.TrainingArguments)",
+        )
+    ]
     assert groups == sorted(groups)
-    for flag in ("--model_name_or_path", "--text_files", "--dataset_split", "--dataset_text_field", "--dtype",
-                 "--attn_implementation", "--compressed", "--method", "--data_files"):
+    for flag in (
+        "--model_name_or_path",
+        "--text_files",
+        "--dataset_split",
+        "--dataset_text_field",
+        "--dtype",
+        "--attn_implementation",
+        "--compressed",
+        "--method",
+        "--data_files",
+    ):
         assert flag in out, flag
     assert out.index("--sparsity ") < out.index("--learning_rate")
 

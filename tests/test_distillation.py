@@ -111,7 +111,9 @@ def test_distillation_changes_the_run_and_leaves_the_teacher_untouched(tmp_path)
 def test_distillation_only_with_a_teacher_equal_to_the_student_has_zero_kl_at_the_start(tmp_path):
     model = make_model("llama")
     # the magnitude start: no one-shot pruning before the first forward, so the student is still the dense model
-    args = elsa_args(tmp_path, distill_weight=1.0, max_steps=1, logging_steps=1, admm_fraction=1.0, admm_init="magnitude")
+    args = elsa_args(
+        tmp_path, distill_weight=1.0, max_steps=1, logging_steps=1, admm_fraction=1.0, admm_init="magnitude"
+    )
     trainer = train_quietly(model, args)
     first = next(h for h in trainer.state.log_history if "loss_distill" in h)
     assert abs(first["loss_distill"]) < 1e-6  # the dense copy equals the student before the first update
@@ -150,7 +152,9 @@ def test_gradient_accumulation_equals_one_big_batch(hidden, tmp_path):
     # The magnitude start: after SparseGPT's start Adam's first step moves every pruned zero by about +-lr, and the
     # mask fix then chooses among those near-ties by float rounding, which a different summation order (one batch
     # vs two accumulated halves) changes. This test is about the distillation terms' normalisation.
-    common = dict(distill_weight=0.7, distill_hidden_weight=hidden, max_steps=6, learning_rate=3e-3, admm_init="magnitude")
+    common = dict(
+        distill_weight=0.7, distill_hidden_weight=hidden, max_steps=6, learning_rate=3e-3, admm_init="magnitude"
+    )
     one, two = make_model("llama"), make_model("llama")
     train_quietly(one, elsa_args(tmp_path / "a", per_device_train_batch_size=4, **common), dataset)
     train_quietly(

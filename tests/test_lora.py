@@ -42,7 +42,9 @@ def test_lora_round_trip_keeps_every_zero(arch, make_args, tmp_path):
     masks = {name: get_sparsity(model).mask(name) for name in before}
 
     peft_model = peft.get_peft_model(model, _lora(arch))
-    trainer = ElsaTrainer(model=peft_model, args=make_args(max_steps=6, learning_rate=1e-2), train_dataset=lm_dataset(16))
+    trainer = ElsaTrainer(
+        model=peft_model, args=make_args(max_steps=6, learning_rate=1e-2), train_dataset=lm_dataset(16)
+    )
     assert trainer.lora is not None and trainer.elsa_optimizer is None
     lora_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
     trainer.train()

@@ -62,10 +62,16 @@ def test_owl_allocation_survives_resume(tmp_path):
     straight = make_model("llama")
     train_quietly(straight, elsa_args(tmp_path / "a", **common))
     interrupted = make_model("llama")
-    train_quietly(interrupted, elsa_args(tmp_path / "b", save_strategy="steps", save_steps=4, **common), callbacks=[StopAt(4)])
+    train_quietly(
+        interrupted, elsa_args(tmp_path / "b", save_strategy="steps", save_steps=4, **common), callbacks=[StopAt(4)]
+    )
     resumed = make_model("llama", seed=1)  # the student from the checkpoint, the teacher given (never checkpointed)
-    train_quietly(resumed, elsa_args(tmp_path / "c", **common), resume=str(tmp_path / "b" / "out" / "checkpoint-4"),
-                  teacher_model=make_model("llama"))
+    train_quietly(
+        resumed,
+        elsa_args(tmp_path / "c", **common),
+        resume=str(tmp_path / "b" / "out" / "checkpoint-4"),
+        teacher_model=make_model("llama"),
+    )
     for name, w in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], w, rtol=0, atol=1e-6, msg=name)
 
@@ -151,8 +157,12 @@ def test_resume_with_a_shorter_run_keeps_the_checkpoints_phase_and_ends_exactly_
     # fraction would put it at step 5 -- the checkpoint's own boundary (10) is kept.
     ckpt = _checkpoint(tmp_path, 4, 40, sparsity=0.5, admm_fraction=0.25)
     model = make_model("llama", seed=1)
-    trainer = train_quietly(model, elsa_args(tmp_path / "r", sparsity=0.5, admm_fraction=0.25, max_steps=20), resume=ckpt,
-                            teacher_model=make_model("llama"))
+    trainer = train_quietly(
+        model,
+        elsa_args(tmp_path / "r", sparsity=0.5, admm_fraction=0.25, max_steps=20),
+        resume=ckpt,
+        teacher_model=make_model("llama"),
+    )
     assert trainer.elsa_optimizer.admm_steps == 10
     assert all(z == round(0.5 * w.numel()) for z, w in zip(_zeros(model).values(), prunable_weights(model).values()))
 
@@ -167,8 +177,12 @@ def test_resume_with_a_run_too_short_for_the_checkpoints_phase_is_refused(tmp_pa
 def test_resume_of_a_fixed_mask_checkpoint_with_a_longer_run(tmp_path):
     ckpt = _checkpoint(tmp_path, 6, 12, sparsity=0.5, admm_fraction=0.25)  # mask fixed at step 3
     model = make_model("llama", seed=1)
-    train_quietly(model, elsa_args(tmp_path / "r", sparsity=0.5, admm_fraction=0.25, max_steps=30), resume=ckpt,
-                  teacher_model=make_model("llama"))
+    train_quietly(
+        model,
+        elsa_args(tmp_path / "r", sparsity=0.5, admm_fraction=0.25, max_steps=30),
+        resume=ckpt,
+        teacher_model=make_model("llama"),
+    )
     assert all(z == round(0.5 * w.numel()) for z, w in zip(_zeros(model).values(), prunable_weights(model).values()))
 
 
@@ -236,7 +250,9 @@ def test_a_model_that_comes_with_nan_is_refused_before_training(tmp_path):
     with torch.no_grad():
         weight[0, 0] = float("nan")
     # named before the SparseGPT warm start, which would otherwise blame a singular calibration Hessian
-    with pytest.raises(ValueError, match=f"the model: 1 tensor holds NaN/inf values: '{name}.weight' \\(1 NaN\\) before training"):
+    with pytest.raises(
+        ValueError, match=f"the model: 1 tensor holds NaN/inf values: '{name}.weight' \\(1 NaN\\) before training"
+    ):
         train_quietly(model, elsa_args(tmp_path, max_steps=4))
 
 

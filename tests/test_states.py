@@ -440,8 +440,13 @@ def test_elsa_l_resume_continues_exactly(tmp_path):
     resumed = make_model("llama", seed=1, **tiny)
     record = RecordState()
     # the student from the checkpoint, the dense teacher given (checkpoints never hold it)
-    train(resumed, elsa_args(tmp_path / "c", **common), str(tmp_path / "b" / "out" / f"checkpoint-{n // 2}"), [record],
-          teacher_model=make_model("llama", seed=0, **tiny))
+    train(
+        resumed,
+        elsa_args(tmp_path / "c", **common),
+        str(tmp_path / "b" / "out" / f"checkpoint-{n // 2}"),
+        [record],
+        teacher_model=make_model("llama", seed=0, **tiny),
+    )
     assert trainer.state.global_step == n
     # load_state_dict's cast to the parameter dtype was undone, and the scales came back
     assert record.seen[Z][0] == torch.float8_e4m3fn and record.seen[U][0] == torch.float8_e5m2

@@ -87,7 +87,10 @@ def test_trl_names_are_elsa_config_fields(make_args, tmp_path):
             ElsaConfig(output_dir=str(tmp_path), **bad)
     trainer = ElsaTrainer(model=make_model("llama"), args=make_args(max_length=16, dataset_text_field="body"),
                           train_dataset=Dataset.from_dict({"body": TEXTS}), processing_class=make_char_tokenizer())  # fmt: skip
-    assert trainer.train_dataset.column_names == ["input_ids", "labels"] and len(trainer.train_dataset[0]["input_ids"]) == 16
+    assert (
+        trainer.train_dataset.column_names == ["input_ids", "labels"]
+        and len(trainer.train_dataset[0]["input_ids"]) == 16
+    )
 
 
 def test_trainer_keywords_still_work_with_a_future_warning(make_args):

@@ -76,6 +76,7 @@ def silence_upstream_noise() -> None:
     for category, prefix, _ in UPSTREAM_WARNINGS:
         warnings.filterwarnings("ignore", message=re.escape(prefix), category=category)
 
+
 # 2026-11, transformers 5.x: the Trainer writes its step counter to this file in every checkpoint folder.
 TRAINER_STATE_NAME = "trainer_state.json"
 

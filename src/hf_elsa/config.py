@@ -29,7 +29,9 @@ class ElsaConfig(TrainingArguments, ElsaSettings):
     # learning_rate, adam_beta2 and logging_steps below change TrainingArguments' defaults (see the docstring).
     learning_rate: float | None = field(
         default=None,
-        metadata={"help": "The initial learning rate. Default from recipe (elsa: 1e-3 from 0.7 sparsity up and for N:M, 3e-4 at 0.5; paper 1e-4)."},
+        metadata={
+            "help": "The initial learning rate. Default from recipe (elsa: 1e-3 from 0.7 sparsity up and for N:M, 3e-4 at 0.5; paper 1e-4)."
+        },
     )
     adam_beta2: float = field(default=0.95, metadata={"help": "Beta2 for AdamW."})
     logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
@@ -50,7 +52,7 @@ class ElsaConfig(TrainingArguments, ElsaSettings):
         default=None,
         metadata={
             "help": "Keyword arguments of from_pretrained when the trainer's model is a Hub id or folder (a JSON "
-            "object on the command line), e.g. {\"dtype\": \"bfloat16\"}; the dtype defaults to float32."
+            'object on the command line), e.g. {"dtype": "bfloat16"}; the dtype defaults to float32.'
         },
     )
     dataset_text_field: str = field(
@@ -96,8 +98,10 @@ class ElsaConfig(TrainingArguments, ElsaSettings):
         self._validate_double_backward()
 
     def _check_learning_rate(self) -> None:
-        if not isinstance(self.learning_rate, (int, float)) or isinstance(self.learning_rate, bool) or not (
-            math.isfinite(self.learning_rate) and self.learning_rate >= 0
+        if (
+            not isinstance(self.learning_rate, (int, float))
+            or isinstance(self.learning_rate, bool)
+            or not (math.isfinite(self.learning_rate) and self.learning_rate >= 0)
         ):
             raise ValueError(
                 f"ElsaConfig.learning_rate={shorten(self.learning_rate)} must be a finite number >= 0 (e.g. 1e-3)."
@@ -118,7 +122,11 @@ class ElsaConfig(TrainingArguments, ElsaSettings):
         if not isinstance(self.packing, bool):
             raise ValueError(f"ElsaConfig.packing={shorten(self.packing)} must be True or False.")
         kwargs = self.model_init_kwargs
-        if kwargs is not None and not isinstance(kwargs, dict) and not (isinstance(kwargs, str) and kwargs.startswith("{")):
+        if (
+            kwargs is not None
+            and not isinstance(kwargs, dict)
+            and not (isinstance(kwargs, str) and kwargs.startswith("{"))
+        ):
             raise ValueError(
                 f"ElsaConfig.model_init_kwargs={shorten(kwargs)} must be a dict (a JSON object on the command line), "
                 "e.g. "

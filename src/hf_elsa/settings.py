@@ -52,9 +52,7 @@ ELSA_L_STORAGE = {"admm_z_dtype": "float8_e4m3fn", "admm_u_dtype": "bfloat16"}
 _DETAILS: dict[int, dict[str, Any]] = {}
 
 
-def _setting(
-    default, topic: str, help: str, doc: str | None = None, choices=None, bounds=None, example=None, why=None
-):
+def _setting(default, topic: str, help: str, doc: str | None = None, choices=None, bounds=None, example=None, why=None):
     """A field of the table. ``bounds``: ``(low, high, low_inclusive, high_inclusive)``, ``None`` = unbounded;
     ``why``: the reason for bounds that are not obvious, added to the refusal."""
     metadata = {"help": help}
@@ -308,8 +306,7 @@ class ElsaSettings:
         1.0,
         "distillation",
         "Temperature T of the distillation KL, 0.1 <= T <= 100.",
-        "Temperature `0.1 <= T <= 100` of both distributions in the distillation KL (the loss is multiplied by "
-        "`T^2`).",
+        "Temperature `0.1 <= T <= 100` of both distributions in the distillation KL (the loss is multiplied by `T^2`).",
         bounds=(0.1, 100.0, True, True),
         example=1.0,
         why="below 0.1 both softmaxes are one-hot in float32 and the T^2-scaled KL vanishes (the run would train on a "

@@ -127,7 +127,9 @@ class SparseLinear(nn.Module):
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         key = prefix + "weight"
         if key in state_dict:
             weight = state_dict[key].T if self.conv1d else state_dict[key]
@@ -463,7 +465,9 @@ def to_sparse_inference(
         return model
 
     # from the model's own module (a Conv1D is remembered as one), not the Linear view used for timing
-    sparse = {name: SparseLinear.from_linear(model.get_submodule(name), index_dtype=index_dtype) for name, _ in candidates}
+    sparse = {
+        name: SparseLinear.from_linear(model.get_submodule(name), index_dtype=index_dtype) for name, _ in candidates
+    }
     accepts = {(lname, k): KERNELS[k].accepts(sparse[lname]) for lname, _ in candidates for k in usable}
     sizes = sorted(set(tokens) | ({prefill_tokens} if prefill_tokens else set()))
     timings: dict[int, dict[str, list[float]]] = {}

@@ -163,7 +163,9 @@ def unavailable_reason() -> str | None:
 @register_kernel
 class NativeCsrKernel(Kernel):
     name = "native_csr"
-    description = "hf_elsa's C CSR kernel (fp32 or bf16 weights, fp32 sums, int16/int32 indices, vectorised over tokens)"
+    description = (
+        "hf_elsa's C CSR kernel (fp32 or bf16 weights, fp32 sums, int16/int32 indices, vectorised over tokens)"
+    )
 
     @classmethod
     def available(cls, dtype, device):

@@ -121,7 +121,9 @@ def _eval_results(results: Mapping[str, Any], protocol: Mapping[str, Any] | str 
             metric_value=value,
         )
         for metric, value in results.items()
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
         and not metric.startswith(DENSE_PREFIX)
     ]
 
