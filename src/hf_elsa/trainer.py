@@ -343,16 +343,19 @@ class ElsaTrainer(Trainer):
                 f"must hold equal-length 'input_ids' blocks ({error}), or use admm_init='magnitude'."
             ) from None
         processes = self.args.world_size
+        dense_start = self.args.admm_init_sparsity
         logger.info(
-            "hf_elsa: warm start: %s on %d calibration blocks of %d tokens%s (admm_init=%r)",
+            "hf_elsa: warm start: %s on %d calibration blocks of %d tokens%s (admm_init=%r%s)",
             method, count, calibration.shape[1], f", split over {processes} processes" if processes > 1 else "", method,
+            "" if dense_start is None else f", to sparsity {dense_start}",
         )
         started = time.perf_counter()
         masks = PRUNERS.get(method)(
             self.accelerator.unwrap_model(self.model),
             calibration,
-            sparsity=self.args.sparsity,
-            sparsity_type=self.args.pattern,
+            # admm_init_sparsity: a denser start (unstructured under an N:M target) that ADMM's ramp prunes to the target
+            sparsity=self.args.sparsity if dense_start is None else dense_start,
+            sparsity_type=self.args.pattern if dense_start is None or self.args.pattern.can_ramp else "unstructured",
             target_modules=list(self.prunable_modules),
             progress=not self.args.disable_tqdm and self.is_local_process_zero(),
         )

@@ -257,7 +257,9 @@ class ElsaOptimizer(torch.optim.Optimizer):
         s = self.settings
         if not self.pattern.can_ramp:
             return self.pattern.sparsity(s.sparsity)  # one fixed ratio (N:M)
-        return sparsity_at(s.sparsity_schedule, step, self.ramp_steps, s.sparsity)
+        # from the warm start's sparsity when it starts denser than the target (admm_init_sparsity), else from 0
+        start = s.admm_init_sparsity if s.admm_init_sparsity is not None else 0.0
+        return sparsity_at(s.sparsity_schedule, step, self.ramp_steps, s.sparsity, start)
 
     @property
     def steps_done(self) -> int:
