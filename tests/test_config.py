@@ -387,3 +387,17 @@ def test_the_default_recipe_starts_denser_from_70_percent(kwargs, start, fractio
     config.validate()
     if "admm_init_sparsity" not in kwargs and "recipe" not in kwargs and "admm_fraction" not in kwargs:
         assert config.admm_init_sparsity is None and config.admm_fraction == pytest.approx(0.15)
+
+
+@pytest.mark.parametrize("start,expected", [(0.9, 0.0), (0.8, 0.8)])
+def test_the_ramp_starts_from_a_denser_start_only(start, expected, tmp_path):
+    """admm_init_sparsity equal to the target is the start at the target: z's cubic ramp from 0, as with None."""
+    import torch
+
+    from hf_elsa.admm import ElsaOptimizer
+
+    config = ElsaConfig(output_dir=str(tmp_path), sparsity=0.9, admm_init_sparsity=start, admm_fraction=0.3)
+    p = torch.nn.Parameter(torch.ones(4, 4))
+    opt = ElsaOptimizer(torch.optim.SGD([p], lr=0.1), {"w": p}, config, total_steps=100)
+    assert opt.sparsity_at(0) == pytest.approx(expected)
+    assert opt.sparsity_at(opt.ramp_steps) == pytest.approx(0.9)

@@ -450,8 +450,8 @@ class ElsaSettings:
         "Sparsity the run starts from when it should start denser than `sparsity`: the one-shot pruner of "
         "`admm_init` prunes to it (unstructured under an N:M target), z's cubic ramp (`sparsity_schedule`) goes from "
         "it to `sparsity` during the ADMM phase, so the last part of the mask is chosen under the training loss "
-        "(distillation included) rather than by the one-shot pruner. `None`: the start is at `sparsity` and the ramp "
-        "starts from 0. Needs an ADMM phase (`admm_fraction > 0`) and `admm_init_sparsity <= sparsity`. Recipe "
+        "(distillation included) rather than by the one-shot pruner. `None` (or `sparsity` itself): the start is at "
+        "`sparsity` and the ramp starts from 0. Needs an ADMM phase (`admm_fraction > 0`) and `admm_init_sparsity <= sparsity`. Recipe "
         '`"elsa"`: `sparsity - 0.1` from 70% sparsity up for unstructured and row patterns (with `admm_fraction` '
         "0.3), `None` below 70%, for N:M and with `admm_fraction=0` (docs/quality.md).",
         bounds=(0.0, 1.0, True, False),

@@ -343,7 +343,8 @@ class ElsaTrainer(Trainer):
                 f"must hold equal-length 'input_ids' blocks ({error}), or use admm_init='magnitude'."
             ) from None
         processes = self.args.world_size
-        dense_start = self.args.admm_init_sparsity
+        dense_start = self.args.admm_init_sparsity  # a start at the target (its own value) is the usual start
+        dense_start = dense_start if dense_start is not None and dense_start < self.args.final_sparsity else None
         logger.info(
             "hf_elsa: warm start: %s on %d calibration blocks of %d tokens%s (admm_init=%r%s)",
             method, count, calibration.shape[1], f", split over {processes} processes" if processes > 1 else "", method,

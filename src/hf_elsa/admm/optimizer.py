@@ -258,7 +258,8 @@ class ElsaOptimizer(torch.optim.Optimizer):
         if not self.pattern.can_ramp:
             return self.pattern.sparsity(s.sparsity)  # one fixed ratio (N:M)
         # from the warm start's sparsity when it starts denser than the target (admm_init_sparsity), else from 0
-        start = s.admm_init_sparsity if s.admm_init_sparsity is not None else 0.0
+        dense_start = s.admm_init_sparsity is not None and s.admm_init_sparsity < s.sparsity
+        start = s.admm_init_sparsity if dense_start else 0.0
         return sparsity_at(s.sparsity_schedule, step, self.ramp_steps, s.sparsity, start)
 
     @property
