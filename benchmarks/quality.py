@@ -25,7 +25,7 @@ BUDGET = [
     "--use_cpu", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "25", "--disable_tqdm", "true",
 ]  # fmt: skip
 # the fields that tell the cells apart, as table columns
-COLUMNS = ("distill_weight", "admm_init", "sparsity_allocation", "admm_fraction", "learning_rate")
+COLUMNS = ("distill_weight", "admm_init", "admm_init_sparsity", "sparsity_allocation", "admm_fraction", "learning_rate")
 
 
 def run(tag: str, options: list[str]) -> None:
@@ -68,12 +68,15 @@ def _pattern(r: dict) -> str:
 
 
 def table(results: list[dict]) -> str:
-    header = ["pattern", *COLUMNS, "perplexity", "s/step", "tag", "options"]
+    # mask moved: share of the prunable weights whose kept/pruned state the mask search changed from the start's
+    header = ["pattern", *COLUMNS, "perplexity", "mask moved", "s/step", "tag", "options"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     order = sorted(results, key=lambda r: (":" in _pattern(r), r["sparsity"], r["ppl"]))
     for r in order:
         cells = [_pattern(r)] + [str(r["config"].get(c)) for c in COLUMNS]
-        cells += [f"{r['ppl']:.1f}", f"{r['step_s']:.2f}" if r.get("step_s") else "-", r["tag"], f"`{_options(r)}`"]
+        moved = r.get("mask_moved_from_start")
+        cells += [f"{r['ppl']:.1f}", "-" if moved is None else f"{moved:.4f}"]
+        cells += [f"{r['step_s']:.2f}" if r.get("step_s") else "-", r["tag"], f"`{_options(r)}`"]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 

@@ -271,7 +271,7 @@ def test_automatic_interval(tmp_path, total, expected):
 
     from hf_elsa.admm import ElsaOptimizer
 
-    config = ElsaConfig(output_dir=str(tmp_path))
+    config = ElsaConfig(output_dir=str(tmp_path), admm_fraction=0.15)
     p = torch.nn.Parameter(torch.ones(4, 4))
     opt = ElsaOptimizer(torch.optim.SGD([p], lr=0.1), {"w": p}, config, total_steps=total)
     assert opt.interval == expected
@@ -370,3 +370,41 @@ def test_the_recipe_learning_rate_follows_the_sparsity(kwargs, expected, tmp_pat
 )  # fmt: skip
 def test_the_recipe_distillation_weight_follows_the_sparsity(kwargs, expected, tmp_path):
     assert ElsaConfig(output_dir=str(tmp_path), **kwargs).distill_weight == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "kwargs,start,fraction",
+    [
+        ({"sparsity": 0.9}, 0.8, 0.3),
+        ({"sparsity": 0.7}, 0.6, 0.3),
+        ({"sparsity": 0.6}, None, 0.15),
+        ({"sparsity_type": "2:4"}, None, 0.15),
+        ({"sparsity": 0.9, "admm_fraction": 0.0}, None, 0.0),
+        ({"sparsity": 0.9, "recipe": "oneshot_kd"}, None, 0.0),
+        ({"sparsity": 0.9, "recipe": "paper"}, None, 1.0),
+        ({"sparsity": 0.5, "admm_init_sparsity": 0.3}, 0.3, 0.3),
+    ],
+)
+def test_the_default_recipe_starts_denser_from_70_percent(kwargs, start, fraction, tmp_path):
+    """recipe="elsa": from 70% up (patterns that ramp) the start is 10 points denser and the ADMM phase 30% of the steps."""
+    config = ElsaConfig(output_dir=str(tmp_path), **kwargs)
+    assert config.admm_init_sparsity == (None if start is None else pytest.approx(start))
+    assert config.admm_fraction == pytest.approx(fraction)
+    config.sparsity = 0.5  # derived values follow a changed sparsity (unless set explicitly)
+    config.validate()
+    if "admm_init_sparsity" not in kwargs and "recipe" not in kwargs and "admm_fraction" not in kwargs:
+        assert config.admm_init_sparsity is None and config.admm_fraction == pytest.approx(0.15)
+
+
+@pytest.mark.parametrize("start,expected", [(0.9, 0.0), (0.8, 0.8)])
+def test_the_ramp_starts_from_a_denser_start_only(start, expected, tmp_path):
+    """admm_init_sparsity equal to the target is the start at the target: z's cubic ramp from 0, as with None."""
+    import torch
+
+    from hf_elsa.admm import ElsaOptimizer
+
+    config = ElsaConfig(output_dir=str(tmp_path), sparsity=0.9, admm_init_sparsity=start, admm_fraction=0.3)
+    p = torch.nn.Parameter(torch.ones(4, 4))
+    opt = ElsaOptimizer(torch.optim.SGD([p], lr=0.1), {"w": p}, config, total_steps=100)
+    assert opt.sparsity_at(0) == pytest.approx(expected)
+    assert opt.sparsity_at(opt.ramp_steps) == pytest.approx(0.9)

@@ -320,3 +320,39 @@ def test_oneshot_kd_keeps_the_one_shot_mask_and_the_default_searches(tmp_path, m
     total = sum(m.numel() for m in start_masks.values())
     logged = [h["elsa/mask_moved_from_start"] for h in searched.state.log_history if "elsa/mask_moved_from_start" in h]
     assert logged[-1] == pytest.approx(changed / total)
+
+
+@pytest.mark.parametrize("sparsity_type", ["unstructured", "2:4"])
+def test_a_denser_start_is_pruned_to_the_target_by_the_ramp(sparsity_type, tmp_path, monkeypatch):
+    """admm_init_sparsity: the warm start prunes to it (unstructured under N:M), z's ramp takes the rest; the run ends
+    exactly at the target, and the mask moved from the start by at least the extra sparsity."""
+    import hf_elsa.oneshot
+
+    calls = []
+    pruner = type(hf_elsa.oneshot.PRUNERS.get("sparsegpt"))
+    original = pruner.__call__
+
+    def recording(self, model, *args, **kwargs):
+        calls.append((kwargs["sparsity"], str(getattr(kwargs["sparsity_type"], "name", kwargs["sparsity_type"]))))
+        return original(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(pruner, "__call__", recording)
+    model = make_model("llama")
+    args = elsa_args(tmp_path, sparsity=0.75, sparsity_type=sparsity_type, admm_init_sparsity=0.25, admm_fraction=0.5)
+    trainer = train_quietly(model, args)
+    assert calls == [(0.25, "unstructured")]
+    opt = trainer.elsa_optimizer
+    if sparsity_type == "unstructured":
+        assert opt.sparsity_at(0) == pytest.approx(0.25) and opt.sparsity_at(opt.ramp_steps) == pytest.approx(0.75)
+    for name, w in prunable_weights(model).items():
+        if sparsity_type == "2:4":
+            assert (w.reshape(w.shape[0], -1, 4) != 0).sum(-1).max() <= 2, name
+        assert int((w == 0).sum()) == round((0.75 if sparsity_type == "unstructured" else 0.5) * w.numel()), name
+    moved = [h["elsa/mask_moved_from_start"] for h in trainer.state.log_history if "elsa/mask_moved_from_start" in h]
+    assert moved[-1] >= (0.75 if sparsity_type == "unstructured" else 0.5) - 0.25 - 1e-6
+
+
+@pytest.mark.parametrize("extra,match", [({"admm_fraction": 0.0}, "no ADMM phase"), ({"sparsity": 0.5}, "above")])
+def test_a_denser_start_needs_an_admm_phase_and_a_denser_value(extra, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        elsa_args(tmp_path, admm_init_sparsity=0.6, **{"sparsity": 0.8, **extra})

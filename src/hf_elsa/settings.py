@@ -153,7 +153,9 @@ class ElsaSettings:
         "(penalty through the gradient, constant lambda 0.01, interval 32, ADMM for the whole run, magnitude "
         'projection, learning rate 1e-4, no distillation). `"elsa"`: starts from SparseGPT\'s weights and mask, '
         "distils from the dense model, a decoupled proximal penalty (lambda 1), a cubic sparsity ramp for z, the "
-        "activation-aware projection (SAFE+), the mask fixed after 15% of the steps, then masked fine-tuning; the "
+        "activation-aware projection (SAFE+); from 70% sparsity up (unstructured, row) the start is 10 points denser "
+        "and z's ramp prunes the rest under distillation, the mask fixed after 30% of the steps (15% when the start "
+        "is at the target: below 70% and for N:M), then masked fine-tuning; the "
         "distillation weight and learning rate follow the sparsity (docs/quality.md, docs/convergence.md). "
         '`"oneshot_kd"`: `"elsa"` without the mask search (`admm_fraction=0`): SparseGPT\'s mask is kept and the '
         "run fine-tunes with distillation.",
@@ -215,7 +217,8 @@ class ElsaSettings:
         "recipe",
         f"Sparsity target of z: one of {SPARSITY_SCHEDULES}. Default from recipe.",
         'Sparsity target of z: `"constant"` (the final sparsity from the start, paper) or `"cubic"` (ramps over '
-        "the ADMM phase, from 0, or from the one-shot mask's ranking with `admm_init`). N:M patterns are not ramped.",
+        "the ADMM phase, from 0, or from `admm_init_sparsity` when the start is denser than the target). N:M patterns "
+        "are not ramped.",
         choices=SPARSITY_SCHEDULES,
     )
 
@@ -340,6 +343,21 @@ class ElsaSettings:
         "Number of training blocks used as calibration data by `admm_init`.",
         bounds=(1, None, True, False),
         example=128,
+    )
+    admm_init_sparsity: float | None = _setting(
+        None,
+        "start",
+        "Sparsity of the one-shot start when it is denser than the target (z's ramp goes from it to sparsity). "
+        "Default from recipe.",
+        "Sparsity the run starts from when it should start denser than `sparsity`: the one-shot pruner of "
+        "`admm_init` prunes to it (unstructured under an N:M target), z's cubic ramp (`sparsity_schedule`) goes from "
+        "it to `sparsity` during the ADMM phase, so the last part of the mask is chosen under the training loss "
+        "(distillation included) rather than by the one-shot pruner. `None` (or `sparsity` itself): the start is at "
+        "`sparsity` and the ramp starts from 0. Needs an ADMM phase (`admm_fraction > 0`) and `admm_init_sparsity <= sparsity`. Recipe "
+        '`"elsa"`: `sparsity - 0.1` from 70% sparsity up for unstructured and row patterns (with `admm_fraction` '
+        "0.3), `None` below 70%, for N:M and with `admm_fraction=0` (docs/quality.md).",
+        bounds=(0.0, 1.0, True, False),
+        example=0.5,
     )
     final_projection: bool = _setting(
         True,
@@ -478,6 +496,18 @@ class ElsaSettings:
                     f"{self.allocation_max_sparsity} must enclose sparsity={self.sparsity}."
                 )
             ALLOCATIONS.get(self.sparsity_allocation).check_settings(self, owner)
+        if self.admm_init_sparsity is not None and not self.keep_mask:
+            if self.admm_fraction == 0:
+                raise ValueError(
+                    f"{owner}.admm_init_sparsity={self.admm_init_sparsity} starts denser than the target and lets "
+                    "ADMM prune the rest, but admm_fraction=0 has no ADMM phase: set admm_fraction > 0 (e.g. 0.3) or "
+                    "drop admm_init_sparsity."
+                )
+            if self.admm_init_sparsity > self.final_sparsity:
+                raise ValueError(
+                    f"{owner}.admm_init_sparsity={self.admm_init_sparsity} is above the target sparsity "
+                    f"{self.final_sparsity}: the start must be denser than (or as sparse as) the end."
+                )
         if self.base_optimizer == "sassha" and self.importance == "adam":
             raise ValueError(
                 f"{owner}.importance='adam' reads Adam's exp_avg_sq, which base_optimizer='sassha' does not keep: "

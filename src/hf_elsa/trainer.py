@@ -341,17 +341,21 @@ class ElsaTrainer(Trainer):
         pruner = PRUNERS.get(method)
         calibration = self._calibration_blocks(method) if pruner.requires_calibration else None
         processes = self.args.world_size
+        dense_start = self.args.admm_init_sparsity  # a start at the target (its own value) is the usual start
+        dense_start = dense_start if dense_start is not None and dense_start < self.args.final_sparsity else None
         blocks = (
             "" if calibration is None else f" on {len(calibration)} calibration blocks of {calibration.shape[1]} tokens"
         )
         split = f", split over {processes} processes" if processes > 1 and calibration is not None else ""
-        logger.info("hf_elsa: warm start: %s%s%s", method, blocks, split)
+        denser = "" if dense_start is None else f", to sparsity {dense_start} (ADMM prunes the rest)"
+        logger.info("hf_elsa: warm start: %s%s%s%s", method, blocks, split, denser)
         started = time.perf_counter()
         masks = pruner(
             self.accelerator.unwrap_model(self.model),
             calibration,
-            sparsity=self.args.sparsity,
-            sparsity_type=self.args.pattern,
+            # admm_init_sparsity: a denser start (unstructured under an N:M target) that ADMM's ramp prunes to the target
+            sparsity=self.args.sparsity if dense_start is None else dense_start,
+            sparsity_type=self.args.pattern if dense_start is None or self.args.pattern.can_ramp else "unstructured",
             target_modules=list(self.prunable_modules),
             progress=not self.args.disable_tqdm and self.is_local_process_zero(),
             execution_device=self.args.device,  # a model left on the CPU (FSDP before sharding): its layers run there

@@ -270,7 +270,10 @@ class ElsaOptimizer(torch.optim.Optimizer):
         s = self.settings
         if not self.pattern.can_ramp:
             return self.pattern.sparsity(s.sparsity)  # one fixed ratio (N:M)
-        return sparsity_at(s.sparsity_schedule, step, self.ramp_steps, s.sparsity)
+        # from the warm start's sparsity when it starts denser than the target (admm_init_sparsity), else from 0
+        dense_start = s.admm_init_sparsity is not None and s.admm_init_sparsity < s.sparsity
+        start = s.admm_init_sparsity if dense_start else 0.0
+        return sparsity_at(s.sparsity_schedule, step, self.ramp_steps, s.sparsity, start)
 
     @property
     def steps_done(self) -> int:

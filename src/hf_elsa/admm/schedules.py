@@ -24,10 +24,10 @@ def lambda_at(schedule: str, step: int, total: int, start: float, end: float) ->
     raise ValueError(f"admm_lambda_schedule={schedule!r}: use one of {LAMBDA_SCHEDULES}.")
 
 
-def sparsity_at(schedule: str, step: int, ramp_steps: int, final: float) -> float:
-    """Sparsity target of z: constant, or a cubic ramp 0 -> ``final`` over ``ramp_steps`` (Zhu & Gupta)."""
+def sparsity_at(schedule: str, step: int, ramp_steps: int, final: float, start: float = 0.0) -> float:
+    """Sparsity target of z: constant, or a cubic ramp ``start`` -> ``final`` over ``ramp_steps`` (Zhu & Gupta)."""
     if schedule == "constant" or step >= ramp_steps:
         return final
     if schedule == "cubic":
-        return final * (1.0 - (1.0 - step / max(ramp_steps, 1)) ** 3)
+        return start + (final - start) * (1.0 - (1.0 - step / max(ramp_steps, 1)) ** 3)
     raise ValueError(f"sparsity_schedule={schedule!r}: use one of {SPARSITY_SCHEDULES}.")
