@@ -288,9 +288,9 @@ def train_quietly(model, args, dataset=None, resume=None, **kwargs):
 
     from hf_elsa import ElsaTrainer
 
-    trainer = ElsaTrainer(model=model, args=args, train_dataset=dataset or lm_dataset(48), **kwargs)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # the constructor's too (a short budget warns there)
         warnings.simplefilter("ignore", UserWarning)
+        trainer = ElsaTrainer(model=model, args=args, train_dataset=dataset or lm_dataset(48), **kwargs)
         trainer.train(resume_from_checkpoint=resume)
     return trainer
 

@@ -211,12 +211,13 @@ def warn_short_budget(args, train_dataset) -> None:
     if total is None or round(args.admm_fraction * total) > 0:
         return
     need = math.ceil(0.5 / args.admm_fraction + 1e-9)
+    how = "by magnitude" if args.admm_init == "magnitude" else f"by the {args.admm_init} warm start"
     warnings.warn(
         f"ElsaConfig: {total} optimizer step(s) with admm_fraction={args.admm_fraction} leave "
-        f"round({args.admm_fraction} x {total}) = 0 ADMM steps: ELSA does not run, the weights are magnitude-pruned "
+        f"round({args.admm_fraction} x {total}) = 0 ADMM steps: ELSA does not run, the weights are pruned {how} "
         f"at step 0 and only fine-tuned with that mask. Run at least {need} steps for one ADMM step (hundreds for "
-        "ELSA's quality, docs/convergence.md), raise admm_fraction, or set admm_fraction=0 to ask for masked "
-        "fine-tuning on purpose.",
+        "ELSA's quality, docs/convergence.md), raise admm_fraction, or set admm_fraction=0 (recipe='oneshot_kd') "
+        "to ask for masked fine-tuning on purpose.",
         UserWarning,
         stacklevel=3,
     )
