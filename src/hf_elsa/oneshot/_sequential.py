@@ -36,8 +36,9 @@ class InputStatistic(Protocol):
 
     def update(self, inputs: torch.Tensor) -> None: ...
 
-    def all_reduce(self) -> None:
-        """Sum the statistic over the processes (each saw its share of the calibration batches)."""
+    def all_reduce(self, dst: int | None = None) -> None:
+        """Sum the statistic over the processes (each saw its share of the calibration batches): on every process,
+        or only on ``dst``, the one that prunes the module."""
 
 
 MakeStatistic = Callable[[nn.Module], InputStatistic]
@@ -150,11 +151,14 @@ def process_share() -> tuple[int, int]:
     return 0, 1
 
 
-def all_reduce_sum(*tensors: torch.Tensor) -> None:
-    """Sum ``tensors`` in place over the processes (no-op on one process)."""
+def all_reduce_sum(*tensors: torch.Tensor, dst: int | None = None) -> None:
+    """Sum ``tensors`` in place over the processes, on every one (or only on process ``dst``); no-op on one."""
     if process_share()[1] > 1:
         for tensor in tensors:
-            torch.distributed.all_reduce(tensor)
+            if dst is None:
+                torch.distributed.all_reduce(tensor)
+            else:
+                torch.distributed.reduce(tensor, dst)
 
 
 def capture_layer_inputs(
@@ -231,9 +235,26 @@ def _collect(modules: Mapping[str, nn.Module], make_statistic: MakeStatistic, ru
     finally:
         for handle in handles:
             handle.remove()
-    for stat in stats.values():  # in the same order on every process: one collective per statistic
-        stat.all_reduce()
     return stats
+
+
+def _owners(modules: Mapping[str, nn.Module], world: int) -> dict[str, int]:
+    """Which process prunes each module: largest first to the least loaded (the same on every process).
+
+    A module's solve costs about ``in^2 (in + out)`` (SparseGPT's inverse and sweep), so an MLP's down projection
+    outweighs an attention projection several times; round-robin would leave one process with most of the work.
+    """
+    loads, owners = [0.0] * world, {}
+
+    def cost(item):
+        weight = item[1].weight
+        return float(weight.shape[-1]) ** 2 * (weight.shape[0] + weight.shape[-1])
+
+    for name, _ in sorted(modules.items(), key=cost, reverse=True):
+        owner = loads.index(min(loads))
+        owners[name] = owner
+        loads[owner] += cost((name, modules[name]))
+    return owners
 
 
 def _prune_modules(modules: Mapping[str, nn.Module], stats: dict, prune_module: PruneModule) -> dict[str, torch.Tensor]:
@@ -241,10 +262,13 @@ def _prune_modules(modules: Mapping[str, nn.Module], stats: dict, prune_module: 
     mask are broadcast, so the per-module solves (SparseGPT's Cholesky and column sweep) are split too and every
     process ends with the bits the pruning process computed."""
     rank, world = process_share()
+    owners = _owners(modules, world)
     masks = {}
-    for i, (name, module) in enumerate(modules.items()):
-        owner = i % world
+    for name, module in modules.items():
+        owner = owners[name]
         stat = stats.pop(name)  # free each statistic as soon as its module is done
+        if world > 1:
+            stat.all_reduce(dst=owner)  # the sums over every process's batches, where the module is pruned
         mask = prune_module(name, module, stat) if rank == owner else None
         if world > 1:
             weight = module.weight.data

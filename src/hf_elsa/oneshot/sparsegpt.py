@@ -44,8 +44,8 @@ class InputHessian:
         self.xtx += (x.t() @ x).double()
         self.tokens += x.shape[0]
 
-    def all_reduce(self) -> None:
-        all_reduce_sum(self.xtx, self.tokens)
+    def all_reduce(self, dst: int | None = None) -> None:
+        all_reduce_sum(self.xtx, self.tokens, dst=dst)
 
     def matrix(self) -> torch.Tensor:
         return (self.xtx * (2.0 / max(float(self.tokens), 1.0))).float()

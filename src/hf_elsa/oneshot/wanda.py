@@ -27,8 +27,8 @@ class InputNorms:
         self.sum_sq += x.square().sum(dim=0).double()
         self.tokens += x.shape[0]
 
-    def all_reduce(self) -> None:
-        all_reduce_sum(self.sum_sq, self.tokens)
+    def all_reduce(self, dst: int | None = None) -> None:
+        all_reduce_sum(self.sum_sq, self.tokens, dst=dst)
 
     def norms(self) -> torch.Tensor:
         """``||X_j||_2`` over every calibration token seen."""
