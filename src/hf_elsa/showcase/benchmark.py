@@ -129,6 +129,8 @@ def _train(
         disable_tqdm=True,
         logging_steps=max(budget.max_steps // 5, 1),
         seed=budget.seed,
+        # the warm start calibrates on as many blocks as the one-shot baselines do (the demo: 32)
+        admm_init_samples=budget.calibration_samples,
         **overrides,
     )
     trainer = ElsaTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
