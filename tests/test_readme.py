@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -37,12 +38,15 @@ def test_install_section_pins_torch_before_the_package():
 def test_makefile_runs_every_command_with_the_given_python():
     """`make demo PYTHON=venv/bin/python` works without an activated environment: no bare console script."""
     python = "/nowhere/venv/bin/python"
+    # run as make's own child too (`make test`): a sub-make inherits MAKELEVEL/MAKEFLAGS and prints "Entering directory"
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     dry = subprocess.run(
-        ["make", "-n", "-B", "demo", "test", "test-fast", f"PYTHON={python}"],
+        ["make", "-n", "-B", "--no-print-directory", "demo", "test", "test-fast", f"PYTHON={python}"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,
+        env=env,
     )
     commands = [line for line in dry.stdout.splitlines() if line.strip()]
     assert commands and all(line.startswith(f"{python} -m ") for line in commands), dry.stdout
