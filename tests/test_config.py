@@ -396,15 +396,21 @@ def test_the_default_recipe_starts_denser_from_70_percent(kwargs, start, fractio
         assert config.admm_init_sparsity is None and config.admm_fraction == pytest.approx(0.15)
 
 
-@pytest.mark.parametrize("start,expected", [(0.9, 0.0), (0.8, 0.8)])
-def test_the_ramp_starts_from_a_denser_start_only(start, expected, tmp_path):
-    """admm_init_sparsity equal to the target is the start at the target: z's cubic ramp from 0, as with None."""
+@pytest.mark.parametrize(
+    "sparsity_type,start,expected,final",
+    [("unstructured", 0.9, 0.0, 0.9), ("unstructured", 0.8, 0.8, 0.9), ("2:4", None, 0.5, 0.5), ("2:4", 0.3, 0.3, 0.5)],
+)
+def test_the_ramp_starts_from_a_denser_start_only(sparsity_type, start, expected, final, tmp_path):
+    """admm_init_sparsity equal to the target is the start at the target: z's cubic ramp from 0, as with None.
+    N:M has no ramp from 0 (one fixed ratio) but ramps from a denser start."""
     import torch
 
     from hf_elsa.admm import ElsaOptimizer
 
-    config = ElsaConfig(output_dir=str(tmp_path), sparsity=0.9, admm_init_sparsity=start, admm_fraction=0.3)
+    config = ElsaConfig(
+        output_dir=str(tmp_path), sparsity=0.9, sparsity_type=sparsity_type, admm_init_sparsity=start, admm_fraction=0.3
+    )
     p = torch.nn.Parameter(torch.ones(4, 4))
     opt = ElsaOptimizer(torch.optim.SGD([p], lr=0.1), {"w": p}, config, total_steps=100)
     assert opt.sparsity_at(0) == pytest.approx(expected)
-    assert opt.sparsity_at(opt.ramp_steps) == pytest.approx(0.9)
+    assert opt.sparsity_at(opt.ramp_steps) == pytest.approx(final)

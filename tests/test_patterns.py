@@ -52,6 +52,36 @@ def test_keep_mask_matches_the_reference(text):
     assert torch.equal(sparsity_pattern(text).keep_mask(score, 0.6), ref_keep_mask(score, 0.6, text))
 
 
+def _ref_nm_ramp(score, sparsity, n, m):
+    """Brute force: per row, sort the entries the N:M mask prunes by (score, column) and prune the first
+    round(in * sparsity) of them."""
+    full_keep = ref_keep_mask(score, 0.0, f"{n}:{m}")
+    keep = torch.ones_like(full_keep)
+    for r in range(score.shape[0]):
+        candidates = sorted((float(score[r, c]), c) for c in range(score.shape[1]) if not full_keep[r, c])
+        for _, c in candidates[: round(score.shape[1] * sparsity)]:
+            keep[r, c] = False
+    return keep
+
+
+@pytest.mark.parametrize("text,sparsity", [("2:4", 0.0), ("2:4", 0.2), ("2:4", 0.4), ("1:4", 0.6), ("4:8", 0.3)])
+def test_nm_ramp_mask_prunes_the_lowest_nm_candidates_of_each_row(text, sparsity):
+    score = torch.randn(6, 16, generator=torch.Generator().manual_seed(5))
+    pattern = sparsity_pattern(text)
+    n, m = pattern.n, pattern.m
+    keep = pattern.ramp_mask(score, sparsity)
+    assert torch.equal(keep, _ref_nm_ramp(score, sparsity, n, m))
+    assert ((~keep).sum(dim=1) == round(16 * sparsity)).all()
+    assert (keep | pattern.keep_mask(score, 0.0)).equal(keep)  # a superset of the N:M mask: the ramp can end in it
+
+
+@pytest.mark.parametrize("text", ["unstructured", "row", "2:4"])
+def test_ramp_mask_at_the_pattern_sparsity_is_keep_mask(text):
+    score = torch.randn(6, 16, generator=torch.Generator().manual_seed(6))
+    pattern = sparsity_pattern(text)
+    assert torch.equal(pattern.ramp_mask(score, pattern.sparsity(0.5)), pattern.keep_mask(score, 0.5))
+
+
 def test_a_new_pattern_is_one_class_and_one_registration():
     class Blocks(SparsityPattern):
         """round(8 * s) zeros in every 8 consecutive inputs of a row (a pattern hf_elsa does not ship)."""

@@ -15,7 +15,7 @@ import torch
 from conftest import ref_keep_mask
 
 from hf_elsa import keep_mask, project
-from hf_elsa.projection import importance_score
+from hf_elsa.projection import importance_score, zero_pruned_
 
 PATTERNS = ("unstructured", "row", "2:4", "4:8", "1:4")
 
@@ -244,3 +244,17 @@ def test_other_dtypes(dtype, sparsity_type):
     projected, mask = project(values, 0.5, sparsity_type)
     assert projected.dtype == dtype
     assert torch.equal(projected, values * ref_keep_mask(values.double().abs(), 0.5, sparsity_type))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_zero_pruned_is_bit_exact_masked_fill(dtype):
+    """Pruned entries become +0.0 whatever they held (NaN, inf, -0.0), kept ones keep their bits, in place."""
+    values = torch.randn(6, 10, generator=torch.Generator().manual_seed(2)).to(dtype)
+    values[0, :4] = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0], dtype=dtype)
+    values[1, :2] = torch.tensor([float("nan"), -0.0], dtype=dtype)
+    keep = torch.rand(6, 10, generator=torch.Generator().manual_seed(3)) > 0.5
+    keep[0, :4], keep[1, :2] = False, True
+    expected = values.masked_fill(~keep, 0)
+    out = values.t()  # a non-contiguous view is zeroed in place too
+    assert zero_pruned_(out, keep.t()) is out
+    assert torch.equal(values.view(torch.uint8), expected.view(torch.uint8))  # the same bits, NaN included

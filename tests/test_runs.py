@@ -324,8 +324,9 @@ def test_oneshot_kd_keeps_the_one_shot_mask_and_the_default_searches(tmp_path, m
 
 @pytest.mark.parametrize("sparsity_type", ["unstructured", "2:4"])
 def test_a_denser_start_is_pruned_to_the_target_by_the_ramp(sparsity_type, tmp_path, monkeypatch):
-    """admm_init_sparsity: the warm start prunes to it (unstructured under N:M), z's ramp takes the rest; the run ends
-    exactly at the target, and the mask moved from the start by at least the extra sparsity."""
+    """admm_init_sparsity: the warm start prunes to it (unstructured under N:M), z's ramp takes the rest (under N:M
+    through masks that contain an N:M mask); the run ends exactly at the target, and the mask moved from the start by at
+    least the extra sparsity."""
     import hf_elsa.oneshot
 
     calls = []
@@ -342,8 +343,10 @@ def test_a_denser_start_is_pruned_to_the_target_by_the_ramp(sparsity_type, tmp_p
     trainer = train_quietly(model, args)
     assert calls == [(0.25, "unstructured")]
     opt = trainer.elsa_optimizer
-    if sparsity_type == "unstructured":
-        assert opt.sparsity_at(0) == pytest.approx(0.25) and opt.sparsity_at(opt.ramp_steps) == pytest.approx(0.75)
+    final = 0.75 if sparsity_type == "unstructured" else 0.5  # N:M ramps too, to its own ratio (ramp_mask)
+    assert opt.sparsity_at(0) == pytest.approx(0.25) and opt.sparsity_at(opt.ramp_steps) == pytest.approx(final)
+    ramped = [h["elsa/z_sparsity"] for h in trainer.state.log_history if "elsa/z_sparsity" in h]
+    assert ramped[0] < final and ramped == sorted(ramped)
     for name, w in prunable_weights(model).items():
         if sparsity_type == "2:4":
             assert (w.reshape(w.shape[0], -1, 4) != 0).sum(-1).max() <= 2, name

@@ -218,7 +218,7 @@ class ElsaSettings:
         f"Sparsity target of z: one of {SPARSITY_SCHEDULES}. Default from recipe.",
         'Sparsity target of z: `"constant"` (the final sparsity from the start, paper) or `"cubic"` (ramps over '
         "the ADMM phase, from 0, or from `admm_init_sparsity` when the start is denser than the target). N:M patterns "
-        "are not ramped.",
+        "ramp only from a denser start, through masks that contain an N:M mask.",
         choices=SPARSITY_SCHEDULES,
     )
 

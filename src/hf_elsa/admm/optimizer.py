@@ -29,7 +29,7 @@ from ..allocation import make_allocation
 from ..compat import is_dcp_state_init_call
 from ..curvature import get_estimator
 from ..patterns import sparsity_pattern
-from ..projection import importance_score
+from ..projection import importance_score, zero_pruned_
 from .distributed import (
     ShardSums,
     count_reducer,
@@ -268,12 +268,14 @@ class ElsaOptimizer(torch.optim.Optimizer):
 
     def sparsity_at(self, step: int) -> float:
         s = self.settings
-        if not self.pattern.can_ramp:
-            return self.pattern.sparsity(s.sparsity)  # one fixed ratio (N:M)
-        # from the warm start's sparsity when it starts denser than the target (admm_init_sparsity), else from 0
-        dense_start = s.admm_init_sparsity is not None and s.admm_init_sparsity < s.sparsity
+        final = self.pattern.sparsity(s.sparsity)
+        # from the warm start's sparsity when it starts denser than the target (admm_init_sparsity), else from 0;
+        # a pattern with one fixed ratio (N:M) ramps only from a denser start
+        dense_start = s.admm_init_sparsity is not None and s.admm_init_sparsity < final
+        if not (dense_start or self.pattern.can_ramp):
+            return final
         start = s.admm_init_sparsity if dense_start else 0.0
-        return sparsity_at(s.sparsity_schedule, step, self.ramp_steps, s.sparsity, start)
+        return sparsity_at(s.sparsity_schedule, step, self.ramp_steps, final, start)
 
     @property
     def steps_done(self) -> int:
@@ -356,7 +358,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
         if gather:
             score = full_tensor(score, p)
         mask = (
-            self.pattern.keep_mask(score.t(), sparsity).t() if transposed else self.pattern.keep_mask(score, sparsity)
+            self.pattern.ramp_mask(score.t(), sparsity).t() if transposed else self.pattern.ramp_mask(score, sparsity)
         )
         if gather:
             return shard_of(mask.contiguous(), p)
@@ -484,7 +486,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
             removed = 0.0
             if mask is not None:
                 removed = w.float().masked_fill(mask, 0).square().sum()
-                w.masked_fill_(~mask, 0)
+                zero_pruned_(w, mask)
                 state[MASK] = like(mask, p)
             for key in ADMM_ONLY_KEYS:
                 state.pop(key, None)
@@ -541,7 +543,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
             st = self.state[p]
             st[STEP] = t + 1
             if MASK in st:
-                local(p).masked_fill_(~local(st[MASK]), 0)
+                zero_pruned_(local(p), local(st[MASK]))
             elif in_admm and s.admm_penalty == "proximal":
                 # W <- W - eta (W - z + u), in place
                 eta = st[LAMBDA] / (1.0 + st[LAMBDA])
@@ -615,7 +617,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
         for p in self.prunable.values():
             mask = self.state.get(p, {}).get(MASK)
             if mask is not None and p.grad is not None:
-                local(p.grad).masked_fill_(~local(mask), 0)
+                zero_pruned_(local(p.grad), local(mask))
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -623,7 +625,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
         for p in self.prunable.values():
             mask = self.state.get(p, {}).get(MASK)
             if mask is not None:
-                local(p.detach()).masked_fill_(~local(mask), 0)
+                zero_pruned_(local(p.detach()), local(mask))
 
     @torch.no_grad()
     def check_masks_hold(self, when: str) -> None:

@@ -20,7 +20,8 @@ from ..selection import prune_smallest
 class SparsityPattern(ABC):
     """One sparsity pattern. Subclasses set the class attributes and implement ``groups``/``zeros``."""
 
-    #: z's sparsity can follow a schedule (a ramp from dense); N:M has one fixed ratio
+    #: any sparsity can be asked for (z's ramp can start from dense); N:M has one fixed ratio and ramps only from
+    #: a denser start (``ramp_mask``)
     can_ramp: bool = True
     #: every comparison group lies within one output row (FSDP2's row shards can be projected locally)
     groups_within_rows: bool = True
@@ -68,6 +69,11 @@ class SparsityPattern(ABC):
         score = torch.nan_to_num(score, nan=float("-inf"))
         grouped = self.groups(score)
         return ~prune_smallest(grouped, self.zeros(grouped.shape[1], sparsity)).reshape(score.shape)
+
+    def ramp_mask(self, score: torch.Tensor, sparsity: float) -> torch.Tensor:
+        """Keep mask at ``sparsity`` on z's ramp towards this pattern (``keep_mask`` for patterns whose sparsity is
+        free; patterns with one fixed ratio keep a superset of one of their own masks, so the ramp ends in one)."""
+        return self.keep_mask(score, sparsity)
 
     def __str__(self) -> str:
         return self.name

@@ -6,6 +6,7 @@ import re
 
 import torch
 
+from ..selection import prune_smallest
 from .base import SparsityPattern, register_pattern
 
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -51,6 +52,19 @@ class NM(SparsityPattern):
 
     def zeros(self, group_size: int, sparsity: float) -> int:
         return self.m - self.n  # the requested sparsity does not apply
+
+    def ramp_mask(self, score: torch.Tensor, sparsity: float) -> torch.Tensor:
+        """On the way to N:M at ``sparsity`` below ``1 - N/M``: of the entries the N:M mask prunes (the ``M - N``
+        lowest of every group), each row prunes its ``round(in_features * sparsity)`` lowest-scoring ones; the rest
+        stay. Every such mask keeps a superset of the N:M mask, so a ramp from a denser start ends in N:M."""
+        final = self.sparsity(sparsity)
+        if sparsity >= final - 1e-9:
+            return self.keep_mask(score, final)
+        if sparsity < 0.0:
+            raise ValueError(f"sparsity={sparsity} must satisfy 0 <= sparsity < 1.")
+        candidates = ~self.keep_mask(score, final)
+        score = torch.nan_to_num(score.detach().float(), nan=float("-inf")).masked_fill(~candidates, float("inf"))
+        return ~prune_smallest(score, round(score.shape[1] * sparsity))
 
 
 register_pattern(NM, "n:m")
