@@ -16,6 +16,7 @@ import logging
 import pytest
 import torch
 import transformers
+from architectures import ARCHITECTURES
 from datasets import Dataset
 
 import hf_elsa  # noqa: F401  (configures the hf_elsa logger, which the next line opens to caplog)
@@ -43,70 +44,17 @@ def _llama_config(hidden=32, intermediate=64, heads=4, kv_heads=2, tie=True, num
 
 
 def _config(arch: str, **overrides):
+    """Llama with its own knobs; the other architectures from the table of tests/architectures.py, with
+    ``overrides`` set on the config."""
     if arch == "llama":
-        cfg = _llama_config(**overrides)
-    elif arch == "gpt2":
-        cfg = transformers.GPT2Config(
-            vocab_size=VOCAB,
-            n_embd=32,
-            n_layer=2,
-            n_head=4,
-            n_positions=64,
-            tie_word_embeddings=True,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=0,
-            eos_token_id=1,
-        )
-    elif arch == "opt":
-        cfg = transformers.OPTConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            ffn_dim=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            word_embed_proj_dim=32,
-            max_position_embeddings=64,
-            tie_word_embeddings=True,
-            dropout=0.0,
-            attention_dropout=0.0,
-            activation_dropout=0.0,
-            pad_token_id=1,
-            bos_token_id=0,
-            eos_token_id=2,
-        )
-    elif arch == "qwen2":
-        cfg = transformers.Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            tie_word_embeddings=True,
-        )
-    elif arch == "gemma":
-        cfg = transformers.GemmaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=64,
-            tie_word_embeddings=True,
-        )
-    else:  # pragma: no cover - test bug
-        raise KeyError(arch)
-    for key, value in overrides.items() if arch != "llama" else ():
+        return _llama_config(**overrides)
+    cfg = ARCHITECTURES[arch]()
+    for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
 
 
-ARCHS = ("llama", "gpt2", "opt", "qwen2", "gemma")
+ARCHS = ("llama", "gpt2", "opt", "qwen2", "gemma2")
 
 
 def make_model(arch: str = "llama", seed: int = 0, **overrides) -> transformers.PreTrainedModel:

@@ -75,7 +75,7 @@ def test_prunes_every_architecture(arch, make_args):
         assert key in logged, key
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_tied_embeddings_stay_tied_and_dense(arch, make_args):
     model = make_model(arch)
     assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
