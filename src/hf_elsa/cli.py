@@ -4,7 +4,7 @@
         [--method elsa|PRUNER] [--compressed] [--config run.yaml] [ElsaConfig fields]
     hf-elsa eval [--model_name_or_path OUT] [--text_files F ... | --dataset_name D --dataset_split test]
     hf-elsa inspect DIR [--json] [--summary] [--chart]
-    hf-elsa demo [--sparsity 0.5] [--max_steps 40]
+    hf-elsa demo [--sparsity 0.5] [--max_steps 32]
     hf-elsa memory [--model_name_or_path M] [--json] [ElsaConfig fields, e.g. --elsa_l true]
     hf-elsa bench-inference DIR [DIR ...] | --smollm2 0.5 0.9 [--out FOLDER]
 
@@ -32,6 +32,8 @@ import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
+
+from ._allocator import keep_freed_memory
 
 # -- inspect ----------------------------------------------------------------------------------------
 
@@ -228,7 +230,7 @@ def _what_eval_includes(data) -> str:
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--max_steps", type=int, default=40)
+    parser.add_argument("--max_steps", type=int, default=32)
     parser.add_argument("--output_dir", default="elsa-smollm2")
 
 
@@ -360,6 +362,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
+    import torch
+
+    if not torch.cuda.is_available():  # CPU training frees and re-allocates the same large blocks every step
+        keep_freed_memory()
     try:
         return args._run(args)
     except (ValueError, FileNotFoundError, OSError, ImportError) as exc:

@@ -98,7 +98,7 @@ def wikipedia_split(seed: int = 0) -> tuple[list[str], list[str]]:
 
 def run_demo(
     sparsity: float = 0.5,
-    max_steps: int = 40,
+    max_steps: int = 32,
     output_dir: str = "elsa-smollm2",
     batch_size: int = 4,
     block_size: int = 128,
