@@ -70,6 +70,12 @@ def _offenders(named_params, count: Callable[[torch.nn.Parameter], torch.Tensor]
     return [(name, int(n)) for (name, _), n in zip(named_params, sums.total()) if n > 0]
 
 
+def _listed(offenders: list[tuple[str, int]], unit: str = "") -> str:
+    """The first five offenders for an error message: ``name (n unit), ...``."""
+    shown = ", ".join(f"{name} ({n}{unit})" for name, n in offenders[:5])
+    return shown + (" ..." if len(offenders) > 5 else "")
+
+
 class ElsaOptimizer(torch.optim.Optimizer):
     """ADMM around any ``torch.optim.Optimizer``.
 
@@ -369,7 +375,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
         """Raise a clear error naming the prunable weights with NaN or infinite entries (all processes agree)."""
         bad = _offenders(self.prunable.items(), lambda p: (~torch.isfinite(local(p.detach()))).sum())
         if bad:
-            listed = ", ".join(f"{name} ({n})" for name, n in bad[:5]) + (" ..." if len(bad) > 5 else "")
+            listed = _listed(bad)
             raise FloatingPointError(
                 f"{len(bad)} prunable weights hold NaN or infinite values {when}: {listed}. Nothing was saved as "
                 "sparse. If training diverged, lower learning_rate (or admm_lambda); if the model came with them, "
@@ -634,7 +640,7 @@ class ElsaOptimizer(torch.optim.Optimizer):
         fixed = [(n, p) for n, p in self.prunable.items() if MASK in self.state.get(p, {})]
         bad = _offenders(fixed, lambda p: (local(p.detach())[~local(self.state[p][MASK])] != 0).sum())
         if bad:
-            listed = ", ".join(f"{name} ({n} entries)" for name, n in bad[:5]) + (" ..." if len(bad) > 5 else "")
+            listed = _listed(bad, " entries")
             raise ValueError(
                 f"{when}: {len(bad)} weights are nonzero where the optimizer's fixed mask prunes them: {listed}. The "
                 "optimizer state (optimizer.pt) does not belong to these weights (e.g. two runs wrote into one "
