@@ -305,8 +305,10 @@ def test_smollm2_90_percent():
     with torch.no_grad():
         ref = model(ids).logits
         greedy = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
-        to_sparse_inference(model, repeats=1, prefill_tokens=None)
-        assert len(sparse_layers(model)) > 150  # at 90% nearly every layer wins on one core
+        # every layer converted (force): which layers win on speed depends on the machine's load at the moment of
+        # timing, so that choice is measured by `hf-elsa bench-inference`, not asserted here
+        to_sparse_inference(model, force=True, prefill_tokens=None)
+        assert len(sparse_layers(model)) == 210
         assert _rel(model(ids).logits, ref) <= 1e-4
         assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0), greedy)
     report = model.hf_elsa_inference
