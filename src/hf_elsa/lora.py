@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ._logging import get_logger
+from .projection import zero_pruned_
 from .sparse_io import attach_sparsity, get_sparsity
 from .sparse_io.metadata import TRAINING_HYPERPARAMETERS  # what a keep-mask run records, here for LoRA
 from .targets import PRUNABLE_TYPES
@@ -226,7 +227,7 @@ def _merge_layers_keeping_masks(peft_model, masks: dict[str, torch.Tensor], name
         change = weight.detach().float() - before
         total += float(change.pow(2).sum())
         dropped += float(change.masked_fill(keep, 0).pow(2).sum())
-        weight.masked_fill_(~keep, 0)
+        zero_pruned_(weight.data, keep)
     return math.sqrt(dropped / total) if total > 0 else None
 
 
@@ -272,7 +273,7 @@ def merge_and_unload(peft_model, progressbar: bool = False, safe_merge: bool = F
         raise ValueError(f"merge_and_unload: the merged model has no tensor {missing[0]!r} of the masks.")
     with torch.no_grad():  # a modules_to_save copy is a trainable leaf: re-masked without autograd
         for name, keep in masks.items():
-            params[name].masked_fill_(~keep.to(params[name].device), 0)
+            zero_pruned_(params[name].data, keep.to(params[name].device))
     if previous is not None and previous.config.fine_tuning:
         fine_tuning = {**previous.config.fine_tuning, **fine_tuning}
     metadata = {"fine_tuning": fine_tuning}

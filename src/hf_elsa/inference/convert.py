@@ -25,6 +25,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .._messages import shorten
+from ..projection import zero_pruned_
 from ..targets import PRUNABLE_TYPES, is_transposed
 from . import densify, native, scipy_csr, semi_structured, torch_csr  # noqa: F401  (register the kernels)
 from .kernels import KERNELS, Kernel
@@ -163,7 +164,7 @@ class SparseLinear(nn.Module):
             (self.crow_indices[1:] - self.crow_indices[:-1]).long(),
         )
         kept = keep.to(self.values.device)[rows, self.col_indices.long()]
-        self.values.masked_fill_(~kept, 0)
+        zero_pruned_(self.values.data, kept)
 
     def stored_zeros(self) -> int:
         """Zeros of the dense weight this layer computes with (not stored, or stored as 0)."""

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..projection import zero_pruned_
 from ..version import __version__
 from .hub import sparse_push_to_hub
 from .masks import PackedMask
@@ -112,8 +113,7 @@ def apply_masks(model: nn.Module) -> None:
             continue
         if key not in params:
             raise ValueError(f"apply_masks: the masks cover {key!r} but the model has no such tensor.")
-        # masked_fill, not mul: a pruned inf/NaN becomes 0 (mul keeps NaN) and zeros stay +0.0
-        params[key].masked_fill_(~packed.unpack(params[key].device), 0)
+        zero_pruned_(params[key].data, packed.unpack(params[key].device))
 
 
 def _hub_id_or_none(name: str | None) -> str | None:
