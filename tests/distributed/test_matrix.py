@@ -1,10 +1,10 @@
 """The default recipe through every combination users make, on 2 gloo processes against 1 (``trainer_worker.py``).
 
-Each cell of ``trainer_worker.CASES`` runs ``ElsaTrainer`` itself (SparseGPT start, distillation from the dense
-model) on the same global batch: DDP under ``torchrun`` and under ``accelerate launch``, FSDP2 sharded by accelerate's
+Each cell of ``trainer_worker.CASES`` runs ``ElsaTrainer`` itself at 70% (the default recipe there: SparseGPT starts
+10 points denser and ADMM's ramp prunes the rest, distillation from the dense model) on the same global batch: DDP under ``torchrun`` and under ``accelerate launch``, FSDP2 sharded by accelerate's
 own preparation, keep-mask fine-tuning, LoRA (``peft_config=`` and a ``PeftModel``, with and without a teacher),
 resume inside the ADMM phase and after the mask is fixed, ELSA-L, N:M, global and OWL allocation, gradient
-accumulation, gradient checkpointing and bf16 autocast.
+accumulation, gradient checkpointing and bf16 autocast, and N:M reached by a ramp from a denser start.
 
 What must hold, per cell: the model ends exactly sparse; both processes hold the same weights and masks bit for
 bit; 2 processes equal 1 process (DDP's all-reduce and FSDP2's reduce-scatter average two halves where one process
@@ -150,6 +150,14 @@ def test_the_teacher_rule(results):
     distilled = [h for h in one["lora_model_teacher"]["history"] if "loss_distill" in h]
     assert distilled and all(h["loss_distill"] > 0 for h in distilled)
     assert not any("loss_distill" in h for h in one["lora_config"]["history"])
+
+
+@pytest.mark.parametrize(("launcher", "name"), [("one", "default"), ("two", "default"), ("two", "fsdp2")])
+def test_the_mask_search_prunes_the_last_points(results, launcher, name):
+    # the default recipe at 70%: SparseGPT starts at 60% and the ramp of z prunes the last 10% of the weights
+    for record in results[launcher][name] if launcher == "two" else [results[launcher][name]]:
+        assert record["admm_init_sparsity"] == pytest.approx(worker.SPARSITY - 0.1)
+        assert record["mask_moved_from_start"] == pytest.approx(0.1, abs=0.01)
 
 
 def test_warm_start_is_split_over_the_processes(results):

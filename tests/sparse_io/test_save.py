@@ -367,3 +367,20 @@ def test_the_non_finite_error_names_the_first_five_and_counts_the_rest(tmp_path)
                 proj.weight.view(-1)[proj.weight.view(-1).nonzero()[0]] = float("-inf")
     with pytest.raises(ValueError, match=r"8 tensors hold NaN/inf values: .*\(1 inf\), and 3 more\. Nothing"):
         model.save_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("later_save_won", [True, False])
+def test_recovery_rolls_a_killed_save_forward_only_over_an_older_model(later_save_won, tmp_path):
+    # a save killed before its swap left a complete folder; whether it replaces the model depends on which finished
+    # writing last: a save that overtook it (started while it ran, so its recovery could not touch it) must win
+    target, other = tmp_path / "m", tmp_path / "killed"
+    pruned_model(seed=1).save_pretrained(target)
+    pruned_model(seed=2).save_pretrained(other)
+    current = (target / "config.json").stat().st_mtime_ns
+    shift = -(10**9) if later_save_won else 10**9
+    os.utime(other / "config.json", ns=(current + shift, current + shift))
+    leftover = tmp_path / f"{NEW_PREFIX}m-{commit_module.save_id_of(other)}"
+    other.rename(leftover)
+    finish_interrupted_save(target)
+    assert_bit_identical(state(pruned_model(seed=1 if later_save_won else 2)), load_sparse_model(target))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

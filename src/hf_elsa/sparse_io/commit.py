@@ -13,7 +13,8 @@ The promise: at every instant, ``target`` loads as the old model or as the new o
 
 A process killed at any point leaves ``target`` intact (old or new) plus siblings that say what to do;
 :func:`recover`, run by every save into the folder (and by ``finish_interrupted_save``; a load only reads), finishes
-the swap (a complete new folder is rolled forward) or removes the leftovers. Each save holds an ``flock`` on its folders, so
+the swap (a complete new folder is rolled forward, unless a later save has replaced ``target`` since it was written)
+or removes the leftovers. Each save holds an ``flock`` on its folders, so
 recovery never touches a save that is still running.
 
 Where ``target`` cannot be renamed (a mount point, the working directory of this process, a file system that
@@ -292,6 +293,8 @@ def recover(target: Path) -> None:
             if os.path.lexists(target) and save_id_of(target) == save_id:
                 _move_late_entries(new, target)  # swapped in already: this is the old folder under the new name
                 shutil.rmtree(new)
+            elif _written_before(new, target):  # stale: a later save replaced target after this one was written
+                shutil.rmtree(new)
             else:
                 _publish(new, target, save_id, locks)
         for old, _ in _siblings(target, OLD_PREFIX):
@@ -302,6 +305,15 @@ def recover(target: Path) -> None:
                 shutil.rmtree(old)
             else:
                 os.rename(old, target)  # the new folder never arrived: the old one is the model
+
+
+def _written_before(new: Path, target: Path) -> bool:
+    """Whether ``new`` finished writing (its ``config.json``) before the save now in ``target`` did: a save killed
+    before its swap that a later save overtook is stale and must not replace the newer model."""
+    try:
+        return (new / "config.json").stat().st_mtime_ns < (target / "config.json").stat().st_mtime_ns
+    except OSError:
+        return False  # target has no config.json (an in-place move was cut short): the complete folder wins
 
 
 def is_locked(path: Path) -> bool:
