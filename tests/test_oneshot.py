@@ -7,19 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
+from architectures import ARCHITECTURES as CONFIGS
+from architectures import VOCAB
 from torch import nn
-from transformers import (
-    GemmaConfig,
-    GemmaForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
 
 from hf_elsa.data import token_blocks
 from hf_elsa.oneshot import PRUNERS, magnitude, sparsegpt, sparsegpt_prune_weight, wanda, wanda_score
@@ -28,82 +19,40 @@ from hf_elsa.oneshot.wanda import InputNorms
 from hf_elsa.projection import keep_mask
 from hf_elsa.targets import find_prunable_modules, is_transposed
 
-VOCAB = 128
+
+def _variant(name: str, **changes):
+    """A config of the shared table (tests/architectures.py) with changes that reach a path the plain one does not."""
+
+    def build():
+        config = CONFIGS[name]()
+        return type(config)(**{**config.to_dict(), **changes})
+
+    return build
 
 
-def _llama():
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
-
-
-def _opt():
+# the shared table of architectures, plus variants whose layout the sequential driver must handle
+ARCHITECTURES = {
+    **CONFIGS,
     # word_embed_proj_dim != hidden_size adds project_in/project_out Linears outside the decoder layers
-    return OPTForCausalLM(
-        OPTConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            ffn_dim=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-            word_embed_proj_dim=32,
-        )
-    )
-
-
-def _gpt2():
-    return GPT2LMHeadModel(
-        GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
-    )
-
-
-def _qwen2(**extra):
-    return Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            **extra,
-        )
-    )
-
-
-def _qwen2_sliding():
+    "opt_projected": _variant("opt", word_embed_proj_dim=16),
     # mixed layer types: layer 0 full attention, layer 1 a 4-token sliding window (its own mask)
-    return _qwen2(use_sliding_window=True, sliding_window=4, max_window_layers=1)
-
-
-def _gemma():
-    return GemmaForCausalLM(
-        GemmaConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-        )
-    )
-
-
-ARCHITECTURES = {"llama": _llama, "opt": _opt, "gpt2": _gpt2, "qwen2": _qwen2, "gemma": _gemma}
+    "qwen2_sliding": _variant(
+        "qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1, layer_types=None
+    ),
+    # three layers of two types, each with its own mask and rotary embedding
+    "gemma3_mixed": _variant(
+        "gemma3",
+        num_hidden_layers=3,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    ),
+}
 
 
 def _model(arch: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return ARCHITECTURES[arch]().eval()
+    config = ARCHITECTURES[arch]()
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
 
 
 def _calibration(num_samples: int = 6, seqlen: int = 16, seed: int = 0) -> torch.Tensor:
@@ -305,30 +254,10 @@ def test_wanda_masks_follow_the_score_sequentially():
 # the sequential driver on every architecture
 
 
-def _gemma3_text():
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    # mixed layer types with their own masks and rotary embeddings
-    return Gemma3ForCausalLM(
-        Gemma3TextConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            sliding_window=4,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        )
-    )
-
-
-@pytest.mark.parametrize("arch", [*ARCHITECTURES, "qwen2_sliding", "gemma3"])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_layerwise_inputs_match_the_dense_forward(arch):
     """With nothing pruned, every module sees exactly the inputs of a plain forward pass."""
-    torch.manual_seed(0)
-    model = {"qwen2_sliding": _qwen2_sliding, "gemma3": _gemma3_text}.get(arch, ARCHITECTURES.get(arch))().eval()
+    model = _model(arch)
     ids = _calibration(seqlen=12)
     modules = find_prunable_modules(model)
     expected = _input_norms(model, modules, ids)
@@ -357,7 +286,7 @@ def test_every_architecture_prunes_and_still_runs(method, arch):
     assert model.training and model.config.use_cache == use_cache
     modules = find_prunable_modules(model)
     assert set(masks) == set(modules)
-    if arch == "opt":  # modules outside the decoder layers are pruned too
+    if arch == "opt_projected":  # modules outside the decoder layers are pruned too
         assert {"model.decoder.project_in", "model.decoder.project_out"} <= set(masks)
     for name, module in modules.items():
         assert torch.equal(module.weight == 0, ~masks[name]), name
