@@ -71,6 +71,7 @@ def test_prune_eval_inspect_round_trip(base, tmp_path, capsys):
     assert "50.0" in capsys.readouterr().out
 
 
+@pytest.mark.filterwarnings("ignore:ADMM had not converged:UserWarning")  # a few steps: expected, tested in test_runs
 def test_one_file_and_old_flag_names(base, tmp_path, capsys):
     """One file (one document) works: the token stream is split; --model/--text still work."""
     (path,) = _files(tmp_path, 1)
@@ -115,6 +116,7 @@ def _dataset_folder(tmp_path):
     return folder
 
 
+@pytest.mark.filterwarnings("ignore:ADMM had not converged:UserWarning")  # a few steps: expected, tested in test_runs
 def test_dataset_splits_for_prune_and_eval(base, tmp_path, capsys):
     folder = _dataset_folder(tmp_path)
     out = tmp_path / "d"

@@ -55,6 +55,7 @@ def test_a_value_past_a_bound_is_refused_naming_the_field_and_an_example(name, v
         ElsaConfig(output_dir=str(tmp_path), **{name: value})
 
 
+@pytest.mark.filterwarnings("ignore:ElsaSettings.*are ignored:UserWarning")  # bounds without allocation: warned
 @pytest.mark.parametrize(
     "name,value", [(name, value) for name in BOUNDED for value in _inclusive_edges(name)], ids=lambda v: str(v)
 )
@@ -62,6 +63,7 @@ def test_an_inclusive_bound_is_accepted(name, value):
     assert getattr(ElsaSettings(**{name: value}), name) == value
 
 
+@pytest.mark.filterwarnings("ignore:ElsaSettings.*are ignored:UserWarning")  # bounds without allocation: warned
 @pytest.mark.parametrize("name", BOUNDED)
 def test_the_example_value_is_accepted(name):
     example = DETAILS[name]["example"]
