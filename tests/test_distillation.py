@@ -36,6 +36,23 @@ def test_chunked_kl_equals_the_direct_kl_and_its_gradient(chunk, temperature):
     assert torch.all(g_got[[1, 4, 6, 7]] == 0)  # no gradient where the mask is off
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_chunked_kl_has_the_direct_kl_hessian_vector_product(temperature):
+    # Hutchinson and Sassha differentiate the gradient again (create_graph=True): the closed-form backward must be
+    # differentiable and give the KL's own curvature
+    gen = torch.Generator().manual_seed(1)
+    student = torch.randn(6, 9, generator=gen, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(6, 9, generator=gen, dtype=torch.float64)
+    direction = torch.randn(6, 9, generator=gen, dtype=torch.float64)
+
+    def hvp(loss):
+        (grad,) = torch.autograd.grad(loss, student, create_graph=True)
+        return torch.autograd.grad((grad * direction).sum(), student)[0]
+
+    got = hvp(chunked_kl(student, teacher, temperature, chunk_tokens=4))
+    torch.testing.assert_close(got.double(), hvp(_direct_kl(student, teacher, temperature)), rtol=1e-5, atol=1e-7)
+
+
 def test_chunked_kl_takes_the_teacher_one_chunk_at_a_time():
     student = torch.randn(9, 5, requires_grad=True)
     teacher = torch.randn(9, 5)
