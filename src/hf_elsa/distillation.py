@@ -27,8 +27,8 @@ class _KLSum(torch.autograd.Function):
     """``sum_rows KL(softmax(teacher / T) || softmax(student / T))`` in fp32, with its gradient in closed form:
     ``(softmax(student / T) - softmax(teacher / T)) / T``. Only the inputs are kept for the backward pass, which
     recomputes the two softmaxes: a second fp32 ``[rows, vocab]`` copy never outlives the call, and the backward
-    does not replay the forward's graph (0.51x the time of the checkpointed plain expression at T = 1, 0.73x at T = 2, on a CPU core:
-    benchmarks/distill_kl.py)."""
+    does not replay the forward's graph (0.51x the time of the checkpointed plain expression at T = 1, 0.73x at
+    T = 2, on a CPU core: benchmarks/distill_kl.py)."""
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
