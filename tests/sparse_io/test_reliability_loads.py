@@ -81,8 +81,8 @@ def test_a_load_leaves_a_killed_save_and_a_restored_folder_alone(tmp_path):
     folder as it is and deletes nothing; finish_interrupted_save (or the next save) rolls the new one forward."""
     folder = tmp_path / "m"
     old, new = pruned_model(seed=1), pruned_model(seed=2)
+    old.save_pretrained(folder)  # the model the user restored, saved before the killed save started
     new.save_pretrained(tmp_path / "staging")
-    old.save_pretrained(folder)
     save_id = json.loads((tmp_path / "staging" / "config.json").read_text())["elsa_sparsity"]["save_id"]
     leftover = tmp_path / f"{NEW_PREFIX}m-{save_id}"
     os.rename(tmp_path / "staging", leftover)

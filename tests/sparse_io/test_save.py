@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -371,16 +373,24 @@ def test_the_non_finite_error_names_the_first_five_and_counts_the_rest(tmp_path)
 
 @pytest.mark.parametrize("later_save_won", [True, False])
 def test_recovery_rolls_a_killed_save_forward_only_over_an_older_model(later_save_won, tmp_path):
-    # a save killed before its swap left a complete folder; whether it replaces the model depends on which finished
-    # writing last: a save that overtook it (started while it ran, so its recovery could not touch it) must win
-    target, other = tmp_path / "m", tmp_path / "killed"
-    pruned_model(seed=1).save_pretrained(target)
-    pruned_model(seed=2).save_pretrained(other)
-    current = (target / "config.json").stat().st_mtime_ns
-    shift = -(10**9) if later_save_won else 10**9
-    os.utime(other / "config.json", ns=(current + shift, current + shift))
-    leftover = tmp_path / f"{NEW_PREFIX}m-{commit_module.save_id_of(other)}"
-    other.rename(leftover)
+    # a save killed before its swap left a complete folder. A save that started after it (while it ran, so that its
+    # recovery could not touch it) and replaced the model must win; over an older model the killed save is finished
+    target, killed = tmp_path / "m", tmp_path / "killed"
+    saves = [(killed, 2), (target, 1)] if later_save_won else [(target, 1), (killed, 2)]
+    for folder, seed in saves:
+        pruned_model(seed=seed).save_pretrained(folder)
+    leftover = tmp_path / f"{NEW_PREFIX}m-{commit_module.save_id_of(killed)}"
+    killed.rename(leftover)
     finish_interrupted_save(target)
     assert_bit_identical(state(pruned_model(seed=1 if later_save_won else 2)), load_sparse_model(target))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_save_ids_order_saves_by_their_start():
+    ids = [commit_module.new_save_id() for _ in range(200)]
+    assert all(re.fullmatch(r"[0-9a-f]{12}7[0-9a-f]{3}[89ab][0-9a-f]{15}", i) for i in ids)  # UUIDv7
+    assert len(set(ids)) == len(ids)
+    assert all(a[:16] <= b[:16] for a, b in itertools.pairwise(ids))
+    assert commit_module.started_before(ids[0], commit_module.new_save_id())
+    legacy = "4b7cc2f1656944b189a5077628a406bc"  # a UUIDv4 of an earlier version: no order, rolled forward
+    assert not commit_module.started_before(ids[0], legacy) and not commit_module.started_before(legacy, ids[0])

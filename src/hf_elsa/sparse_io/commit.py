@@ -13,7 +13,7 @@ The promise: at every instant, ``target`` loads as the old model or as the new o
 
 A process killed at any point leaves ``target`` intact (old or new) plus siblings that say what to do;
 :func:`recover`, run by every save into the folder (and by ``finish_interrupted_save``; a load only reads), finishes
-the swap (a complete new folder is rolled forward, unless a later save has replaced ``target`` since it was written)
+the swap (a complete new folder is rolled forward, unless a save that started after it has replaced ``target`` since)
 or removes the leftovers. Each save holds an ``flock`` on its folders, so
 recovery never touches a save that is still running.
 
@@ -31,7 +31,9 @@ import fnmatch
 import json
 import os
 import re
+import secrets
 import shutil
+import time
 from pathlib import Path
 
 try:
@@ -99,6 +101,24 @@ def _siblings(target: Path, prefix: str) -> list[tuple[Path, str]]:
             if match and entry.is_dir(follow_symlinks=False):
                 found.append((entry.stat(follow_symlinks=False).st_mtime_ns, Path(entry.path), match.group(1)))
     return [(path, save_id) for _, path, save_id in sorted(found)]
+
+
+def new_save_id() -> str:
+    """A UUIDv7 as 32 hex digits: its first 16 order saves by the time they started (milliseconds and a 12-bit
+    fraction of one), the rest is random. Tells a killed save from a later one that overtook it (:func:`recover`)."""
+    now = time.time_ns()
+    millis, fraction = divmod(now, 1_000_000)
+    value = (millis << 80) | (0x7 << 76) | ((fraction * 4096 // 1_000_000) << 64) | (0b10 << 62) | secrets.randbits(62)
+    return f"{value:032x}"
+
+
+def started_before(save_id: str, other: str | None) -> bool:
+    """Whether the save ``save_id`` started before the save ``other``; False when either id does not say (a UUIDv4
+    of an earlier hf_elsa, or no id): then the complete folder is rolled forward, as it always was."""
+    time_ordered = re.compile(r"[0-9a-f]{12}7[0-9a-f]{3}[89ab][0-9a-f]{15}")
+    if other is None or not (time_ordered.fullmatch(save_id) and time_ordered.fullmatch(other)):
+        return False
+    return save_id[:16] < other[:16]
 
 
 def save_id_of(folder: Path) -> str | None:
@@ -293,7 +313,7 @@ def recover(target: Path) -> None:
             if os.path.lexists(target) and save_id_of(target) == save_id:
                 _move_late_entries(new, target)  # swapped in already: this is the old folder under the new name
                 shutil.rmtree(new)
-            elif _written_before(new, target):  # stale: a later save replaced target after this one was written
+            elif started_before(save_id, save_id_of(target)):  # stale: a save started after it replaced target
                 shutil.rmtree(new)
             else:
                 _publish(new, target, save_id, locks)
@@ -305,15 +325,6 @@ def recover(target: Path) -> None:
                 shutil.rmtree(old)
             else:
                 os.rename(old, target)  # the new folder never arrived: the old one is the model
-
-
-def _written_before(new: Path, target: Path) -> bool:
-    """Whether ``new`` finished writing (its ``config.json``) before the save now in ``target`` did: a save killed
-    before its swap that a later save overtook is stale and must not replace the newer model."""
-    try:
-        return (new / "config.json").stat().st_mtime_ns < (target / "config.json").stat().st_mtime_ns
-    except OSError:
-        return False  # target has no config.json (an in-place move was cut short): the complete folder wins
 
 
 def is_locked(path: Path) -> bool:

@@ -71,7 +71,7 @@ class ElsaSparsityConfig:
         achieved_sparsity: zeros / weights over the masked tensors, measured at save time.
         tensors: ``{tensor: {"shape": [...], "sparsity": float}}`` measured at save time.
         files: ``{file: {"bytes": int, "sha256": str}}`` of the weight and mask files.
-        save_id: random id shared by ``config.json``, this file and the mask file of one save.
+        save_id: id shared by ``config.json``, this file and the mask file of one save (a UUIDv7: time-ordered).
         extra: keys this version does not know.
     """
 

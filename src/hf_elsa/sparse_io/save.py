@@ -11,14 +11,23 @@ import shutil
 import signal
 import stat
 import threading
-import uuid
 from pathlib import Path
 
 from safetensors import safe_open
 
 from ..version import __version__
 from .card import build_model_card, merge_card
-from .commit import PENDING_CONFIG, TMP_PREFIX, Locks, carry_over, commit, recover, remove_abandoned, sibling
+from .commit import (
+    PENDING_CONFIG,
+    TMP_PREFIX,
+    Locks,
+    carry_over,
+    commit,
+    new_save_id,
+    recover,
+    remove_abandoned,
+    sibling,
+)
 from .files import file_info, saved_weight_files
 from .formats import SaveFormat, resolve_format
 from .hub import HUB_KWARGS, check_online, create_repo, upload
@@ -65,7 +74,7 @@ def save_sparse(model, cls, state: SparsityState, target: Path, fmt: SaveFormat,
     config.hf_elsa_version = __version__
     config.elsa_format_version = FORMAT_VERSION  # a loaded older (or newer) folder is re-saved in this layout
     config.format = fmt.name
-    config.save_id = uuid.uuid4().hex
+    config.save_id = new_save_id()
 
     target = Path(os.path.realpath(target))  # a symlinked folder: replace the real one, keep the link
     if target.exists() and not target.is_dir():
