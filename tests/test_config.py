@@ -376,8 +376,8 @@ def test_the_recipe_distillation_weight_follows_the_sparsity(kwargs, expected, t
     "kwargs,start,fraction",
     [
         ({"sparsity": 0.9}, 0.8, 0.3),
-        ({"sparsity": 0.7}, 0.6, 0.3),
-        ({"sparsity": 0.6}, None, 0.15),
+        ({"sparsity": 0.8}, 0.7, 0.3),
+        ({"sparsity": 0.7}, None, 0.15),
         ({"sparsity_type": "2:4"}, None, 0.15),
         ({"sparsity": 0.9, "admm_fraction": 0.0}, None, 0.0),
         ({"sparsity": 0.9, "recipe": "oneshot_kd"}, None, 0.0),
@@ -385,8 +385,8 @@ def test_the_recipe_distillation_weight_follows_the_sparsity(kwargs, expected, t
         ({"sparsity": 0.5, "admm_init_sparsity": 0.3}, 0.3, 0.3),
     ],
 )
-def test_the_default_recipe_starts_denser_from_70_percent(kwargs, start, fraction, tmp_path):
-    """recipe="elsa": from 70% up (patterns that ramp) the start is 10 points denser and the ADMM phase 30% of the steps."""
+def test_the_default_recipe_starts_denser_from_80_percent(kwargs, start, fraction, tmp_path):
+    """recipe="elsa": from 80% up (patterns that ramp) the start is 10 points denser and the ADMM phase 30% of the steps."""
     config = ElsaConfig(output_dir=str(tmp_path), **kwargs)
     assert config.admm_init_sparsity == (None if start is None else pytest.approx(start))
     assert config.admm_fraction == pytest.approx(fraction)

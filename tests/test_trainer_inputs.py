@@ -144,7 +144,7 @@ def test_frozen_weights_message_without_peft(make_args):
 
 
 def test_step_budget_without_admm_phase_warns(make_args):
-    # sparsity 0.5: the recipe's ADMM phase is 15% of the steps (30% from 70% up, with the denser start)
+    # sparsity 0.5: the recipe's ADMM phase is 15% of the steps (30% from 80% up, with the denser start)
     with pytest.warns(UserWarning, match="0 ADMM steps: ELSA does not run, the weights are pruned by the sparsegpt"):
         ElsaTrainer(model=make_model("llama"), args=make_args(max_steps=2, sparsity=0.5), train_dataset=lm_dataset(8))
     # epochs: 8 blocks / batch 4 = 2 steps per epoch, 1 epoch -> round(0.15 * 2) = 0

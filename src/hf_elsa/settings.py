@@ -153,9 +153,9 @@ class ElsaSettings:
         "(penalty through the gradient, constant lambda 0.01, interval 32, ADMM for the whole run, magnitude "
         'projection, learning rate 1e-4, no distillation). `"elsa"`: starts from SparseGPT\'s weights and mask, '
         "distils from the dense model, a decoupled proximal penalty (lambda 1), a cubic sparsity ramp for z, the "
-        "activation-aware projection (SAFE+); from 70% sparsity up (unstructured, row) the start is 10 points denser "
+        "activation-aware projection (SAFE+); from 80% sparsity up (unstructured, row) the start is 10 points denser "
         "and z's ramp prunes the rest under distillation, the mask fixed after 30% of the steps (15% when the start "
-        "is at the target: below 70% and for N:M), then masked fine-tuning; the "
+        "is at the target: below 80% and for N:M), then masked fine-tuning; the "
         "distillation weight and learning rate follow the sparsity (docs/quality.md, docs/convergence.md). "
         '`"oneshot_kd"`: `"elsa"` without the mask search (`admm_fraction=0`): SparseGPT\'s mask is kept and the '
         "run fine-tunes with distillation.",
@@ -354,8 +354,8 @@ class ElsaSettings:
         "it to `sparsity` during the ADMM phase, so the last part of the mask is chosen under the training loss "
         "(distillation included) rather than by the one-shot pruner. `None` (or `sparsity` itself): the start is at "
         "`sparsity` and the ramp starts from 0. Needs an ADMM phase (`admm_fraction > 0`) and `admm_init_sparsity <= sparsity`. Recipe "
-        '`"elsa"`: `sparsity - 0.1` from 70% sparsity up for unstructured and row patterns (with `admm_fraction` '
-        "0.3), `None` below 70%, for N:M and with `admm_fraction=0` (docs/quality.md).",
+        '`"elsa"`: `sparsity - 0.1` from 80% sparsity up for unstructured and row patterns (with `admm_fraction` '
+        "0.3), `None` below 80%, for N:M and with `admm_fraction=0` (docs/quality.md).",
         bounds=(0.0, 1.0, True, False),
         example=0.5,
     )

@@ -1,6 +1,6 @@
 """The default recipe through every combination users make, on 2 gloo processes against 1 (``trainer_worker.py``).
 
-Each cell of ``trainer_worker.CASES`` runs ``ElsaTrainer`` itself at 70% (the default recipe there: SparseGPT starts
+Each cell of ``trainer_worker.CASES`` runs ``ElsaTrainer`` itself at 80% (the default recipe there: SparseGPT starts
 10 points denser and ADMM's ramp prunes the rest, distillation from the dense model) on the same global batch: DDP under ``torchrun`` and under ``accelerate launch``, FSDP2 sharded by accelerate's
 own preparation, keep-mask fine-tuning, LoRA (``peft_config=`` and a ``PeftModel``, with and without a teacher),
 resume inside the ADMM phase and after the mask is fixed, ELSA-L, N:M, global and OWL allocation, gradient
@@ -154,7 +154,7 @@ def test_the_teacher_rule(results):
 
 @pytest.mark.parametrize(("launcher", "name"), [("one", "default"), ("two", "default"), ("two", "fsdp2")])
 def test_the_mask_search_prunes_the_last_points(results, launcher, name):
-    # the default recipe at 70%: SparseGPT starts at 60% and the ramp of z prunes the last 10% of the weights
+    # the default recipe at 80%: SparseGPT starts at 70% and the ramp of z prunes the last 10% of the weights
     for record in results[launcher][name] if launcher == "two" else [results[launcher][name]]:
         assert record["admm_init_sparsity"] == pytest.approx(worker.SPARSITY - 0.1)
         assert record["mask_moved_from_start"] == pytest.approx(0.1, abs=0.01)
