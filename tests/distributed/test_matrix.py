@@ -1,8 +1,8 @@
 """The default recipe through every combination users make, on 2 gloo processes against 1 (``trainer_worker.py``).
 
 Each cell of ``trainer_worker.CASES`` runs ``ElsaTrainer`` itself at 80% (the default recipe there: SparseGPT starts
-10 points denser and ADMM's ramp prunes the rest, distillation from the dense model) on the same global batch: DDP under ``torchrun`` and under ``accelerate launch``, FSDP2 sharded by accelerate's
-own preparation, keep-mask fine-tuning, LoRA (``peft_config=`` and a ``PeftModel``, with and without a teacher),
+10 points denser and ADMM's ramp prunes the rest, distillation from the dense model) on the same global batch: DDP
+under ``torchrun`` and under ``accelerate launch``, FSDP2 sharded by accelerate's own preparation, keep-mask fine-tuning, LoRA (``peft_config=`` and a ``PeftModel``, with and without a teacher),
 resume inside the ADMM phase and after the mask is fixed, ELSA-L, N:M, global and OWL allocation, gradient
 accumulation, gradient checkpointing and bf16 autocast, and N:M reached by a ramp from a denser start.
 
