@@ -2,9 +2,10 @@
 
 Each cell of ``trainer_worker.CASES`` runs ``ElsaTrainer`` itself at 80% (the default recipe there: SparseGPT starts
 10 points denser and ADMM's ramp prunes the rest, distillation from the dense model) on the same global batch: DDP
-under ``torchrun`` and under ``accelerate launch``, FSDP2 sharded by accelerate's own preparation, keep-mask fine-tuning, LoRA (``peft_config=`` and a ``PeftModel``, with and without a teacher),
-resume inside the ADMM phase and after the mask is fixed, ELSA-L, N:M, global and OWL allocation, gradient
-accumulation, gradient checkpointing and bf16 autocast, and N:M reached by a ramp from a denser start.
+under ``torchrun`` and under ``accelerate launch``, FSDP2 sharded by accelerate's own preparation, keep-mask
+fine-tuning, LoRA (``peft_config=`` and a ``PeftModel``, with and without a teacher), resume inside the ADMM phase and
+after the mask is fixed, ELSA-L, N:M, global and OWL allocation, gradient accumulation, gradient checkpointing and
+bf16 autocast, and N:M reached by a ramp from a denser start.
 
 What must hold, per cell: the model ends exactly sparse; both processes hold the same weights and masks bit for
 bit; 2 processes equal 1 process (DDP's all-reduce and FSDP2's reduce-scatter average two halves where one process
