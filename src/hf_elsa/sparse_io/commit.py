@@ -103,6 +103,9 @@ def _siblings(target: Path, prefix: str) -> list[tuple[Path, str]]:
     return [(path, save_id) for _, path, save_id in sorted(found)]
 
 
+_TIME_ORDERED_ID = re.compile(r"[0-9a-f]{12}7[0-9a-f]{3}[89ab][0-9a-f]{15}")  # UUIDv7: version 7, variant 10
+
+
 def new_save_id() -> str:
     """A UUIDv7 as 32 hex digits: its first 16 order saves by the time they started (milliseconds and a 12-bit
     fraction of one), the rest is random. Tells a killed save from a later one that overtook it (:func:`recover`)."""
@@ -115,8 +118,7 @@ def new_save_id() -> str:
 def started_before(save_id: str, other: str | None) -> bool:
     """Whether the save ``save_id`` started before the save ``other``; False when either id does not say (a UUIDv4
     of an earlier hf_elsa, or no id): then the complete folder is rolled forward, as it always was."""
-    time_ordered = re.compile(r"[0-9a-f]{12}7[0-9a-f]{3}[89ab][0-9a-f]{15}")
-    if other is None or not (time_ordered.fullmatch(save_id) and time_ordered.fullmatch(other)):
+    if other is None or not (_TIME_ORDERED_ID.fullmatch(save_id) and _TIME_ORDERED_ID.fullmatch(other)):
         return False
     return save_id[:16] < other[:16]
 
